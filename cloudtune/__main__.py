@@ -1,0 +1,3 @@
+from cloudtune.cli import main
+
+main()

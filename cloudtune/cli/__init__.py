@@ -1,0 +1,56 @@
+"""The `cloudtune` command. Thin: parse flags, call the library, render. No heavy imports here.
+
+Each command group lives in its own module and registers itself on `app`; a module's heavy
+imports happen inside its command functions, so `cloudtune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cloudtune import __version__
+from cloudtune.errors import UserError
+
+app = typer.Typer(
+    name="cloudtune",
+    help="Fine-tune an LLM on the cheapest rented GPU that fits, and leave nothing running.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cloudtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """cloudtune: plan, run, watch and account for LLM fine-tuning jobs on rented GPUs."""
+
+
+def _register() -> None:
+    # Each module defines `register(app)`. Import order is the order of `--help`.
+    from cloudtune.cli import commands
+
+    for module in commands.MODULES:
+        module.register(app)
+
+
+def main() -> None:
+    _register()
+    try:
+        app()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""The run lifecycle: orchestrator, state, watchdog, cost ledger and garbage collection."""

@@ -1,0 +1,271 @@
+"""The JobSpec: one description of a fine-tuning job, read by the planner and by the trainer.
+
+Why one spec: what the planner estimates must be what the trainer runs (same model, method,
+sequence length, batch, optimizer, checkpointing). `cloudtune run job.yaml` validates it, the
+planner sizes it, the orchestrator ships it (as JSON) to the machine, and `python -m
+cloudtune.trainer` reads it back. Unknown keys are errors (with the nearest valid key), so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cloudtune.errors import SpecError
+
+Method = Literal["full", "lora", "qlora"]
+Stage = Literal["sft", "dpo"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(16, description="LoRA rank r")
+    alpha: int = Field(32, description="LoRA alpha (scaling = alpha / rank)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    targets: str | list[str] = Field(
+        "all-linear", description="'all-linear', 'attention', or module names such as q_proj,v_proj"
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"lora rank must be >= 1, got {v}; use e.g. 8, 16 or 64")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str) and v not in ("all-linear", "attention"):
+            v = [t.strip() for t in v.split(",") if t.strip()]
+        if isinstance(v, list) and not v:
+            raise ValueError("lora targets is empty; use 'all-linear', 'attention' or q_proj,v_proj")
+        return v
+
+
+class DataSpec(_Strict):
+    train: str = Field(..., description="local .jsonl/.json/.parquet path, s3:// URL or hub dataset id")
+    format: DataFormat = "auto"
+    validation: str | None = None
+    val_split: float = Field(0.0, ge=0.0, lt=1.0)
+    packing: bool = False
+    max_seq_len: int = 2048
+    text_field: str = "text"
+
+    @field_validator("max_seq_len")
+    @classmethod
+    def _seq(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {v}; typical values are 512-8192")
+        return v
+
+
+class TrainingSpec(_Strict):
+    epochs: float = 1.0
+    max_steps: int | None = None
+    micro_batch: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: str = "adamw_torch"
+    gradient_checkpointing: bool = True
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    precision: Precision = "auto"
+    seed: int = 42
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _opt(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            near = difflib.get_close_matches(v, OPTIMIZERS, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"unknown optimizer {v!r}; {hint}choose one of {', '.join(OPTIMIZERS)}")
+        return v
+
+
+class DpoSpec(_Strict):
+    beta: float = 0.1
+    base_adapter: str | None = Field(None, description="SFT adapter to start from (path or store URL)")
+
+
+class CheckpointSpec(_Strict):
+    every_steps: int | None = 50
+    every_minutes: float | None = 10.0
+    keep: int = Field(2, ge=1)
+
+
+class StoreSpec(_Strict):
+    url: str = Field("", description="file:///path or s3://bucket/prefix; default: $CLOUDTUNE_HOME/store")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (R2, MinIO, moto)")
+    region: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if v and not (v.startswith("file://") or v.startswith("s3://") or v.startswith("/")):
+            raise ValueError(f"store url {v!r} must start with file:// or s3://")
+        if v.startswith("/"):
+            v = "file://" + v
+        return v
+
+
+class ResourcesSpec(_Strict):
+    provider: str | list[str] | None = Field(None, description="provider name(s); default: local")
+    gpus: int | None = Field(None, ge=1, description="force N GPUs (data parallel, sharded)")
+    gpu: str | None = Field(None, description="force a GPU model, e.g. H100-SXM")
+    spot: bool | None = Field(None, description="None: consider both")
+    max_price_hr: float | None = None
+    region: str | None = None
+    image: str = "ghcr.io/cloudtune/trainer:0.1.0"
+    disk_gb: int | None = None
+
+
+class LimitsSpec(_Strict):
+    max_hours: float | None = None
+    max_cost_usd: float | None = None
+    heartbeat_timeout_s: float = 900.0
+    max_restarts: int = 5
+
+
+class LocalSpec(_Strict):
+    """Knobs of the local provider, mainly to simulate spot preemption in tests and demos."""
+
+    preempt_after_s: float | None = None
+    preempt_every_s: float | None = None
+    preempt_random: bool = False
+    notice_s: float = 5.0
+    seed: int = 0
+    price_hr: float = 0.0
+
+
+class JobSpec(_Strict):
+    name: str = "job"
+    model: str = Field(..., description="hub id, local directory, or planner shorthand such as 8b")
+    method: Method = "lora"
+    quant_bits: Literal[4, 8, 16] | None = None
+    stage: Stage = "sft"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    dpo: DpoSpec = Field(default_factory=DpoSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    local: LocalSpec = Field(default_factory=LocalSpec)
+    merge: bool = False
+
+    @model_validator(mode="after")
+    def _method_bits(self) -> JobSpec:
+        if self.method == "qlora":
+            if self.quant_bits is None:
+                self.quant_bits = 4
+            elif self.quant_bits not in (4, 8):
+                raise ValueError(f"qlora needs quant_bits 4 or 8, got {self.quant_bits}; use method lora for 16-bit")
+        elif self.quant_bits not in (None, 16):
+            raise ValueError(f"quant_bits {self.quant_bits} needs method qlora")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def _nearest(key: str, model: type[BaseModel]) -> str:
+    near = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.5)
+    return f" (did you mean {near[0]!r}?)" if near else f" (valid keys: {', '.join(model.model_fields)})"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _explain(err: ValidationError, source: str) -> SpecError:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    where = ".".join(str(p) for p in loc) or "<top>"
+    if e["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        return SpecError(f"{source}: unknown key {where!r}{_nearest(str(loc[-1]), parent)}")
+    if e["type"] == "missing":
+        return SpecError(f"{source}: missing required key {where!r}")
+    msg = e["msg"].removeprefix("Value error, ")
+    return SpecError(f"{source}: {where}: {msg} (got {e.get('input')!r})")
+
+
+def parse_spec(data: dict[str, Any], source: str = "spec") -> JobSpec:
+    """Validate a mapping into a JobSpec, turning pydantic's report into one clear line."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of keys (model, method, data, ...), got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML or JSON job spec. Relative data/model paths are resolved against the spec's folder."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"job spec {str(p)!r} not found; pass the path of a YAML file such as examples/quickstart.yaml")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{p}: malformed YAML at {where}: {problem}") from None
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    spec = parse_spec(data or {}, source=str(p))
+    return resolve_relative_paths(spec, p.parent)
+
+
+def resolve_relative_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Make relative local paths in the spec absolute, so the job runs from any working directory."""
+    def fix(value: str | None) -> str | None:
+        if not value or "://" in value or Path(value).is_absolute():
+            return value
+        candidate = (base / value).resolve()
+        return str(candidate) if candidate.exists() or value.startswith(".") else value
+
+    spec.data.train = fix(spec.data.train) or spec.data.train
+    spec.data.validation = fix(spec.data.validation)
+    spec.model = fix(spec.model) or spec.model
+    spec.dpo.base_adapter = fix(spec.dpo.base_adapter)
+    return spec

@@ -1,0 +1,28 @@
+"""Object stores for checkpoints, heartbeats and results: `file://` and `s3://` behind one interface.
+
+The store is the truth about a job (design principle 2): machines are disposable, so everything a
+job needs to resume or to be reported lives under `<store>/<job_id>/`. See docs/architecture.md for
+the layout; `cloudtune.store.layout` names every key so no module spells a path by hand.
+"""
+
+from __future__ import annotations
+
+from cloudtune.store.base import Store, StoreNotFound
+
+
+def open_store(url: str, *, endpoint_url: str | None = None, region: str | None = None) -> Store:
+    """Open the store behind a URL. boto3 is imported only for s3:// URLs."""
+    if url.startswith("file://") or url.startswith("/"):
+        from cloudtune.store.file import FileStore
+
+        return FileStore(url)
+    if url.startswith("s3://"):
+        from cloudtune.store.s3 import S3Store
+
+        return S3Store(url, endpoint_url=endpoint_url, region=region)
+    from cloudtune.errors import UserError
+
+    raise UserError(f"store url {url!r} is not supported; use file:///path or s3://bucket/prefix")
+
+
+__all__ = ["Store", "StoreNotFound", "open_store"]

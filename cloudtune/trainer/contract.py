@@ -1,0 +1,28 @@
+"""What the trainer and the controller (orchestrator, watchdog) agree on. Keep stable.
+
+Exit codes of `python -m cloudtune.trainer`:
+"""
+
+from __future__ import annotations
+
+EXIT_DONE = 0  # DONE.json written, final adapter in <store>/<job>/final/
+EXIT_FAILED = 1  # unrecoverable error; FAILED.json written with the reason
+EXIT_BAD_INPUT = 2  # the spec or the data is invalid; FAILED.json written; do not retry
+EXIT_PREEMPTED = 75  # stopped on a signal/notice after an emergency checkpoint: relaunch to resume
+EXIT_STOPPED = 76  # stopped on a controller request (control.json "stop") after a checkpoint
+
+# Environment variables the trainer reads (the orchestrator sets them at launch).
+ENV_SPEC = "CLOUDTUNE_SPEC"  # the JobSpec as JSON (or base64 JSON prefixed 'b64:')
+ENV_SPEC_URL = "CLOUDTUNE_SPEC_URL"  # or: where to read spec.json from (a store URL)
+ENV_JOB_ID = "CLOUDTUNE_JOB_ID"
+ENV_ATTEMPT = "CLOUDTUNE_ATTEMPT"
+ENV_STORE = "CLOUDTUNE_STORE"  # store root URL (overrides spec.store.url)
+ENV_STORE_ENDPOINT = "CLOUDTUNE_STORE_ENDPOINT"  # S3-compatible endpoint URL
+ENV_IMDS = "CLOUDTUNE_IMDS_ENDPOINT"  # AWS instance metadata endpoint (tests point it at a fake)
+
+HEARTBEAT_INTERVAL_S = 30.0
+
+# heartbeat.json fields (all optional except job_id, attempt, time, phase):
+# job_id, attempt, time (unix s), phase (loading|training|checkpointing|saving|done|failed),
+# step, total_steps, epoch, loss, learning_rate, tokens_per_s, peak_mem_bytes, peak_mem_kind
+# (cuda_reserved|rss), eta_s, last_checkpoint_step
