@@ -1,0 +1,360 @@
+"""The offers and GPU specs behind the planner: a dated snapshot shipped with the package, overlaid
+by whatever `cloudtune catalog refresh` fetched live.
+
+Why a bundled snapshot: planning must work offline and in milliseconds. A refresh writes one JSON
+file per provider under `$CLOUDTUNE_HOME/cache/`; those rows *replace* the bundled rows of that
+provider (a live list is the truth, a stale row from the snapshot would be a ghost) and are marked
+`fresh=True`.
+
+Stdlib only (csv, json): this module is imported by `cloudtune plan`, which must start fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cloudtune.errors import UserError
+from cloudtune.providers.base import Offer
+
+CACHE_VERSION = 1
+
+# Billing granularity in seconds, from each provider's billing docs (../shared/providers.md).
+# AWS bills per second with a 60 s minimum per instance start; Lambda bills per minute.
+BILLING_GRANULARITY_S: dict[str, int] = {"aws": 1, "lambda": 60, "runpod": 1, "vast": 1, "modal": 1, "local": 1}
+BILLING_MINIMUM_S: dict[str, int] = {"aws": 60, "lambda": 60}
+
+# nvidia-smi's memory.total (MiB) for the cards in gpus.csv: what a process can see before the
+# CUDA context. Vendor "GB" figures are really binary sizes of the memory chips, minus what the
+# driver, ECC and the row-remapping reserve takes (HBM cards lose 0-2%, GDDR cards with ECC more).
+# Cards not listed fall back to NOMINAL_FALLBACK x the nominal figure (conservative).
+NVIDIA_SMI_TOTAL_MIB: dict[str, int] = {
+    "H100-SXM": 81559,
+    "H100-80GB": 81559,
+    "H100-NVL": 95830,
+    "H200": 143771,
+    "GH200": 97871,
+    "B200": 183359,
+    "A100-80GB": 81920,
+    "A100-40GB": 40960,
+    "L40S": 46068,
+    "L40": 46068,
+    "L4": 23034,
+    "A10": 23028,
+    "A10G": 23028,
+    "T4": 15360,
+    "V100": 16160,
+    "V100-32GB": 32510,
+    "A6000": 49140,
+    "A5000": 24564,
+    "RTX6000-Ada": 49140,
+    "RTX6000": 24576,
+    "RTX4090": 24564,
+    "RTX3090": 24576,
+    "RTX5090": 32607,
+    "RTXPRO6000": 97887,
+}
+NOMINAL_FALLBACK = 0.96
+
+
+def usable_gib(gpu: str, nominal_gb: float) -> float:
+    """Memory a training process can fill on one card, in GiB (what nvidia-smi reports as total)."""
+    mib = NVIDIA_SMI_TOTAL_MIB.get(gpu)
+    if mib is not None:
+        return round(mib / 1024, 2)
+    return round(nominal_gb * NOMINAL_FALLBACK, 2)
+
+
+# Compute capability by architecture (bitsandbytes and bf16 kernels care about it).
+_CC_BY_ARCH = {
+    "Volta": 7.0,
+    "Turing": 7.5,
+    "Ampere": 8.0,
+    "Ada Lovelace": 8.9,
+    "Hopper": 9.0,
+    "Blackwell": 10.0,
+    "Blackwell Ultra": 10.3,
+}
+# Consumer/workstation Ampere and Blackwell differ from the datacenter part of the same family.
+_CC_OVERRIDE = {"A10": 8.6, "A10G": 8.6, "A6000": 8.6, "A5000": 8.6, "RTX3090": 8.6, "RTX3060": 8.6,
+                "RTX5090": 12.0, "RTX5070": 12.0, "RTXPRO6000": 12.0}
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One row of gpus.csv, typed. TFLOPS are dense (no 2:4 sparsity); None where the source is blank."""
+
+    name: str
+    vram_gb: float
+    arch: str
+    bf16: bool
+    fp8: bool
+    bf16_tflops: float | None
+    fp16_tflops: float | None
+    mem_bandwidth_gbs: float | None
+    nvlink_gbs: float | None  # None: PCIe only (or a 2-way bridge, which FSDP across 4-8 cards cannot use)
+    nvlink_note: str
+    tdp_w: float | None
+    compute_capability: float | None
+    vendor: str  # nvidia | amd
+
+    @property
+    def usable_gib(self) -> float:
+        return usable_gib(self.name, self.vram_gb)
+
+    @property
+    def peak_tflops(self) -> float | None:
+        """Dense tensor throughput the trainer can use: bf16 where supported, else fp16."""
+        return self.bf16_tflops if self.bf16 and self.bf16_tflops else self.fp16_tflops
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16"
+
+    @property
+    def has_nvlink(self) -> bool:
+        return self.nvlink_gbs is not None
+
+
+def _float(value: str) -> float | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _parse_nvlink(raw: str) -> tuple[float | None, str]:
+    raw = (raw or "").strip()
+    if not raw or raw == "none":
+        return None, "none"
+    number = _float(raw.split()[0])
+    # A 2-way bridge links pairs only: not an all-to-all fabric for FSDP over a node.
+    if "bridge" in raw:
+        return None, raw
+    return number, raw
+
+
+def _data_path(name: str) -> Any:
+    return resources.files("cloudtune").joinpath("data", name)
+
+
+@lru_cache(maxsize=1)
+def gpu_specs() -> dict[str, GpuSpec]:
+    """gpus.csv keyed by the normalised GPU name used in offers."""
+    specs: dict[str, GpuSpec] = {}
+    with _data_path("gpus.csv").open(newline="") as f:
+        for row in csv.DictReader(f):
+            name = row["gpu"]
+            nvlink, note = _parse_nvlink(row["nvlink"])
+            arch = row["arch"]
+            cc = _CC_OVERRIDE.get(name, _CC_BY_ARCH.get(arch.split(" (")[0]))
+            specs[name] = GpuSpec(
+                name=name,
+                vram_gb=float(row["vram_gb"]),
+                arch=arch,
+                bf16=row["bf16_supported"].strip().lower() == "true",
+                fp8=row["fp8_supported"].strip().lower() == "true",
+                bf16_tflops=_float(row["bf16_dense_tflops"]),
+                fp16_tflops=_float(row["fp16_dense_tflops"]),
+                mem_bandwidth_gbs=_float(row["mem_bandwidth_gbs"]),
+                nvlink_gbs=nvlink,
+                nvlink_note=note,
+                tdp_w=_float(row["tdp_w"]),
+                compute_capability=cc,
+                vendor="amd" if name.startswith("MI") else "nvidia",
+            )
+    return specs
+
+
+def gpu_spec(name: str) -> GpuSpec | None:
+    return gpu_specs().get(name)
+
+
+@lru_cache(maxsize=1)
+def bundled_offers() -> tuple[Offer, ...]:
+    """The snapshot in cloudtune/data/offers.csv (see ../shared/catalog/README.md for its sources)."""
+    offers: list[Offer] = []
+    with _data_path("offers.csv").open(newline="") as f:
+        for row in csv.DictReader(f):
+            provider = row["provider"]
+            gpu = row["gpu"]
+            vcpus = _float(row["vcpus"])
+            offers.append(
+                Offer(
+                    provider=provider,
+                    offer_id=row["offer_id"],
+                    gpu=gpu,
+                    gpu_count=int(row["gpu_count"]),
+                    vram_gib_per_gpu=usable_gib(gpu, float(row["vram_gb_per_gpu"])),
+                    region=row["region"],
+                    price_hr=_float(row["price_hr"]),
+                    spot_price_hr=_float(row["spot_price_hr"]),
+                    as_of=row["as_of"] or "unknown",
+                    billing_granularity_s=BILLING_GRANULARITY_S.get(provider, 1),
+                    vcpus=int(vcpus) if vcpus is not None else None,
+                    ram_gb=_float(row["ram_gb"]),
+                    fresh=False,
+                )
+            )
+    return tuple(offers)
+
+
+# Snapshot date of the bundled files (../shared/catalog/README.md: transcribed 2026-11-22; the
+# SkyPilot rows date from about Sep-Nov 2026, their `as_of` is "unknown").
+SNAPSHOT_DATE = "2026-11-22"
+
+
+# ---------------------------------------------------------------- cache of live offers
+
+
+def cache_file(provider: str, directory: Path | None = None) -> Path:
+    from cloudtune.home import cache_dir
+
+    return (directory or cache_dir()) / f"offers-{provider}.json"
+
+
+def write_cache(provider: str, offers: list[Offer], *, fetched_at: datetime | None = None) -> Path:
+    """Write a provider's live offers atomically (temp file + rename): a reader never sees half a file."""
+    fetched = (fetched_at or datetime.now(UTC)).isoformat(timespec="seconds")
+    rows = []
+    for offer in offers:
+        row = asdict(offer)
+        row["fresh"] = True
+        row["as_of"] = fetched
+        rows.append(row)
+    path = cache_file(provider)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"version": CACHE_VERSION, "provider": provider, "fetched_at": fetched,
+                               "offers": rows}))
+    tmp.replace(path)
+    return path
+
+
+_OFFER_FIELDS = set(Offer.__dataclass_fields__)
+
+
+def read_cache(provider: str) -> tuple[str, list[Offer]] | None:
+    """(fetched_at, offers) from the provider's cache file; None if absent. A corrupt file is an error
+    the user can fix (delete it or refresh), so it is reported rather than silently ignored."""
+    path = cache_file(provider)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        fetched = str(data["fetched_at"])
+        offers = [Offer(**{k: v for k, v in row.items() if k in _OFFER_FIELDS}) for row in data["offers"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(
+            f"offer cache {str(path)!r} is unreadable ({type(err).__name__}); delete it or run "
+            f"`cloudtune catalog refresh --provider {provider}`"
+        ) from None
+    return fetched, offers
+
+
+def load_offers(providers: list[str] | tuple[str, ...] | None = None) -> list[Offer]:
+    """Every offer the planner may choose from: bundled rows, with cached live rows replacing the
+    bundled rows of their provider. `providers` filters (None: all)."""
+    wanted = set(providers) if providers else None
+    bundled = bundled_offers()
+    names = sorted({o.provider for o in bundled})
+    out: list[Offer] = []
+    for name in names:
+        if wanted is not None and name not in wanted:
+            continue
+        cached = read_cache(name)
+        if cached is not None:
+            out.extend(cached[1])
+        else:
+            out.extend(o for o in bundled if o.provider == name)
+    return out
+
+
+def offer_age(offer: Offer, now: datetime | None = None) -> str:
+    """A human age for an offer: '3 h' for fresh rows, 'snapshot 2026-11-22' for bundled ones."""
+    if not offer.fresh:
+        return f"snapshot {SNAPSHOT_DATE}" + ("" if offer.as_of == "unknown" else f" (as of {offer.as_of})")
+    return _age_of(offer.as_of, now)
+
+
+def _age_of(stamp: str, now: datetime | None = None) -> str:
+    try:
+        then = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    seconds = max(0.0, ((now or datetime.now(UTC)) - then).total_seconds())
+    if seconds < 90:
+        return f"{int(seconds)} s ago"
+    if seconds < 2 * 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
+def catalog_age(offers: list[Offer]) -> str:
+    """One line describing where the offers come from, for the plan and catalog outputs."""
+    parts = []
+    for provider in sorted({o.provider for o in offers}):
+        rows = [o for o in offers if o.provider == provider]
+        if rows[0].fresh:
+            parts.append(f"{provider}: live, fetched {_age_of(rows[0].as_of)}")
+        else:
+            dates = sorted({o.as_of for o in rows if o.as_of != "unknown"})
+            when = f"as of {dates[-1]}" if dates else "about Sep-Nov 2026"
+            parts.append(f"{provider}: snapshot ({when})")
+    return "; ".join(parts)
+
+
+def offer_to_dict(offer: Offer) -> dict[str, Any]:
+    return asdict(offer)
+
+
+# ---------------------------------------------------------------- refresh
+
+
+@dataclass
+class RefreshResult:
+    provider: str
+    status: str  # ok | skipped | failed
+    message: str
+    offers: int = 0
+    seconds: float = 0.0
+
+
+def refresh(providers: list[str]) -> list[RefreshResult]:
+    """Fetch live offers from each provider's adapter and cache them. Never raises for one provider's
+    failure: missing credentials are 'skipped', other errors 'failed', each with one line."""
+    from cloudtune.providers import get_provider
+    from cloudtune.providers.base import AuthError, ProviderError
+
+    results: list[RefreshResult] = []
+    for name in providers:
+        start = time.perf_counter()
+        try:
+            adapter = get_provider(name)
+            offers = list(adapter.offers())
+        except AuthError as err:
+            results.append(RefreshResult(name, "skipped", f"no usable credentials: {err}"))
+            continue
+        except (UserError, ProviderError) as err:
+            results.append(RefreshResult(name, "failed", str(err)))
+            continue
+        if not offers:
+            results.append(RefreshResult(name, "failed", "the provider returned no offers; kept the previous rows"))
+            continue
+        path = write_cache(name, offers)
+        results.append(RefreshResult(name, "ok", f"{len(offers)} offers -> {path}", len(offers),
+                                     time.perf_counter() - start))
+    return results

@@ -1,0 +1,319 @@
+"""How long a job takes on a given offer, and why: the time half of "cost of the whole job".
+
+The model (docs/planner.md has the derivation and the calibration table):
+
+    tokens       = samples x min(avg_tokens, seq_len) x epochs
+    FLOPs/token  = m x P_matmul + a x 2 x L x s x h_attn
+                   m = 6 (full) or 4 (LoRA/QLoRA: frozen weights get no weight-gradient),
+                   +2 with gradient checkpointing (one more forward); a = 3, or 4 with recompute;
+                   MoE counts the active experts only
+    t_micro      = max(compute, communication) + dequantization (QLoRA) + fixed per-step overhead
+    compute      = T x FLOPs/token / (peak dense bf16 (fp16 without bf16) x HFU(gpu class, method))
+    t_job        = micro-steps x t_micro + optimizer steps x t_opt   (per GPU; data parallel)
+    hours        = (startup + t_job) / (1 - spot hazard x (lost work + restart))   [spot only]
+
+HFU (hardware FLOPs utilisation: executed FLOPs, recompute and attention included, over peak) is
+calibrated on the Hugging Face-stack rows of vram_measured.csv (AAI, QW, LF, HF-01); a test keeps
+the model within a stated factor of each of them. Stdlib only: imported by `cloudtune plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudtune.catalog import GpuSpec
+from cloudtune.planner.types import ModelArch, TrainConfig
+
+# ---------------------------------------------------------------- assumptions (all documented)
+
+# HFU of our HF transformers + PEFT + TRL trainer, by GPU family. Hopper and Blackwell sit lower:
+# untuned HF stacks leave them memory/launch bound (AAI-28: 4xH100 70B QLoRA at ~33% of peak).
+HFU_BY_CLASS: dict[str, float] = {
+    "ampere": 0.50,  # A100 (AAI-26/27 ~52-55%, QW LoRA ~48-56%), A10, A6000, A5000
+    "ada": 0.45,  # L4/L40/L40S/RTX 6000 Ada (datacenter and workstation clocks, power-capped)
+    "geforce": 0.65,  # RTX 3090/4090/5090: AAI-10/14/17 DDP rows run at 65-75% of the listed peak
+    "hopper": 0.35,  # H100/H200/GH200 (AAI-28 ~33%)
+    "blackwell": 0.30,  # B200/B300/RTX 50: no HF-stack measurements; assume below Hopper
+    "older": 0.35,  # Turing/Volta, fp16 tensor cores
+    "amd": 0.25,  # MI300X under ROCm builds of the same stack; no measurements
+}
+# Per-method correction of HFU. The QW full-FT rows (QW-19..21) show no penalty beyond the optimizer
+# step modelled below, so all are 1.0; kept as a knob.
+METHOD_FACTOR: dict[str, float] = {"full": 1.0, "lora": 1.0, "qlora": 1.0}
+
+# Fixed per micro-step cost of the HF Trainer (Python, kernel launches, LoRA's many small matmuls):
+# QW-01..05 (Qwen-7B LoRA, 8 micro-steps per step) fit t = 0.63 s + tokens x 2.8e-4 s.
+MICRO_STEP_OVERHEAD_S = 0.08
+# Optimizer step cost per trainable parameter held by this GPU (unfused AdamW, fp32 states,
+# gradient clipping): QW-19..21 (Qwen-1.8B full) fit ~1.2 s per step for 1.84 B params.
+OPT_STEP_S_PER_PARAM = 6.5e-10
+
+# QLoRA (bitsandbytes NF4): every pass dequantizes each 4-bit weight to bf16 and reads it again:
+# ~0.5 B read + 2 B written + 2 B read per quantized param, in the forward, the recompute and the
+# backward (vram_notes section 6: t = k x W_quant_bytes / BW, k ~ 3). Memory-bound at ~70% of peak BW.
+DEQUANT_BYTES_PER_PARAM_PASS = 4.5
+DEQUANT_BW_EFFICIENCY = 0.7
+
+# Interconnect, effective per-GPU bandwidth for NCCL collectives (GB/s).
+NVLINK_EFFICIENCY = 0.35  # of the datasheet NVLink figure (bidirectional) for all-gather/reduce-scatter
+PCIE_GBS = 4.0  # no NVLink: FSDP over PCIe without P2P, as fitted on AAI-03/04 (2x3090) and AAI-29
+INTER_NODE_GBS = 12.5  # 100 Gb/s per GPU (EFA/InfiniBand class); worse on marketplace clouds
+MULTI_GPU_SYNC_EFFICIENCY = 0.95  # stragglers, barriers: AAI-26 -> AAI-27 (4 -> 8 A100) kept 94%
+
+# Boot (machine + image) and model load, in seconds. Billing covers both.
+BOOT_S: dict[str, float] = {"modal": 30, "runpod": 90, "vast": 180, "lambda": 240, "aws": 240, "local": 0}
+DOWNLOAD_GBS = 0.5  # weights from the hub / S3 into the machine
+# After DONE a VM bills until it is terminated (watchdog poll + terminate); Modal stops at exit.
+IDLE_TAIL_S: dict[str, float] = {"modal": 0, "runpod": 60, "vast": 60, "lambda": 60, "aws": 60, "local": 0}
+
+# Spot: expected interruptions per hour of running. Conservative for GPU pools, where AWS's Spot
+# Advisor lists most GPU instance types in its highest interruption bucket.
+SPOT_HAZARD_PER_H: dict[str, float] = {"aws": 0.10, "vast": 0.10, "runpod": 0.10, "modal": 0.05, "lambda": 0.0}
+DEFAULT_CHECKPOINT_MINUTES = 10.0
+
+
+# ---------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How much data the job trains on. `source` says whether it came from flags, a file or defaults."""
+
+    samples: int
+    avg_tokens: float
+    epochs: float = 1.0
+    source: str = "flags"
+
+    def tokens_per_sample(self, seq_len: int) -> float:
+        return min(self.avg_tokens, float(seq_len))
+
+    def total_tokens(self, seq_len: int) -> float:
+        return self.samples * self.tokens_per_sample(seq_len) * self.epochs
+
+    def to_dict(self, seq_len: int) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "avg_tokens": round(self.avg_tokens, 1),
+            "epochs": self.epochs,
+            "tokens": int(self.total_tokens(seq_len)),
+            "source": self.source,
+        }
+
+
+DEFAULT_SAMPLES = 10_000
+
+
+def default_workload(seq_len: int) -> Workload:
+    """What we assume when the user names no data: 10k samples of half the sequence length."""
+    return Workload(DEFAULT_SAMPLES, max(1.0, seq_len / 2), 1.0,
+                    "default (pass --samples/--avg-tokens/--epochs or --dataset)")
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def gpu_class(gpu: GpuSpec) -> str:
+    arch = gpu.arch.lower()
+    if gpu.vendor == "amd":
+        return "amd"
+    if gpu.name.startswith("RTX") and gpu.name[3:4].isdigit() and gpu.name[3:5] != "60":
+        return "geforce"  # RTX3090/4090/5090..., not the RTX6000 workstation cards
+    for name in ("hopper", "blackwell", "ada", "ampere"):
+        if name in arch:
+            return name
+    return "older"
+
+
+def matmul_params(arch: ModelArch) -> float:
+    """Parameters that take part in matmuls per token: active experts only for MoE, and without the
+    input embedding (a lookup); the lm_head counts (tied or not)."""
+    total = arch.params_b * 1e9
+    if arch.num_experts > 1:
+        inactive = arch.num_experts - max(1, arch.experts_per_token)
+        total -= inactive * arch.layers * 3 * arch.hidden * arch.intermediate
+    if not arch.tied_embeddings:
+        total -= arch.vocab * arch.hidden
+    return max(total, 0.0)
+
+
+def flops_per_token(arch: ModelArch, method: str, gradient_checkpointing: bool, seq_len: float) -> float:
+    """Executed FLOPs per trained token (forward, backward and recompute), attention included."""
+    base = 6.0 if method == "full" else 4.0
+    attn_mult = 3.0
+    if gradient_checkpointing:
+        base += 2.0
+        attn_mult += 1.0
+    h_attn = arch.heads * arch.head_dim
+    # causal attention: QK^T and AV are 2 x 2 x s x h_attn multiply-adds per token, halved by the mask
+    attention_fwd = 2.0 * arch.layers * seq_len * h_attn
+    return base * matmul_params(arch) + attn_mult * attention_fwd
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+@dataclass
+class TimeEstimate:
+    """One offer's time for the job, with the numbers behind it (shown by `plan --json`)."""
+
+    ok: bool
+    reason: str = ""
+    tokens: float = 0.0
+    flops_per_token: float = 0.0
+    tokens_per_sec: float = 0.0  # whole job, all GPUs
+    hfu: float = 0.0
+    scaling_efficiency: float = 1.0
+    dequant_s_per_step: float = 0.0
+    comm_s_per_step: float = 0.0
+    micro_steps: int = 0
+    optimizer_steps: int = 0
+    train_hours: float = 0.0
+    startup_hours: float = 0.0
+    idle_tail_hours: float = 0.0
+    preemption_hours: float = 0.0
+    expected_restarts: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_hours(self) -> float:
+        return self.startup_hours + self.train_hours + self.preemption_hours + self.idle_tail_hours
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_per_sec": round(self.tokens_per_sec, 1),
+            "hfu": round(self.hfu, 3),
+            "scaling_efficiency": round(self.scaling_efficiency, 3),
+            "train_hours": round(self.train_hours, 3),
+            "startup_hours": round(self.startup_hours, 3),
+            "idle_tail_hours": round(self.idle_tail_hours, 3),
+            "preemption_hours": round(self.preemption_hours, 3),
+            "expected_restarts": round(self.expected_restarts, 2),
+            "dequant_s_per_step": round(self.dequant_s_per_step, 4),
+            "comm_s_per_step": round(self.comm_s_per_step, 4),
+        }
+
+
+def _link_gbs(gpu: GpuSpec, gpus: int, nodes: int) -> float:
+    if nodes > 1:
+        return INTER_NODE_GBS
+    if gpu.nvlink_gbs:
+        return gpu.nvlink_gbs * NVLINK_EFFICIENCY
+    return PCIE_GBS
+
+
+def _weight_bytes(arch: ModelArch, cfg: TrainConfig) -> float:
+    bits = cfg.quant_bits if cfg.method == "qlora" else 16
+    return arch.params_b * 1e9 * bits / 8
+
+
+def estimate_time(
+    arch: ModelArch,
+    cfg: TrainConfig,
+    workload: Workload,
+    gpu: GpuSpec,
+    *,
+    gpus: int = 1,
+    nodes: int = 1,
+    sharding: str = "none",
+    trainable_params: int = 0,
+    provider: str = "",
+    spot: bool = False,
+    checkpoint_minutes: float | None = None,
+) -> TimeEstimate:
+    """Time for the whole job on `gpus` GPUs of kind `gpu` (all nodes together)."""
+    peak = gpu.peak_tflops
+    if not peak:
+        return TimeEstimate(False, f"{gpu.name}: no dense {gpu.precision} TFLOPS figure in gpus.csv, time unknown")
+    est = TimeEstimate(True)
+    seq = workload.tokens_per_sample(cfg.seq_len)
+    est.tokens = workload.total_tokens(cfg.seq_len)
+    est.flops_per_token = flops_per_token(arch, cfg.method, cfg.gradient_checkpointing, seq)
+    est.hfu = HFU_BY_CLASS[gpu_class(gpu)] * METHOD_FACTOR.get(cfg.method, 1.0)
+    est.scaling_efficiency = MULTI_GPU_SYNC_EFFICIENCY if gpus > 1 else 1.0
+
+    tokens_per_micro = cfg.micro_batch * seq
+    compute_s = tokens_per_micro * est.flops_per_token / (peak * 1e12 * est.hfu)
+
+    # communication per micro-step: FSDP/ZeRO-3 gathers the weights for the forward and again for the
+    # backward and reduce-scatters the gradients of what trains; DDP all-reduces trainable gradients
+    # once per optimizer step (grad accumulation uses no_sync).
+    comm_s = 0.0
+    if gpus > 1:
+        frac = (gpus - 1) / gpus
+        link = _link_gbs(gpu, gpus, nodes) * 1e9
+        trainable = trainable_params or (arch.params_b * 1e9 if cfg.method == "full" else 0)
+        if sharding in ("fsdp", "zero3"):
+            moved = 2 * _weight_bytes(arch, cfg) * frac + 2 * trainable * frac
+        else:
+            moved = 2 * 2 * trainable * frac / max(1, cfg.grad_accum)
+        comm_s = moved / link
+    est.comm_s_per_step = comm_s
+
+    dequant_s = 0.0
+    if cfg.method == "qlora" and gpu.mem_bandwidth_gbs:
+        passes = 3 if cfg.gradient_checkpointing else 2
+        quant_params = arch.params_b * 1e9 - arch.vocab * arch.hidden * (1 if arch.tied_embeddings else 2)
+        # FSDP gathers the shards before use, so every GPU dequantizes the whole model
+        dequant_s = passes * quant_params * DEQUANT_BYTES_PER_PARAM_PASS / (gpu.mem_bandwidth_gbs * 1e9 * DEQUANT_BW_EFFICIENCY)
+    est.dequant_s_per_step = dequant_s
+
+    micro_s = max(compute_s, comm_s) + dequant_s + MICRO_STEP_OVERHEAD_S
+    micro_s /= est.scaling_efficiency
+    sequences = workload.samples * workload.epochs
+    est.micro_steps = max(1, math.ceil(sequences / (cfg.micro_batch * gpus)))
+    est.optimizer_steps = max(1, math.ceil(est.micro_steps / max(1, cfg.grad_accum)))
+    trainable_here = trainable_params or (arch.params_b * 1e9 if cfg.method == "full" else 0)
+    if sharding in ("fsdp", "zero3"):
+        trainable_here /= gpus
+    opt_s = trainable_here * OPT_STEP_S_PER_PARAM
+    train_s = est.micro_steps * micro_s + est.optimizer_steps * opt_s
+    est.train_hours = train_s / 3600
+    est.tokens_per_sec = est.tokens / train_s if train_s > 0 else 0.0
+
+    startup_s = BOOT_S.get(provider, 180) + arch.params_b * 2 / DOWNLOAD_GBS
+    est.startup_hours = startup_s / 3600
+    est.idle_tail_hours = IDLE_TAIL_S.get(provider, 60) / 3600
+
+    if spot:
+        hazard = SPOT_HAZARD_PER_H.get(provider, 0.1)
+        minutes = checkpoint_minutes if checkpoint_minutes is not None else DEFAULT_CHECKPOINT_MINUTES
+        lost_h = minutes / 60 / 2 + startup_s / 3600  # half an interval of work on average + a restart
+        run_h = est.startup_hours + est.train_hours
+        loss = min(0.9, hazard * lost_h)
+        est.preemption_hours = run_h / (1 - loss) - run_h
+        est.expected_restarts = hazard * (run_h + est.preemption_hours)
+    return est
+
+
+def billed_hours(hours: float, provider: str, granularity_s: int) -> float:
+    """Hours the provider charges for `hours` of use: rounded up to its billing unit and minimum."""
+    from cloudtune.catalog import BILLING_MINIMUM_S
+
+    seconds = hours * 3600
+    gran = max(1, granularity_s)
+    seconds = math.ceil(seconds / gran) * gran
+    seconds = max(seconds, BILLING_MINIMUM_S.get(provider, 0))
+    return seconds / 3600
+
+
+def assumptions() -> dict[str, Any]:
+    """The constants of the time model, as shown by `plan` (and `--json` "assumptions")."""
+    return {
+        "flops_per_token": "full 6P (8P with gradient checkpointing), LoRA/QLoRA 4P (6P); MoE: active params; "
+        "+ causal attention 3x (4x with recompute) 2*L*s*h_attn",
+        "hfu_by_gpu_class": dict(HFU_BY_CLASS),
+        "method_factor": dict(METHOD_FACTOR),
+        "micro_step_overhead_s": MICRO_STEP_OVERHEAD_S,
+        "optimizer_step_s_per_param": OPT_STEP_S_PER_PARAM,
+        "qlora_dequant": f"{DEQUANT_BYTES_PER_PARAM_PASS} B/param per pass, 3 passes with recompute, "
+        f"at {DEQUANT_BW_EFFICIENCY:.0%} of memory bandwidth",
+        "interconnect_gbs": {"nvlink_fraction": NVLINK_EFFICIENCY, "pcie": PCIE_GBS, "inter_node": INTER_NODE_GBS},
+        "multi_gpu_sync_efficiency": MULTI_GPU_SYNC_EFFICIENCY,
+        "boot_s": dict(BOOT_S),
+        "download_gbs": DOWNLOAD_GBS,
+        "idle_tail_s": dict(IDLE_TAIL_S),
+        "spot_interruptions_per_hour": dict(SPOT_HAZARD_PER_H),
+        "spot_lost_work": "half a checkpoint interval + a restart (boot + model load) per interruption",
+    }
