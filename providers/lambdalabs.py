@@ -246,7 +246,7 @@ def bootstrap_script(
     image = shlex.quote(req.image)
     workdir = f"-w {shlex.quote(req.workdir)} " if req.workdir else ""
     cap = max(60, int(max_lifetime_s))
-    terminate_sh = f"""#!/bin/bash
+    terminate_sh = """#!/bin/bash
 # Terminate this VM through Lambda's API (Lambda has no metadata service: find our id by name).
 KEY=$(cat "$CT_DIR/lambda_key")
 for try in 1 2 3 4 5 6; do
@@ -259,7 +259,7 @@ for inst in json.load(sys.stdin).get("data", []):
 ' "$CT_NAME")
   if [ -z "$ID" ]; then echo "cloudtune: no live instance named $CT_NAME (already terminating)"; exit 0; fi
   if curl -fsS -X POST -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
-       -d "{{\\"instance_ids\\":[\\"$ID\\"]}}" "$CT_API/instance-operations/terminate" >/dev/null; then
+       -d "{\\"instance_ids\\":[\\"$ID\\"]}" "$CT_API/instance-operations/terminate" >/dev/null; then
     echo "cloudtune: terminate requested for $ID ($1)"; exit 0
   fi
   sleep $((try * 5))

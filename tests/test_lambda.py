@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from cloudtune.providers import get_provider
 from cloudtune.providers.base import (
     AuthError,
@@ -21,6 +20,7 @@ from cloudtune.providers.base import (
 )
 from cloudtune.providers.http import RetryPolicy
 from cloudtune.providers.lambdalabs import LambdaProvider, normalise_gpu, read_api_key
+
 from tests.fakes.lambda_fake import LambdaFake
 
 KEY = "lambda-test-key"
