@@ -219,6 +219,10 @@ class FakeServer:
         """The provider's own 401 shape; subclasses override."""
         return Response(401, {"error": "unauthorized"})
 
+    def authorized(self, req: Request) -> bool:
+        """Whether the request's credentials are accepted (subclasses add scoped keys)."""
+        return self.api_key is None or req.bearer == self.api_key
+
     def not_found(self, req: Request) -> Response:
         return Response(404, {"error": "not_found", "path": req.path})
 
@@ -235,7 +239,7 @@ class FakeServer:
             time.sleep(fault.delay_s)
         if fault is not None and fault.response is not None and not fault.then_call:
             return fault.response
-        if self.api_key is not None and req.bearer != self.api_key:
+        if not self.authorized(req):
             return self.unauthorized(req)
         for method, pattern, handler in self._routes:
             if method != req.method:
@@ -251,3 +255,58 @@ class FakeServer:
                     return fault.response
                 return resp
         return self.not_found(req)
+
+
+class LocalWorkloads:
+    """The "container" of a fake machine: its command run as a local process group.
+
+    Why: a full `cloudtune run` against a fake provider needs the trainer to really run; the fake
+    starts the launch command here, and interrupting the machine signals the process group.
+    """
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self._subprocess = subprocess
+        self.procs: dict[str, Any] = {}
+
+    def start(self, key: str, command: str | list[str], env: dict[str, str], cwd: str | None = None) -> None:
+        import os
+
+        argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
+        self.procs[key] = self._subprocess.Popen(
+            argv, env={**os.environ, **env}, cwd=cwd, start_new_session=True,
+            stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL,
+        )
+
+    def returncode(self, key: str) -> int | None:
+        proc = self.procs.get(key)
+        return None if proc is None else proc.poll()
+
+    def signal(self, key: str, sig: int, wait_s: float = 0.0) -> None:
+        """Signal the process group of `key`; after `wait_s`, SIGKILL what is left."""
+        import os
+        import signal as _signal
+
+        proc = self.procs.get(key)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        if wait_s:
+            try:
+                proc.wait(timeout=wait_s)
+            except self._subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        import signal as _signal
+
+        for key in list(self.procs):
+            self.signal(key, _signal.SIGTERM, wait_s=5.0)
