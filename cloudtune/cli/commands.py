@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-MODULES: list = []
+from cloudtune.cli import jobs_cmd
+
+MODULES: list = [jobs_cmd]

@@ -1,0 +1,373 @@
+"""`cloudtune run | status | logs | stop | cost | gc`: start, watch, steer and account for jobs.
+
+The CLI never drives a job: `run` validates, plans, writes the job and starts its detached
+watchdog, then renders progress from the state db. So Ctrl-C, `--detach` or a killed terminal
+only stop the rendering; the watchdog keeps the lifecycle (docs/operations.md).
+
+Exit codes: 0 done (or detached / launched); 1 the job failed; 2 bad input; 3 the job was
+stopped (by `stop`, a budget or a deadline); 130 interrupted and detached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from cloudtune.errors import NotFound, UserError
+
+EXIT_FAILED = 1
+EXIT_STOPPED = 3
+EXIT_DETACHED = 130
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _db():
+    from cloudtune.run.state import StateDB
+
+    return StateDB()
+
+
+def _job_or_fail(db, job_id: str):
+    job = db.get_job(job_id)
+    if job is None:
+        from difflib import get_close_matches
+
+        ids = [j.id for j in db.list_jobs(limit=200)]
+        near = get_close_matches(job_id, ids, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise NotFound(f"no job with id {job_id!r}; {hint}list jobs with `cloudtune status`")
+    return job
+
+
+def _exit_code(state: str) -> int:
+    from cloudtune.run import state as S
+
+    return {S.DONE: 0, S.FAILED: EXIT_FAILED, S.STOPPED: EXIT_STOPPED}.get(state, 0)
+
+
+def _status_row(db, job) -> dict:
+    from cloudtune.run.cost import iso
+
+    attempts = [a for a in db.attempts(job.id) if a["state"] != "launch_failed"]
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state,
+        "provider": job.provider,
+        "attempts": len(attempts),
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "loss": job.loss,
+        "tokens_per_s": job.tokens_per_s,
+        "eta_s": job.eta_s,
+        "store": f"{job.store_url.rstrip('/')}/{job.id}",
+        "reason": job.reason,
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "ended_at": iso(job.ended_at),
+    }
+
+
+def _show_plan(console, draft) -> None:
+    c = draft.choice
+    o = c.offer
+    est_h = f"{c.est_hours * 60:.1f} min" if c.est_hours is not None else "unknown"
+    est_c = f"${c.est_cost_usd:.4f}" if c.est_cost_usd is not None else "unknown"
+    console.print(
+        f"plan: {o.provider}/{o.offer_id} {o.gpu_count}x {o.gpu}{' spot' if c.spot else ''} "
+        f"at ${c.price_hr:.4f}/h; estimate {est_h}, {est_c}"
+        + (f" ({len(draft.options) - 1} fallback option(s))" if len(draft.options) > 1 else ""),
+        markup=False,
+    )
+
+
+def _confirm(console, draft, yes: bool) -> None:
+    """Ask before spending money. Free jobs need no confirmation; without a TTY, paid jobs need --yes."""
+    free = draft.choice.price_hr == 0 and all(o.price_hr == 0 for o in draft.options)
+    if yes or free:
+        return
+    if not sys.stdin.isatty():
+        raise UserError("this job rents paid machines and stdin is not a terminal; pass --yes to launch it")
+    if not typer.confirm("launch?", default=False):
+        raise UserError("not launched (answered no)", exit_code=1)
+
+
+def _dry_run(console, draft, json_out: bool) -> None:
+    from cloudtune.run.orchestrator import build_request
+    from cloudtune.run.providers_config import make_provider
+    from cloudtune.run.state import Job
+
+    spec = draft.spec
+    store_url = (spec.store.url or __import__("cloudtune.home", fromlist=["x"]).default_store_url())
+    fake = Job({"id": "<job-id>", "store_url": store_url, "store_endpoint": spec.store.endpoint_url,
+                "est_hours": draft.choice.est_hours})
+    req = build_request(fake, spec, draft.choice, 1)
+    described = make_provider(draft.choice.offer.provider).describe_launch(req)
+    out = {"plan": [o.to_dict() for o in draft.options], "launch": described}
+    print(json.dumps(out, indent=2, default=str))
+
+
+def run_cmd(
+    spec_path: Path = typer.Argument(..., help="Job spec (YAML or JSON), e.g. examples/quickstart.yaml."),
+    provider: str = typer.Option(None, "--provider", "-p", help="Provider(s), comma-separated; overrides resources.provider."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Launch without asking (needed for paid jobs without a TTY)."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Return once the job is launched; the watchdog runs it."),
+    json_out: bool = typer.Option(False, "--json", help='Print {"job_id", "state"} as the last line (humans read stderr).'),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the launch request (secrets redacted); launch nothing."),
+) -> None:
+    """Validate, plan, launch and follow a job until it is done; the machine is always torn down."""
+    from cloudtune.run import state as S
+    from cloudtune.run.orchestrator import check_budget, create_job, plan_job, provider_names
+    from cloudtune.run.progress import follow
+    from cloudtune.run.watchdog import start_watchdog
+    from cloudtune.spec import load_spec
+    from cloudtune.trainer.data import validate_data
+
+    console = _console(stderr=json_out)
+    spec = load_spec(spec_path)
+    names = provider_names(spec, provider)
+    validate_data(spec)
+    draft = plan_job(spec, names)
+    check_budget(draft)
+    if dry_run:
+        _dry_run(console, draft, json_out)
+        return
+    _show_plan(console, draft)
+    _confirm(console, draft, yes)
+
+    db = S.StateDB()
+    job_id = create_job(db, draft)
+    wd = start_watchdog(job_id)
+    console.print(f"job {job_id} created; store {db.get_job(job_id).store_url}/{job_id}", markup=False)
+
+    def finish(state: str, code: int) -> None:
+        if json_out:
+            print(json.dumps({"job_id": job_id, "state": state}), flush=True)
+        raise typer.Exit(code)
+
+    if detach:
+        console.print(f"detached: follow with `cloudtune status {job_id}` / `cloudtune logs {job_id} --follow`")
+        finish(db.get_job(job_id).state, 0)
+
+    while True:
+        try:
+            job = follow(db, job_id, console, on_tick=lambda: wd.poll())
+            break
+        except KeyboardInterrupt:
+            choice = "d"
+            if sys.stdin.isatty():
+                try:
+                    choice = typer.prompt("\n[s]top the job or [d]etach (it keeps running)?", default="d")
+                except (KeyboardInterrupt, EOFError, typer.Abort):
+                    choice = "d"
+            if choice.strip().lower().startswith("s"):
+                db.request_stop(job_id, "Ctrl-C in `cloudtune run`")
+                console.print(f"stopping job {job_id}; waiting for the watchdog to checkpoint and tear down")
+                continue
+            console.print(f"detached from job {job_id}; it keeps running. `cloudtune status {job_id}` to check.")
+            finish(db.get_job(job_id).state, EXIT_DETACHED)
+
+    from cloudtune.run.cost import job_report, render
+
+    rep = job_report(db, job)
+    render({"jobs": [rep], "total_usd": rep["cost_usd"]}, console)
+    if job.state == S.DONE:
+        console.print(f"adapter: {job.store_url.rstrip('/')}/{job_id}/final/", markup=False)
+    elif job.reason:
+        console.print(f"job {job.state}: {job.reason}", markup=False)
+    finish(job.state, _exit_code(job.state))
+
+
+def status_cmd(
+    job_id: str = typer.Argument(None, help="A job id; all jobs when omitted."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list of jobs."),
+    limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many jobs (newest first)."),
+    events: bool = typer.Option(False, "--events", "-e", help="With JOB: also print the job's event history."),
+) -> None:
+    """Jobs and their state; restarts the watchdog of any unfinished job whose watchdog died."""
+    from cloudtune.run.watchdog import ensure_watchdog
+
+    db = _db()
+    jobs = [_job_or_fail(db, job_id)] if job_id else db.list_jobs(limit=limit)
+    console = _console(stderr=json_out)
+    for j in jobs:
+        if ensure_watchdog(db, j.id, "status"):
+            console.print(f"job {j.id}: its watchdog was not running; restarted it", markup=False)
+    jobs = [db.get_job(j.id) for j in jobs]
+    rows = [_status_row(db, j) for j in jobs]
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    if not rows:
+        console.print("no jobs yet; start one with `cloudtune run examples/quickstart.yaml`")
+        return
+    t = Table()
+    for col in ("id", "name", "state", "provider", "attempts", "step", "loss", "created", "reason"):
+        t.add_column(col)
+    for r in rows:
+        step = f"{r['step'] if r['step'] is not None else '-'}/{r['total_steps'] or '?'}"
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        t.add_row(r["id"], r["name"], r["state"], r["provider"], str(r["attempts"]), step, loss,
+                  r["created_at"] or "", (r["reason"] or "")[:60])
+    console.print(t)
+    if job_id:
+        console.print(f"store: {rows[0]['store']}", markup=False)
+        if events:
+            for ev in db.events(job_id):
+                t0 = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["time"]))
+                console.print(f"{t0} {ev['kind']}: {ev['message']}", markup=False)
+
+
+def logs_cmd(
+    job_id: str = typer.Argument(..., help="The job id."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new output until the job ends."),
+    attempt: int = typer.Option(None, "--attempt", "-a", help="Only this attempt."),
+) -> None:
+    """The trainer's output of each attempt (shipped to the job's store)."""
+    from cloudtune.run.orchestrator import store_for
+    from cloudtune.store import layout
+
+    db = _db()
+    job = _job_or_fail(db, job_id)
+    store = store_for(job.spec)
+    printed: dict[int, int] = {}
+
+    def attempts() -> list[int]:
+        ns = [a["n"] for a in db.attempts(job_id) if a["state"] != "launch_failed"]
+        return [n for n in ns if attempt is None or n == attempt]
+
+    def dump() -> None:
+        for n in attempts():
+            try:
+                data = store.get_bytes(layout.log_key(job_id, n))
+            except KeyError:
+                continue
+            start = printed.get(n)
+            if start is None:
+                sys.stdout.write(f"==> attempt {n} <==\n")
+                start = 0
+            if len(data) > start:
+                sys.stdout.write(data[start:].decode(errors="replace"))
+            printed[n] = len(data)
+        sys.stdout.flush()
+
+    dump()
+    if not printed and not follow:
+        raise NotFound(f"job {job_id} has no logs yet (state {job.state}); try `cloudtune logs {job_id} --follow`")
+    while follow:
+        time.sleep(1.0)
+        dump()
+        job = db.get_job(job_id)
+        if job.is_terminal:
+            time.sleep(1.0)
+            dump()
+            break
+
+
+def stop_cmd(
+    job_id: str = typer.Argument(..., help="The job id."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the machine is gone."),
+    json_out: bool = typer.Option(False, "--json", help='Print {"job_id", "state"} as the last line.'),
+) -> None:
+    """Ask the trainer to checkpoint and stop, then terminate the machine (via the watchdog)."""
+    from cloudtune.run import state as S
+    from cloudtune.run.progress import follow
+    from cloudtune.run.watchdog import ensure_watchdog
+
+    db = _db()
+    job = _job_or_fail(db, job_id)
+    if job.is_terminal:
+        raise UserError(f"job {job_id} is already {job.state}; nothing to stop", exit_code=1)
+    db.request_stop(job_id, "cloudtune stop")
+    ensure_watchdog(db, job_id, "stop")
+    console = _console(stderr=json_out)
+    console.print(f"stop requested for job {job_id}")
+    if wait:
+        job = follow(db, job_id, console)
+    else:
+        job = db.get_job(job_id)
+    if json_out:
+        print(json.dumps({"job_id": job_id, "state": job.state}))
+    if wait and job.state not in (S.STOPPED, S.DONE):
+        raise typer.Exit(_exit_code(job.state))
+
+
+def cost_cmd(
+    job_id: str = typer.Argument(None, help="A job id; all jobs when omitted."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    csv_out: bool = typer.Option(False, "--csv", help="Print one CSV row per attempt."),
+) -> None:
+    """What each job and attempt cost, at the price recorded at launch; spot savings; estimate vs actual."""
+    from cloudtune.run.cost import render, report, to_csv
+
+    if json_out and csv_out:
+        raise UserError("choose one of --json and --csv")
+    db = _db()
+    jobs = [_job_or_fail(db, job_id)] if job_id else db.list_jobs()
+    rep = report(db, jobs)
+    if json_out:
+        print(json.dumps(rep, indent=2))
+    elif csv_out:
+        sys.stdout.write(to_csv(rep))
+    else:
+        render(rep, _console())
+
+
+def gc_cmd(
+    yes: bool = typer.Option(False, "--yes", "-y", help="Terminate the orphans (otherwise only list them)."),
+    provider: str = typer.Option(None, "--provider", "-p", help="Only these provider(s), comma-separated."),
+    json_out: bool = typer.Option(False, "--json", help="Print the scan as JSON."),
+) -> None:
+    """List machines carrying cloudtune names/tags that no live job owns; terminate them with --yes."""
+    from cloudtune.providers import check_provider_name
+    from cloudtune.run.gc import scan, terminate_orphans
+
+    only = [check_provider_name(p.strip()) for p in provider.split(",")] if provider else None
+    db = _db()
+    result = scan(db, only)
+    console = _console(stderr=json_out)
+    done: dict[str, bool] = {}
+    if yes and result.orphans:
+        for o, gone in terminate_orphans(result.orphans):
+            done[o.machine.machine_id] = gone
+    if json_out:
+        print(json.dumps({
+            "orphans": [{"provider": o.machine.provider, "machine_id": o.machine.machine_id, "name": o.machine.name,
+                         "state": o.machine.state.value, "job_id": o.machine.job_id, "why": o.why,
+                         "terminated": done.get(o.machine.machine_id)} for o in result.orphans],
+            "owned": [{"provider": m.provider, "machine_id": m.machine_id, "job_id": m.job_id} for m in result.owned],
+            "skipped": result.skipped,
+        }, indent=2))
+    else:
+        for name, why in result.skipped.items():
+            console.print(f"skipped {name}: {why}", markup=False)
+        if not result.orphans:
+            console.print(f"no orphaned machines ({len(result.owned)} owned by live jobs)")
+        for o in result.orphans:
+            m = o.machine
+            tail = {True: "terminated", False: "STILL RUNNING after terminate"}.get(done.get(m.machine_id), "orphan")
+            console.print(f"{m.provider} {m.machine_id} ({m.name}, {m.state.value}): {o.why} -> {tail}", markup=False)
+        if result.orphans and not yes:
+            console.print("run `cloudtune gc --yes` to terminate them")
+    if yes and not all(done.values()):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)
+    app.command("status")(status_cmd)
+    app.command("logs")(logs_cmd)
+    app.command("stop")(stop_cmd)
+    app.command("cost")(cost_cmd)
+    app.command("gc")(gc_cmd)

@@ -1,0 +1,95 @@
+"""Garbage collection: find machines that carry our name or tags but that no live job owns.
+
+Why: every other teardown layer can fail (a crash between create and record, a watchdog killed with
+its laptop, an API error on terminate). gc asks every provider that has credentials for the
+machines carrying `cloudtune-` names or `cloudtune:job` tags, and compares them with the state db:
+a machine is owned only when its job is unfinished and the machine is that job's current,
+recorded attempt. Everything else is an orphan and still bills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cloudtune.providers.base import Machine, MachineState, ProviderError
+from cloudtune.run import state as S
+
+
+@dataclass
+class Orphan:
+    machine: Machine
+    why: str
+
+
+@dataclass
+class Scan:
+    orphans: list[Orphan]
+    owned: list[Machine]
+    skipped: dict[str, str]  # provider -> why it was not scanned
+
+
+def _providers_to_scan(only: list[str] | None) -> list[str]:
+    from cloudtune.providers import KNOWN_PROVIDERS
+
+    return list(only) if only else list(KNOWN_PROVIDERS)
+
+
+def scan(db: S.StateDB, only: list[str] | None = None) -> Scan:
+    from cloudtune.errors import UserError
+    from cloudtune.run.providers_config import make_provider
+
+    live = {(a["job_id"], a["n"]): a for a in db.live_attempts()}
+    orphans: list[Orphan] = []
+    owned: list[Machine] = []
+    skipped: dict[str, str] = {}
+    for name in _providers_to_scan(only):
+        try:
+            provider = make_provider(name)
+            machines = provider.list_machines()
+        except UserError as err:
+            skipped[name] = str(err)
+            continue
+        except ProviderError as err:
+            skipped[name] = f"{type(err).__name__}: {err}"
+            continue
+        for m in machines:
+            if m.state is MachineState.TERMINATED:
+                continue
+            job = db.get_job(m.job_id) if m.job_id else None
+            att = live.get((m.job_id, m.attempt))
+            if job is None:
+                orphans.append(Orphan(m, "no job with this id in the state db"))
+            elif job.is_terminal:
+                orphans.append(Orphan(m, f"job {job.id} is {job.state}"))
+            elif att is None or (att.get("machine_id") and att["machine_id"] != m.machine_id):
+                orphans.append(Orphan(m, f"not the current machine of job {job.id} (attempt {m.attempt})"))
+            else:
+                owned.append(m)
+    return Scan(orphans=orphans, owned=owned, skipped=skipped)
+
+
+def terminate_orphans(orphans: list[Orphan], timeout_s: float = 120.0) -> list[tuple[Orphan, bool]]:
+    """Terminate each orphan and re-read its status until gone. Returns (orphan, verified_gone)."""
+    import time
+
+    from cloudtune.providers.base import NotFoundError
+    from cloudtune.run.providers_config import make_provider
+
+    results = []
+    for o in orphans:
+        provider = make_provider(o.machine.provider)
+        deadline = time.time() + timeout_s
+        gone = False
+        while not gone:
+            try:
+                provider.terminate(o.machine.machine_id)
+                gone = provider.status(o.machine.machine_id).state is MachineState.TERMINATED
+            except NotFoundError:
+                gone = True
+            except ProviderError:
+                pass
+            if gone or time.time() >= deadline:
+                break
+            time.sleep(1.0)
+        results.append((o, gone))
+    return results

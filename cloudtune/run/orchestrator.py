@@ -1,0 +1,594 @@
+"""The orchestrator: turns a planned job into machines, and machines back into a finished job.
+
+One owner: the detached watchdog (cloudtune.run.watchdog) calls `Orchestrator.tick()` in a loop and
+is the only process that launches, relaunches or terminates. The CLI creates the job, starts the
+watchdog and renders progress; `stop` only writes a request into the state database. So a killed
+terminal, a closed laptop lid or a second `status` never races a relaunch.
+
+Every tick reads three sources of truth and acts on the first rule that applies:
+  the state db (stop requests, limits, attempts), the store (DONE/FAILED markers, heartbeat), and
+  the provider (machine state). Each decision is written as an event with its reason.
+
+Rules (docs/operations.md has the long form):
+  DONE.json in the store           -> terminate, job done
+  FAILED.json / trainer exit 1, 2   -> terminate, job failed (no retry: the input or the code is bad)
+  trainer exit 76 (stopped)         -> terminate, job stopped
+  preempted / lost / exit 75 / crash -> terminate what is left, relaunch (same offer; on a capacity
+                                        or quota error the next option), up to limits.max_restarts
+  heartbeat older than heartbeat_timeout_s -> terminate, relaunch (a hung machine still bills)
+  max_hours or max_cost_usd reached, or `cloudtune stop` -> control.json {"action": "stop"} (the
+        trainer checkpoints and exits 76), wait up to STOP_GRACE_S, terminate, job stopped
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudtune.providers.base import (
+    AuthError,
+    CapacityError,
+    InvalidRequestError,
+    LaunchRequest,
+    Machine,
+    MachineState,
+    NotFoundError,
+    Offer,
+    ProviderError,
+    QuotaError,
+    RateLimitedError,
+    TransientError,
+    machine_name,
+)
+from cloudtune.run import state as S
+from cloudtune.run.cost import job_cost_usd
+from cloudtune.spec import JobSpec
+from cloudtune.store import layout
+from cloudtune.trainer import contract as C
+
+log = logging.getLogger("cloudtune.orchestrator")
+
+STOP_GRACE_S = float(os.environ.get("CLOUDTUNE_STOP_GRACE_S", "60"))
+TERMINATE_VERIFY_S = 120.0
+LAUNCH_RETRIES = 3
+DEFAULT_LIFETIME_S = 72 * 3600.0
+
+
+# ---------------------------------------------------------------- planning a job
+
+
+@dataclass
+class Option:
+    """One planned way to run the job: an offer, spot or not, its price and estimate."""
+
+    offer: Offer
+    spot: bool
+    price_hr: float
+    est_hours: float | None
+    est_cost_usd: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "offer": dataclasses.asdict(self.offer),
+            "spot": self.spot,
+            "price_hr": self.price_hr,
+            "est_hours": self.est_hours,
+            "est_cost_usd": self.est_cost_usd,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Option:
+        return cls(
+            offer=Offer(**d["offer"]),
+            spot=bool(d["spot"]),
+            price_hr=float(d["price_hr"]),
+            est_hours=d.get("est_hours"),
+            est_cost_usd=d.get("est_cost_usd"),
+        )
+
+
+@dataclass
+class Draft:
+    """A validated, planned job that has not been written anywhere yet."""
+
+    spec: JobSpec
+    provider: str
+    options: list[Option] = field(default_factory=list)
+
+    @property
+    def choice(self) -> Option:
+        return self.options[0]
+
+
+def provider_names(spec: JobSpec, override: str | None) -> list[str]:
+    from cloudtune.providers import check_provider_name
+
+    if override:
+        names = [p.strip() for p in override.split(",") if p.strip()]
+    elif isinstance(spec.resources.provider, list):
+        names = list(spec.resources.provider)
+    else:
+        names = [spec.resources.provider or "local"]
+    return [check_provider_name(n) for n in names]
+
+
+def plan_job(spec: JobSpec, providers: list[str]) -> Draft:
+    """Ask the planner for ranked options; the chosen one first, then the rest as failover."""
+    from cloudtune.errors import NothingFits
+    from cloudtune.planner.plan import plan_for_spec
+
+    plan = plan_for_spec(spec, providers=providers, spot=spec.resources.spot)
+    options = [
+        Option(o.offer, bool(o.spot), float(o.price_hr), o.est_hours, o.est_cost_usd) for o in plan.options
+    ]
+    if not options:
+        raise NothingFits(f"no offer of {', '.join(providers)} fits this job; run `cloudtune plan` to see why")
+    chosen = plan.choice
+    if chosen is not None:
+        idx = next((i for i, o in enumerate(plan.options) if o is chosen), 0)
+        options.insert(0, options.pop(idx))
+    return Draft(spec=spec, provider=options[0].offer.provider, options=options)
+
+
+def check_budget(draft: Draft) -> None:
+    """Refuse before spending anything when the estimate already exceeds the job's limits."""
+    from cloudtune.errors import UserError
+
+    lim = draft.spec.limits
+    est = draft.choice.est_cost_usd
+    if lim.max_cost_usd is not None:
+        if lim.max_cost_usd <= 0 and draft.choice.price_hr > 0:
+            raise UserError(
+                f"limits.max_cost_usd is {lim.max_cost_usd:g}: the budget is already exhausted; raise it above 0"
+            )
+        if est is not None and est > lim.max_cost_usd:
+            raise UserError(
+                f"estimated cost ${est:.2f} on {draft.choice.offer.provider}/{draft.choice.offer.offer_id} exceeds "
+                f"limits.max_cost_usd ${lim.max_cost_usd:.2f}; raise the limit or reduce training.max_steps/epochs"
+            )
+    if lim.max_hours is not None and draft.choice.est_hours is not None and draft.choice.est_hours > lim.max_hours:
+        raise UserError(
+            f"estimated time {draft.choice.est_hours:.2f} h exceeds limits.max_hours {lim.max_hours:g}; "
+            f"raise the limit or reduce training.max_steps/epochs"
+        )
+
+
+def store_for(spec: JobSpec):
+    from cloudtune.home import default_store_url
+    from cloudtune.store import open_store
+
+    return open_store(spec.store.url or default_store_url(), endpoint_url=spec.store.endpoint_url,
+                      region=spec.store.region)
+
+
+def create_job(db: S.StateDB, draft: Draft) -> str:
+    """Write the job: spec.json to the store, then the job row. Nothing is written before this."""
+    from cloudtune.run.ids import new_job_id
+
+    job_id = new_job_id()
+    while db.job_exists(job_id):
+        job_id = new_job_id()
+    spec = draft.spec
+    store = store_for(spec)
+    store.put_bytes(layout.spec_key(job_id), spec.to_json().encode())
+    try:
+        db.insert_job(
+            id=job_id,
+            name=spec.name,
+            provider=draft.provider,
+            store_url=store.url,
+            store_endpoint=spec.store.endpoint_url,
+            spec_json=spec.to_json(),
+            plan_json=json.dumps([o.to_dict() for o in draft.options]),
+            est_hours=draft.choice.est_hours,
+            est_cost_usd=draft.choice.est_cost_usd,
+            total_steps=spec.training.max_steps,
+        )
+    except BaseException:
+        store.delete_prefix(layout.job_prefix(job_id))
+        raise
+    db.event(job_id, "created", f"job created: plan {draft.choice.offer.provider}/{draft.choice.offer.offer_id}"
+             f"{' spot' if draft.choice.spot else ''} at ${draft.choice.price_hr:.4f}/h")
+    return job_id
+
+
+def build_request(job: S.Job, spec: JobSpec, option: Option, attempt: int) -> LaunchRequest:
+    """The launch request of one attempt: the trainer command, its environment and lifetime cap."""
+    spec_b64 = "b64:" + base64.b64encode(spec.to_json().encode()).decode()
+    env = {
+        C.ENV_SPEC: spec_b64,
+        C.ENV_SPEC_URL: f"{job.store_url.rstrip('/')}/{layout.spec_key(job.id)}",
+        C.ENV_JOB_ID: job.id,
+        C.ENV_ATTEMPT: str(attempt),
+        C.ENV_STORE: job.store_url,
+    }
+    if job.store_endpoint:
+        env[C.ENV_STORE_ENDPOINT] = job.store_endpoint
+    secret_env = {}
+    if job.store_url.startswith("s3://") or option.offer.provider != "local":
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"):
+            if os.environ.get(k):
+                secret_env[k] = os.environ[k]
+    if spec.limits.max_hours is not None:
+        lifetime = spec.limits.max_hours * 3600.0 + 900.0
+    elif job.est_hours:
+        lifetime = max(6 * 3600.0, job.est_hours * 3 * 3600.0)
+    else:
+        lifetime = DEFAULT_LIFETIME_S
+    return LaunchRequest(
+        job_id=job.id,
+        attempt=attempt,
+        offer=option.offer,
+        spot=option.spot,
+        image=spec.resources.image,
+        command=["python", "-m", "cloudtune.trainer"],
+        env=env,
+        secret_env=secret_env,
+        disk_gb=spec.resources.disk_gb or 100,
+        max_lifetime_s=lifetime,
+    )
+
+
+# ---------------------------------------------------------------- the control loop
+
+
+class Orchestrator:
+    def __init__(self, db: S.StateDB, job_id: str) -> None:
+        self.db = db
+        self.job_id = job_id
+        job = db.get_job(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        self.spec = job.spec
+        self.options = [Option.from_dict(d) for d in job.plan]
+        self.store = store_for(self.spec)
+        self._providers: dict[str, Any] = {}
+        self._last_beat: tuple[int, float] | None = None
+
+    # -- helpers
+
+    def provider(self, name: str):
+        if name not in self._providers:
+            from cloudtune.run.providers_config import make_provider
+
+            self._providers[name] = make_provider(name)
+        return self._providers[name]
+
+    def event(self, kind: str, message: str, attempt: int | None = None) -> None:
+        log.info("%s %s: %s", self.job_id, kind, message)
+        self.db.event(self.job_id, kind, message, attempt)
+
+    def job(self) -> S.Job:
+        job = self.db.get_job(self.job_id)
+        assert job is not None
+        return job
+
+    def heartbeat(self) -> dict[str, Any] | None:
+        try:
+            hb = self.store.read_json(layout.heartbeat_key(self.job_id))
+        except Exception:  # noqa: BLE001 - a torn or unreachable heartbeat is "no news"
+            return None
+        return hb if isinstance(hb, dict) else None
+
+    def _sync_heartbeat(self, job: S.Job) -> dict[str, Any] | None:
+        hb = self.heartbeat()
+        if hb and hb.get("time") != job.heartbeat_at:
+            self.db.update_job(
+                self.job_id,
+                step=hb.get("step"),
+                total_steps=hb.get("total_steps") or job.total_steps,
+                loss=hb.get("loss"),
+                tokens_per_s=hb.get("tokens_per_s"),
+                eta_s=hb.get("eta_s"),
+                heartbeat_at=hb.get("time"),
+            )
+        return hb
+
+    # -- machines
+
+    def _status(self, att: dict[str, Any]) -> Machine | None:
+        """The attempt's machine, or None when the provider no longer knows it."""
+        if not att.get("machine_id"):
+            return None
+        try:
+            return self.provider(att["provider"]).status(att["machine_id"])
+        except NotFoundError:
+            return None
+
+    def terminate_verified(self, provider_name: str, machine_id: str, timeout_s: float = TERMINATE_VERIFY_S) -> bool:
+        """Terminate, then re-read the status until the provider says gone. Idempotent."""
+        provider = self.provider(provider_name)
+        deadline = time.time() + timeout_s
+        delay = 0.5
+        while True:
+            try:
+                provider.terminate(machine_id)
+            except NotFoundError:
+                return True
+            except ProviderError as err:
+                log.warning("terminate %s failed: %s", machine_id, err)
+            try:
+                m = provider.status(machine_id)
+            except NotFoundError:
+                return True
+            except ProviderError as err:
+                log.warning("status %s failed: %s", machine_id, err)
+                m = None
+            if m is not None and m.state is MachineState.TERMINATED:
+                return True
+            if time.time() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _end_attempt(self, att: dict[str, Any], reason: str, machine: Machine | None = None) -> None:
+        """Terminate the attempt's machine (verified), close its ledger row and the attempt."""
+        if att["state"] in (S.A_ENDED, S.A_LAUNCH_FAILED):
+            return
+        if att.get("machine_id"):
+            gone = self.terminate_verified(att["provider"], att["machine_id"])
+            if not gone:
+                self.event("terminate_unverified",
+                           f"machine {att['machine_id']} still not gone after {TERMINATE_VERIFY_S:.0f}s; "
+                           f"will retry (run `cloudtune gc` if this persists)", att["n"])
+                raise ProviderError(f"could not verify termination of {att['machine_id']}")
+            self.event("terminated", f"machine {att['machine_id']} terminated and verified gone ({reason})", att["n"])
+        now = time.time()
+        self.db.close_ledger(self.job_id, att["n"], now, reason)
+        self.db.update_attempt(
+            self.job_id, att["n"], state=S.A_ENDED, end_reason=reason, ended_at=now,
+            exit_code=machine.exit_code if machine else att.get("exit_code"),
+        )
+
+    def _finish(self, state: str, reason: str, att: dict[str, Any] | None, machine: Machine | None = None) -> None:
+        if att is not None:
+            self._end_attempt(att, reason, machine)
+        self.db.set_state(self.job_id, state, reason)
+        self.event(state, f"job {state}: {reason}")
+
+    # -- launching
+
+    def _launched_count(self) -> int:
+        return sum(1 for a in self.db.attempts(self.job_id) if a["state"] != S.A_LAUNCH_FAILED)
+
+    def launch_next(self, reason: str) -> None:
+        """Launch a new attempt: the current option first, then the next ones on capacity/quota errors."""
+        job = self.job()
+        idx = job.option_index
+        transient = 0
+        while idx < len(self.options):
+            option = self.options[idx]
+            n = max((a["n"] for a in self.db.attempts(self.job_id)), default=0) + 1
+            name = machine_name(self.job_id, n)
+            pname = option.offer.provider
+            self.db.insert_attempt(self.job_id, n, name, pname, option.offer.offer_id)
+            self.db.set_state(self.job_id, S.PROVISIONING)
+            self.db.update_job(self.job_id, option_index=idx)
+            self.event("launch", f"launching attempt {n} ({name}) on {pname}/{option.offer.offer_id}"
+                       f"{' spot' if option.spot else ''} at ${option.price_hr:.4f}/h: {reason}", n)
+            req = build_request(job, self.spec, option, n)
+            try:
+                machine = self.provider(pname).launch(req)
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the create's outcome unknown
+                err = exc if isinstance(exc, ProviderError) else TransientError(f"{type(exc).__name__}: {exc}")
+                adopted = self._after_failed_create(req, err, n)
+                if adopted is not None:
+                    self._record_launch(n, option, adopted)
+                    return
+                self.db.update_attempt(self.job_id, n, state=S.A_LAUNCH_FAILED, end_reason=str(err),
+                                       ended_at=time.time())
+                if isinstance(err, (CapacityError, QuotaError)):
+                    self.event("launch_failed", f"{type(err).__name__} on {pname}/{option.offer.offer_id}: {err}; "
+                               f"trying the next option", n)
+                    idx += 1
+                    continue
+                if err.retryable and transient < LAUNCH_RETRIES:
+                    transient += 1
+                    wait = getattr(err, "retry_after_s", None) or 2.0 * transient
+                    self.event("launch_retry", f"{type(err).__name__}: {err}; retrying in {wait:.0f}s", n)
+                    time.sleep(wait)
+                    continue
+                kind = "credentials" if isinstance(err, AuthError) else "request"
+                if isinstance(err, (AuthError, InvalidRequestError)):
+                    self._finish(S.FAILED, f"launch on {pname} failed ({kind}): {err}", None)
+                    return
+                self.event("launch_failed", f"{type(err).__name__} on {pname}: {err}; trying the next option", n)
+                idx += 1
+                continue
+            self._record_launch(n, option, machine)
+            return
+        self._finish(S.FAILED, "no planned option could be launched (capacity, quota or errors on every offer)", None)
+
+    def _after_failed_create(self, req: LaunchRequest, err: Exception, n: int) -> Machine | None:
+        """A failed create may still have made a billing machine: find it by name, adopt or terminate."""
+        try:
+            found = self.provider(req.offer.provider).find_by_name(req.name)
+        except ProviderError as lookup_err:
+            self.event("lookup_failed", f"could not look up {req.name} after a failed create: {lookup_err}", n)
+            return None
+        if found is None or found.state is MachineState.TERMINATED:
+            return None
+        if isinstance(err, (TransientError, RateLimitedError)) and found.state.is_alive:
+            self.event("adopted", f"create of {req.name} reported {type(err).__name__} but the machine "
+                       f"{found.machine_id} exists ({found.state.value}): adopting it", n)
+            return found
+        self.event("orphan_terminated", f"create of {req.name} failed ({err}) but left machine "
+                   f"{found.machine_id}: terminating it", n)
+        self.terminate_verified(req.offer.provider, found.machine_id)
+        return None
+
+    def _record_launch(self, n: int, option: Option, machine: Machine) -> None:
+        now = time.time()
+        price = machine.price_hr if machine.price_hr is not None else option.price_hr
+        self.db.update_attempt(self.job_id, n, machine_id=machine.machine_id, state=S.A_RUNNING)
+        self.db.open_ledger(
+            self.job_id, n,
+            provider=option.offer.provider, offer_id=option.offer.offer_id, gpu=option.offer.gpu,
+            gpu_count=option.offer.gpu_count, region=machine.region or option.offer.region,
+            spot=int(option.spot), price_hr=price, on_demand_price_hr=option.offer.price_hr,
+            billing_granularity_s=option.offer.billing_granularity_s, price_as_of=option.offer.as_of,
+            started_at=now,
+        )
+        self.db.set_state(self.job_id, S.RUNNING if machine.state is MachineState.RUNNING else S.PROVISIONING)
+        self.event("launched", f"attempt {n} is machine {machine.machine_id} ({machine.state.value}) "
+                   f"at ${price:.4f}/h", n)
+
+    # -- recovery and stopping
+
+    def _recover(self, att: dict[str, Any], reason: str, machine: Machine | None) -> None:
+        self._end_attempt(att, reason, machine)
+        restarts = self._launched_count() - 1
+        limit = self.spec.limits.max_restarts
+        if restarts >= limit:
+            self._finish(S.FAILED, f"gave up after {restarts} restarts (limits.max_restarts={limit}); last: {reason}",
+                         None)
+            return
+        self.db.set_state(self.job_id, S.RECOVERING, reason)
+        self.event("recovering", f"attempt {att['n']} ended ({reason}); relaunching, restart {restarts + 1}/{limit}",
+                   att["n"])
+        self.launch_next(f"resume after: {reason}")
+
+    def _begin_stop(self, att: dict[str, Any] | None, reason: str, machine: Machine | None) -> None:
+        self.db.update_job(self.job_id, target_state=S.STOPPED, stop_deadline=time.time() + STOP_GRACE_S)
+        self.db.set_state(self.job_id, S.STOPPING, reason)
+        if machine is not None and machine.state.is_alive:
+            self.store.put_json(layout.control_key(self.job_id), {"action": "stop", "reason": reason,
+                                                                 "time": time.time()})
+            self.event("stopping", f"{reason}: asked the trainer to checkpoint and stop (control.json), "
+                       f"terminating in at most {STOP_GRACE_S:.0f}s", att["n"] if att else None)
+        else:
+            self._finish(S.STOPPED, reason, att, machine)
+
+    def _limit_reason(self, job: S.Job) -> str | None:
+        lim = self.spec.limits
+        if lim.max_cost_usd is not None:
+            spent = job_cost_usd(self.db, self.job_id)
+            if spent >= lim.max_cost_usd:
+                return f"budget reached: ${spent:.4f} >= limits.max_cost_usd ${lim.max_cost_usd:.2f}"
+        if lim.max_hours is not None:
+            hours = (time.time() - job.created_at) / 3600.0
+            if hours >= lim.max_hours:
+                return f"deadline reached: {hours:.2f} h >= limits.max_hours {lim.max_hours:g}"
+        return None
+
+    def _stale(self, att: dict[str, Any], hb: dict[str, Any] | None) -> str | None:
+        timeout = self.spec.limits.heartbeat_timeout_s
+        ledger = {r["attempt"]: r for r in self.db.ledger(self.job_id)}
+        started = ledger.get(att["n"], {}).get("started_at") or att["created_at"]
+        if hb and int(hb.get("attempt", -1)) == att["n"]:
+            last = float(hb.get("time", started))
+            what = "last heartbeat"
+        else:
+            last = started
+            what = "launch, and no heartbeat since"
+        age = time.time() - last
+        if age > timeout:
+            return f"heartbeat stale: {age:.0f}s since {what} (limits.heartbeat_timeout_s={timeout:g})"
+        return None
+
+    # -- the tick
+
+    def tick(self) -> bool:
+        """Advance the job by one decision. Returns False when there is nothing left to do."""
+        job = self.job()
+        hb = self._sync_heartbeat(job)
+        att = self.db.attempt(self.job_id, job.current_attempt) if job.current_attempt else None
+        if job.is_terminal:
+            if att is not None and att["state"] in (S.A_RUNNING, S.A_PROVISIONING):
+                self._end_attempt(att, att.get("end_reason") or f"job {job.state}")
+            return False
+        if job.state == S.PENDING or att is None:
+            if job.stop_requested:
+                self._finish(S.STOPPED, f"stopped before launch: {job.stop_requested}", None)
+                return False
+            self.launch_next("start")
+            return True
+
+        if self.store.exists(layout.done_key(self.job_id)):
+            self._finish(S.DONE, "the trainer wrote DONE.json; final adapter in the store", att, self._status(att))
+            return False
+        failed = self.store.read_json(layout.failed_key(self.job_id)) if self.store.exists(
+            layout.failed_key(self.job_id)) else None
+        if failed is not None:
+            why = failed.get("reason") or failed.get("error") or "see `cloudtune logs`"
+            self._finish(S.FAILED, f"the trainer wrote FAILED.json: {why}", att, self._status(att))
+            return False
+
+        if att["state"] == S.A_LAUNCH_FAILED:
+            self.launch_next("previous launch failed")
+            return True
+        try:
+            machine = self._status(att)
+        except ProviderError as err:
+            self.event("status_error", f"could not read machine state: {err}", att["n"])
+            return True
+        alive = machine is not None and machine.state.is_alive
+
+        if job.state == S.STOPPING:
+            if not alive or time.time() >= (job.stop_deadline or 0):
+                code = machine.exit_code if machine else None
+                how = "trainer checkpointed and stopped" if code == C.EXIT_STOPPED else "grace period over"
+                self._finish(job.target_state or S.STOPPED, f"{job.reason} ({how})", att, machine)
+                return False
+            return True
+
+        if job.stop_requested:
+            self._begin_stop(att, f"stop requested: {job.stop_requested}", machine)
+            return True
+        limit = self._limit_reason(job)
+        if limit:
+            self._begin_stop(att, limit, machine)
+            return True
+
+        if alive:
+            assert machine is not None
+            if machine.state is MachineState.RUNNING and job.state != S.RUNNING:
+                self.db.set_state(self.job_id, S.RUNNING)
+                self.event("running", f"machine {machine.machine_id} is running", att["n"])
+            stale = self._stale(att, hb)
+            if stale:
+                self.event("stale", stale, att["n"])
+                self._recover(att, stale, machine)
+            return True
+
+        if machine is not None and machine.state is MachineState.EXITED:
+            code = machine.exit_code
+            if code == C.EXIT_DONE:
+                # DONE.json may land a moment after the exit on eventually consistent stores.
+                if self._wait_marker(layout.done_key(self.job_id)):
+                    self._finish(S.DONE, "the trainer wrote DONE.json; final adapter in the store", att, machine)
+                else:
+                    self._finish(S.FAILED, "the trainer exited 0 without writing DONE.json", att, machine)
+                return False
+            if code in (C.EXIT_FAILED, C.EXIT_BAD_INPUT):
+                self._finish(S.FAILED, f"the trainer exited with {code} ({'bad input' if code == 2 else 'error'}); "
+                             f"see `cloudtune logs {self.job_id}`", att, machine)
+                return False
+            if code == C.EXIT_STOPPED:
+                self._finish(S.STOPPED, "the trainer stopped on a controller request", att, machine)
+                return False
+            reason = ("the trainer checkpointed on a signal and exited (75)" if code == C.EXIT_PREEMPTED
+                      else f"the trainer exited with {code}")
+            self._recover(att, reason, machine)
+            return True
+        if machine is not None and machine.state is MachineState.PREEMPTED:
+            self._recover(att, f"preempted: {machine.detail or 'spot interruption'}", machine)
+            return True
+        detail = machine.detail if machine is not None else "the provider no longer knows the machine"
+        self._recover(att, f"machine lost ({machine.state.value if machine else 'not found'}): {detail}", machine)
+        return True
+
+    def _wait_marker(self, key: str, timeout_s: float = 10.0) -> bool:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.store.exists(key):
+                return True
+            time.sleep(0.5)
+        return self.store.exists(key)
+

@@ -1,0 +1,331 @@
+"""The local state database: jobs, attempts, events, the cost ledger and watchdog liveness.
+
+Why SQLite: the CLI, the detached watchdog and `cloudtune status` in another terminal read and
+write the same rows at the same time. WAL mode lets readers run beside one writer, a busy timeout
+makes writers queue instead of failing, and every write is one short `BEGIN IMMEDIATE`
+transaction. The schema carries a version and a list of migrations so old databases keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloudtune.home import home
+
+# Job states (the `status --json` contract).
+PENDING = "pending"
+PROVISIONING = "provisioning"
+RUNNING = "running"
+RECOVERING = "recovering"
+STOPPING = "stopping"
+DONE = "done"
+FAILED = "failed"
+STOPPED = "stopped"
+JOB_STATES = (PENDING, PROVISIONING, RUNNING, RECOVERING, STOPPING, DONE, FAILED, STOPPED)
+TERMINAL_STATES = frozenset({DONE, FAILED, STOPPED})
+
+# Attempt states.
+A_PROVISIONING = "provisioning"  # name reserved, create call in flight
+A_RUNNING = "running"  # the machine exists (billing)
+A_ENDED = "ended"  # terminated and verified gone
+A_LAUNCH_FAILED = "launch_failed"  # the create call failed and no machine exists
+
+# Each entry migrates from version i to i+1. Append only; never edit a released entry.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        store_url TEXT NOT NULL,
+        store_endpoint TEXT,
+        spec_json TEXT NOT NULL,
+        plan_json TEXT NOT NULL,
+        option_index INTEGER NOT NULL DEFAULT 0,
+        current_attempt INTEGER NOT NULL DEFAULT 0,
+        est_hours REAL,
+        est_cost_usd REAL,
+        step INTEGER,
+        total_steps INTEGER,
+        loss REAL,
+        tokens_per_s REAL,
+        eta_s REAL,
+        heartbeat_at REAL,
+        stop_requested TEXT,
+        target_state TEXT,
+        stop_deadline REAL,
+        reason TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        ended_at REAL
+    );
+    CREATE TABLE attempts (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        n INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        offer_id TEXT NOT NULL,
+        machine_id TEXT,
+        state TEXT NOT NULL,
+        exit_code INTEGER,
+        end_reason TEXT,
+        created_at REAL NOT NULL,
+        ended_at REAL,
+        PRIMARY KEY (job_id, n)
+    );
+    CREATE TABLE ledger (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        attempt INTEGER NOT NULL,
+        provider TEXT NOT NULL,
+        offer_id TEXT NOT NULL,
+        gpu TEXT NOT NULL,
+        gpu_count INTEGER NOT NULL,
+        region TEXT,
+        spot INTEGER NOT NULL,
+        price_hr REAL NOT NULL,
+        on_demand_price_hr REAL,
+        billing_granularity_s INTEGER NOT NULL,
+        price_as_of TEXT,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        end_reason TEXT,
+        PRIMARY KEY (job_id, attempt)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        time REAL NOT NULL,
+        attempt INTEGER,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX events_job ON events(job_id, id);
+    CREATE TABLE watchdogs (
+        job_id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        beat_at REAL NOT NULL
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def db_path() -> Path:
+    return home() / "state.db"
+
+
+@dataclass
+class Job:
+    row: dict[str, Any]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.row[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def spec(self):
+        from cloudtune.spec import parse_spec
+
+        return parse_spec(json.loads(self.row["spec_json"]), source=f"job {self.row['id']} spec")
+
+    @property
+    def plan(self) -> list[dict[str, Any]]:
+        return json.loads(self.row["plan_json"])
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.row["state"] in TERMINAL_STATES
+
+
+class StateDB:
+    """One connection per process. Methods are small transactions; nothing is held open between them."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA busy_timeout = 30000")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.tx() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = c.execute("SELECT version FROM schema_version").fetchone()
+            version = row["version"] if row else 0
+            if version > SCHEMA_VERSION:
+                from cloudtune.errors import UserError
+
+                raise UserError(
+                    f"state database {self.path} has schema version {version}, newer than this cloudtune "
+                    f"({SCHEMA_VERSION}); upgrade cloudtune"
+                )
+            for i in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[i].split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+            if row is None:
+                c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version != SCHEMA_VERSION:
+                c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    # ------------------------------------------------------------ jobs
+
+    def job_exists(self, job_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+    def insert_job(self, **fields: Any) -> None:
+        now = time.time()
+        fields.setdefault("state", PENDING)
+        fields.setdefault("created_at", now)
+        fields.setdefault("updated_at", now)
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        with self.tx() as c:
+            c.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", tuple(fields.values()))
+
+    def get_job(self, job_id: str) -> Job | None:
+        row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job(dict(row)) if row else None
+
+    def list_jobs(self, limit: int | None = None) -> list[Job]:
+        sql = "SELECT * FROM jobs ORDER BY created_at DESC"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [Job(dict(r)) for r in self.conn.execute(sql).fetchall()]
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.tx() as c:
+            c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+
+    def set_state(self, job_id: str, state: str, reason: str | None = None) -> None:
+        assert state in JOB_STATES, state
+        fields: dict[str, Any] = {"state": state}
+        if reason is not None:
+            fields["reason"] = reason
+        if state in TERMINAL_STATES:
+            fields["ended_at"] = time.time()
+        self.update_job(job_id, **fields)
+
+    def request_stop(self, job_id: str, reason: str) -> bool:
+        """Mark a stop request; False when the job is already terminal. The watchdog acts on it."""
+        with self.tx() as c:
+            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] in TERMINAL_STATES:
+                return False
+            c.execute(
+                "UPDATE jobs SET stop_requested = ?, updated_at = ? WHERE id = ?", (reason, time.time(), job_id)
+            )
+            return True
+
+    # ------------------------------------------------------------ attempts
+
+    def insert_attempt(self, job_id: str, n: int, name: str, provider: str, offer_id: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO attempts (job_id, n, name, provider, offer_id, state, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, n, name, provider, offer_id, A_PROVISIONING, time.time()),
+            )
+            c.execute("UPDATE jobs SET current_attempt = ?, updated_at = ? WHERE id = ?", (n, time.time(), job_id))
+
+    def update_attempt(self, job_id: str, n: int, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.tx() as c:
+            c.execute(f"UPDATE attempts SET {sets} WHERE job_id = ? AND n = ?", (*fields.values(), job_id, n))
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def attempt(self, job_id: str, n: int) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM attempts WHERE job_id = ? AND n = ?", (job_id, n)).fetchone()
+        return dict(row) if row else None
+
+    def live_attempts(self) -> list[dict[str, Any]]:
+        """Attempts whose machine may still exist (used by gc to decide what is owned)."""
+        rows = self.conn.execute(
+            "SELECT a.* FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.state IN (?, ?)",
+            (A_PROVISIONING, A_RUNNING),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------ ledger
+
+    def open_ledger(self, job_id: str, attempt: int, **fields: Any) -> None:
+        fields = {"job_id": job_id, "attempt": attempt, **fields}
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        with self.tx() as c:
+            c.execute(f"INSERT OR REPLACE INTO ledger ({cols}) VALUES ({marks})", tuple(fields.values()))
+
+    def close_ledger(self, job_id: str, attempt: int, ended_at: float, end_reason: str) -> None:
+        with self.tx() as c:
+            c.execute(
+                "UPDATE ledger SET ended_at = ?, end_reason = ? WHERE job_id = ? AND attempt = ? AND ended_at IS NULL",
+                (ended_at, end_reason, job_id, attempt),
+            )
+
+    def ledger(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM ledger WHERE job_id = ? ORDER BY attempt", (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------ events
+
+    def event(self, job_id: str, kind: str, message: str, attempt: int | None = None) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO events (job_id, time, attempt, kind, message) VALUES (?, ?, ?, ?, ?)",
+                (job_id, time.time(), attempt, kind, message),
+            )
+
+    def events(self, job_id: str, after_id: int = 0) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after_id)
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------ watchdogs
+
+    def watchdog_beat(self, job_id: str, pid: int, started_at: float) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO watchdogs (job_id, pid, started_at, beat_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(job_id) DO UPDATE SET pid = excluded.pid, started_at = excluded.started_at, "
+                "beat_at = excluded.beat_at",
+                (job_id, pid, started_at, time.time()),
+            )
+
+    def watchdog_row(self, job_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM watchdogs WHERE job_id = ?", (job_id,)).fetchone()
+        return dict(row) if row else None
