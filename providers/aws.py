@@ -1,0 +1,627 @@
+"""AWS EC2 adapter: GPU instances, spot or on-demand, launched from a Deep Learning AMI.
+
+Why these choices:
+- One `run_instances` per attempt, tried zone by zone (cheapest spot zone first): a capacity error
+  in one availability zone says nothing about the next, and EC2 names the zone it failed in.
+- The machine ends itself (user-data `shutdown -h now` + InstanceInitiatedShutdownBehavior=
+  terminate), so no credentials live on it; the store is reached through an IAM instance profile.
+- Machine ids are `<region>:<instance-id>`: an instance id is only meaningful within its region,
+  and the watchdog and `gc` run in other processes that must find it again.
+- boto3 is imported inside methods: `cloudtune --help` and `cloudtune plan` must not pay for it.
+
+Configuration (constructor argument, else environment variable):
+  regions / region  CLOUDTUNE_AWS_REGIONS          comma list; default: aws_types.DEFAULT_REGIONS
+  endpoint_url      CLOUDTUNE_AWS_ENDPOINT_URL     EC2/SSM endpoint (tests point it at moto_server)
+  ami               CLOUDTUNE_AWS_AMI              fixed AMI id (skips the SSM lookup)
+  ami_parameter     CLOUDTUNE_AWS_AMI_PARAMETER    SSM parameter holding the AMI id per region
+  instance_profile  CLOUDTUNE_AWS_INSTANCE_PROFILE instance profile name or ARN (store access)
+  key_name          CLOUDTUNE_AWS_KEY_NAME         EC2 key pair, only to let you ssh in and debug
+  security_group_ids CLOUDTUNE_AWS_SECURITY_GROUP_IDS comma list (default: the VPC's default group)
+  profile_name      AWS_PROFILE                    boto3 profile
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from cloudtune.providers.aws_errors import NO_CREDENTIALS, error_code, translate
+from cloudtune.providers.aws_types import DEFAULT_REGIONS, DLAMI_PARAMETER, INSTANCE_TYPES
+from cloudtune.providers.aws_userdata import REDACTED, build_user_data, strip_aws_credentials
+from cloudtune.providers.base import (
+    TAG_ATTEMPT,
+    TAG_JOB,
+    AuthError,
+    CapacityError,
+    InvalidRequestError,
+    LaunchRequest,
+    Machine,
+    MachineState,
+    NotFoundError,
+    Offer,
+    ProviderError,
+    QuotaError,
+    SelfTerminate,
+    TransientError,
+    parse_machine_name,
+)
+
+log = logging.getLogger("cloudtune.providers.aws")
+T = TypeVar("T")
+
+NAME = "aws"
+LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+SPOT_INTERRUPTION_REASONS = frozenset({"Server.SpotInstanceTermination", "Server.SpotInstanceShutdown"})
+# describe_spot_instance_requests Status.Code values that mean AWS took the machine back.
+SPOT_REQUEST_INTERRUPTED = frozenset({
+    "instance-terminated-by-price", "instance-terminated-no-capacity",
+    "instance-terminated-capacity-oversubscribed", "instance-stopped-by-price",
+    "instance-stopped-no-capacity", "instance-stopped-capacity-oversubscribed",
+    "marked-for-termination", "marked-for-stop",
+})
+_STATE_MAP = {
+    "pending": MachineState.PENDING,
+    "running": MachineState.RUNNING,
+    "stopping": MachineState.STOPPED,
+    "stopped": MachineState.STOPPED,
+    "shutting-down": MachineState.TERMINATING,
+    "terminated": MachineState.TERMINATED,
+}
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = os.environ.get(name, "").strip()
+    return [p.strip() for p in raw.split(",") if p.strip()] or None
+
+
+def client_token(job_id: str, attempt: int, zone: str) -> str:
+    """RunInstances idempotency token (<= 64 ASCII chars): a retried call cannot start a second machine."""
+    digest = hashlib.sha256(f"{job_id}/{attempt}/{zone}".encode()).hexdigest()[:40]
+    return f"cloudtune-{digest}"
+
+
+def format_machine_id(region: str, instance_id: str) -> str:
+    return f"{region}:{instance_id}"
+
+
+def latest_spot_prices(history: Iterable[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """{(instance type, zone): price} from SpotPriceHistory records, keeping the newest per pair."""
+    newest: dict[tuple[str, str], tuple[Any, float]] = {}
+    for rec in history:
+        key = (rec["InstanceType"], rec["AvailabilityZone"])
+        stamp = rec.get("Timestamp")
+        price = float(rec["SpotPrice"])
+        if key not in newest or (stamp is not None and stamp > newest[key][0]):
+            newest[key] = (stamp, price)
+    return {k: v[1] for k, v in newest.items()}
+
+
+def min_spot_by_type(latest: dict[tuple[str, str], float]) -> dict[str, float]:
+    """The cheapest zone's price per instance type (what a region row shows)."""
+    out: dict[str, float] = {}
+    for (itype, _zone), price in latest.items():
+        out[itype] = min(price, out.get(itype, price))
+    return out
+
+
+def machine_from_instance(inst: dict[str, Any], region: str, spot_request_code: str = "") -> Machine:
+    """Map one describe_instances record to a Machine.
+
+    A spot instance that AWS reclaims shows StateReason Server.SpotInstanceTermination (or
+    ...Shutdown for stop/hibernate behaviour). While it is shutting down or stopped it is reported
+    PREEMPTED; once `terminated` it is TERMINATED (gone, nothing to tear down) with "preempted" in
+    the detail, so teardown verification can rely on `state.is_gone`.
+    """
+    tags = {t["Key"]: t["Value"] for t in inst.get("Tags") or []}
+    state_name = (inst.get("State") or {}).get("Name", "")
+    reason = inst.get("StateReason") or {}
+    reason_code = reason.get("Code") or ""
+    state = _STATE_MAP.get(state_name, MachineState.UNKNOWN)
+    preempted = reason_code in SPOT_INTERRUPTION_REASONS or spot_request_code in SPOT_REQUEST_INTERRUPTED
+    if preempted and state_name in ("shutting-down", "stopping", "stopped"):
+        state = MachineState.PREEMPTED
+    detail = state_name
+    if preempted:
+        detail += f" (preempted: {reason_code or spot_request_code})"
+    elif reason_code:
+        detail += f" ({reason_code})"
+    name = tags.get("Name", "")
+    parsed = parse_machine_name(name)
+    job_id = tags.get(TAG_JOB) or (parsed[0] if parsed else None)
+    attempt_tag = tags.get(TAG_ATTEMPT, "")
+    attempt = int(attempt_tag) if attempt_tag.isdigit() else (parsed[1] if parsed else None)
+    return Machine(
+        provider=NAME,
+        machine_id=format_machine_id(region, inst["InstanceId"]),
+        name=name,
+        state=state,
+        job_id=job_id,
+        attempt=attempt,
+        region=region,
+        spot=inst.get("InstanceLifecycle") == "spot",
+        detail=detail,
+    )
+
+
+class AWSProvider:
+    """EC2 GPU instances. See the module docstring for configuration."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        *,
+        regions: list[str] | str | None = None,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        ami: str | None = None,
+        ami_parameter: str | None = None,
+        instance_profile: str | None = None,
+        key_name: str | None = None,
+        security_group_ids: list[str] | None = None,
+        profile_name: str | None = None,
+        max_workers: int = 8,
+    ) -> None:
+        if isinstance(regions, str):
+            regions = [r.strip() for r in regions.split(",") if r.strip()]
+        self.regions = list(regions or ([region] if region else None) or _env_list("CLOUDTUNE_AWS_REGIONS")
+                            or DEFAULT_REGIONS)
+        self.endpoint_url = endpoint_url or os.environ.get("CLOUDTUNE_AWS_ENDPOINT_URL") or None
+        self.ami = ami or os.environ.get("CLOUDTUNE_AWS_AMI") or None
+        self.ami_parameter = ami_parameter or os.environ.get("CLOUDTUNE_AWS_AMI_PARAMETER") or DLAMI_PARAMETER
+        self.instance_profile = instance_profile or os.environ.get("CLOUDTUNE_AWS_INSTANCE_PROFILE") or None
+        self.key_name = key_name or os.environ.get("CLOUDTUNE_AWS_KEY_NAME") or None
+        self.security_group_ids = security_group_ids or _env_list("CLOUDTUNE_AWS_SECURITY_GROUP_IDS")
+        self.profile_name = profile_name
+        self.max_workers = max_workers
+        self._session: Any = None
+        self._clients: dict[tuple[str, str, bool], Any] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ boto3 plumbing
+
+    def _boto_session(self) -> Any:
+        if self._session is None:
+            import boto3
+            from botocore import exceptions as bx
+
+            try:
+                self._session = boto3.session.Session(profile_name=self.profile_name)
+            except bx.ProfileNotFound as err:
+                raise translate(err, "loading the AWS profile") from None
+        return self._session
+
+    def has_credentials(self) -> bool:
+        """True when boto3's chain (env, profile, SSO, instance role) yields credentials. No network
+        call to AWS itself; an unusable SSO cache counts as none."""
+        from botocore import exceptions as bx
+
+        try:
+            return self._boto_session().get_credentials() is not None
+        except (bx.BotoCoreError, AuthError):
+            return False
+
+    def _require_credentials(self) -> None:
+        from botocore import exceptions as bx
+
+        try:
+            creds = self._boto_session().get_credentials()
+        except bx.BotoCoreError as err:
+            raise translate(err, "loading AWS credentials") from None
+        if creds is None:
+            raise AuthError(NO_CREDENTIALS, provider=NAME)
+
+    def _client(self, service: str, region: str, *, launch: bool = False) -> Any:
+        """A cached client. boto3 clients are thread-safe; creating one is not, hence the lock."""
+        key = (service, region, launch)
+        with self._lock:
+            if key not in self._clients:
+                from botocore.config import Config
+
+                self._require_credentials()
+                # RunInstances gets one attempt: a capacity error (HTTP 500) must move on to the next
+                # zone at once, not back off three times; launch() retries a true 5xx itself.
+                retries = {"mode": "standard", "total_max_attempts": 1 if launch else 5}
+                config = Config(retries=retries, connect_timeout=10, read_timeout=60,
+                                user_agent_extra="cloudtune")
+                self._clients[key] = self._boto_session().client(
+                    service, region_name=region, endpoint_url=self.endpoint_url, config=config
+                )
+            return self._clients[key]
+
+    def _call(self, action: str, fn: Callable[[], T]) -> T:
+        from botocore import exceptions as bx
+
+        try:
+            return fn()
+        except (bx.BotoCoreError, bx.ClientError) as err:
+            raise translate(err, action) from None
+
+    def _sweep(self, what: str, fn: Callable[[str], list[T]]) -> list[T]:
+        """Run `fn(region)` over every configured region in parallel.
+
+        A region that refuses us (opt-in region not enabled: AuthFailure/OptInRequired) is skipped
+        as long as some region answered; if none did, the first error is raised.
+        """
+        self._require_credentials()
+        results: list[T] = []
+        errors: list[tuple[str, ProviderError]] = []
+
+        def one(region: str) -> tuple[str, list[T] | ProviderError]:
+            try:
+                return region, fn(region)
+            except ProviderError as err:
+                return region, err
+
+        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(self.regions)) or 1) as pool:
+            for region, out in pool.map(one, self.regions):
+                if isinstance(out, ProviderError):
+                    errors.append((region, out))
+                else:
+                    results.extend(out)
+        skippable = all(isinstance(e, AuthError | QuotaError) for _, e in errors)
+        if errors and (len(errors) == len(self.regions) or not skippable):
+            raise errors[0][1]
+        for region, err in errors:
+            log.warning("%s: skipped region %s: %s", what, region, err)
+        return results
+
+    # ------------------------------------------------------------ offers
+
+    def catalog_offers(self) -> list[Offer]:
+        """The bundled catalog's AWS rows in the configured regions (no network)."""
+        from cloudtune.catalog import bundled_offers
+
+        wanted = set(self.regions)
+        return [o for o in bundled_offers() if o.provider == NAME and o.region in wanted]
+
+    def spot_prices(self, region: str, instance_types: list[str] | None = None) -> dict[tuple[str, str], float]:
+        """{(type, zone): current spot $/h} in one region, from describe_spot_price_history."""
+        ec2 = self._client("ec2", region)
+        types = instance_types or sorted(INSTANCE_TYPES)
+
+        def fetch() -> dict[tuple[str, str], float]:
+            pages = ec2.get_paginator("describe_spot_price_history").paginate(
+                InstanceTypes=types,
+                ProductDescriptions=["Linux/UNIX"],
+                StartTime=datetime.now(UTC),
+            )
+            records: list[dict[str, Any]] = []
+            for page in pages:
+                records.extend(page.get("SpotPriceHistory", []))
+            return latest_spot_prices(records)
+
+        return self._call(f"DescribeSpotPriceHistory in {region}", fetch)
+
+    def offers(self) -> list[Offer]:
+        """Catalog on-demand prices overlaid with live spot prices (fresh=True) when credentials exist.
+
+        Without credentials this is the bundled catalog (fresh=False): planning works offline.
+        """
+        catalog = self.catalog_offers()
+        if not self.has_credentials():
+            return catalog
+        from cloudtune.catalog import usable_gib
+
+        live = self._sweep("spot prices", lambda r: [(r, t, p) for t, p in min_spot_by_type(self.spot_prices(r)).items()])
+        spot = {(region, itype): price for region, itype, price in live}
+        on_demand = {(o.region, o.offer_id): o for o in catalog}
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        out: list[Offer] = []
+        for key in sorted(set(spot) | set(on_demand)):
+            region, itype = key
+            base = on_demand.get(key)
+            spec = INSTANCE_TYPES.get(itype)
+            if base is None and spec is None:
+                continue
+            gpu = base.gpu if base else spec.gpu  # type: ignore[union-attr]
+            out.append(Offer(
+                provider=NAME,
+                offer_id=itype,
+                gpu=gpu,
+                gpu_count=base.gpu_count if base else spec.gpu_count,  # type: ignore[union-attr]
+                vram_gib_per_gpu=base.vram_gib_per_gpu if base else usable_gib(gpu, _nominal_gb(gpu)),
+                region=region,
+                price_hr=base.price_hr if base else None,
+                spot_price_hr=spot.get(key),
+                as_of=now,
+                billing_granularity_s=1,
+                vcpus=base.vcpus if base else spec.vcpus,  # type: ignore[union-attr]
+                ram_gb=base.ram_gb if base else float(spec.ram_gib),  # type: ignore[union-attr]
+                fresh=True,
+            ))
+        return out
+
+    # ------------------------------------------------------------ launch
+
+    def _check_request(self, req: LaunchRequest) -> None:
+        if req.offer.provider != NAME:
+            raise InvalidRequestError(f"offer {req.offer.offer_id!r} belongs to provider {req.offer.provider!r}, not aws",
+                                      provider=NAME)
+        if req.offer.region not in self.regions:
+            raise InvalidRequestError(
+                f"region {req.offer.region!r} is not in the regions cloudtune sweeps ({', '.join(self.regions)}); "
+                "add it to CLOUDTUNE_AWS_REGIONS so `cloudtune gc` can see what runs there",
+                provider=NAME,
+            )
+
+    def _machine_env(self, req: LaunchRequest, *, redact: bool) -> dict[str, str]:
+        secrets, _ = strip_aws_credentials(req.secret_env)
+        store = req.env.get("CLOUDTUNE_STORE", "")
+        if store.startswith("s3://") and not self.instance_profile and not req.env.get("CLOUDTUNE_STORE_ENDPOINT"):
+            raise InvalidRequestError(
+                f"the store {store} needs S3 access from the EC2 machine: set CLOUDTUNE_AWS_INSTANCE_PROFILE to an "
+                "instance profile whose role may read and write that bucket (docs/providers/aws.md)",
+                provider=NAME,
+            )
+        secrets = {k: REDACTED for k in secrets} if redact else secrets
+        return {**req.env, **secrets}
+
+    def _run_params(self, req: LaunchRequest, *, image_id: str, root_device: str, root_size_gb: int,
+                    redact: bool) -> dict[str, Any]:
+        """RunInstances arguments, without Placement and ClientToken (set per zone)."""
+        tags = [{"Key": "Name", "Value": req.name}] + [{"Key": k, "Value": v} for k, v in req.tags.items()]
+        user_data = build_user_data(
+            job_id=req.job_id, attempt=req.attempt, image=req.image, command=list(req.command),
+            env=self._machine_env(req, redact=redact), max_lifetime_s=req.max_lifetime_s, workdir=req.workdir,
+        )
+        params: dict[str, Any] = {
+            "ImageId": image_id,
+            "InstanceType": req.offer.offer_id,
+            "MinCount": 1,
+            "MaxCount": 1,
+            "UserData": user_data,
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "BlockDeviceMappings": [{
+                "DeviceName": root_device,
+                "Ebs": {"VolumeSize": root_size_gb, "VolumeType": "gp3", "DeleteOnTermination": True},
+            }],
+            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 2, "HttpEndpoint": "enabled"},
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": tags},
+                {"ResourceType": "volume", "Tags": tags},
+            ],
+        }
+        if req.spot:
+            params["InstanceMarketOptions"] = {
+                "MarketType": "spot",
+                "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
+            }
+        if self.instance_profile:
+            key = "Arn" if self.instance_profile.startswith("arn:") else "Name"
+            params["IamInstanceProfile"] = {key: self.instance_profile}
+        if self.key_name:
+            params["KeyName"] = self.key_name
+        if self.security_group_ids:
+            params["SecurityGroupIds"] = list(self.security_group_ids)
+        return params
+
+    def resolve_ami(self, region: str) -> str:
+        if self.ami:
+            return self.ami
+        ssm = self._client("ssm", region)
+        try:
+            return ssm.get_parameter(Name=self.ami_parameter)["Parameter"]["Value"]
+        except Exception as err:  # noqa: BLE001 - translated below
+            if error_code(err) == "ParameterNotFound":
+                raise InvalidRequestError(
+                    f"SSM parameter {self.ami_parameter!r} (the Deep Learning AMI id) does not exist in {region}; "
+                    "set CLOUDTUNE_AWS_AMI to an AMI id or CLOUDTUNE_AWS_AMI_PARAMETER to another parameter",
+                    provider=NAME,
+                ) from None
+            raise translate(err, f"GetParameter {self.ami_parameter} in {region}") from None
+
+    def _root_volume(self, region: str, image_id: str, disk_gb: int) -> tuple[str, int]:
+        """(root device name, size): the AMI's own root device, grown to the job's disk need."""
+        ec2 = self._client("ec2", region)
+        images = self._call(f"DescribeImages {image_id} in {region}",
+                            lambda: ec2.describe_images(ImageIds=[image_id])["Images"])
+        if not images:
+            raise InvalidRequestError(f"AMI {image_id} does not exist in {region}", provider=NAME)
+        image = images[0]
+        device = image.get("RootDeviceName") or "/dev/sda1"
+        snapshot_gb = 0
+        for mapping in image.get("BlockDeviceMappings") or []:
+            if mapping.get("DeviceName") == device:
+                snapshot_gb = int((mapping.get("Ebs") or {}).get("VolumeSize") or 0)
+        return device, max(int(disk_gb), snapshot_gb, 8)
+
+    def _zones(self, region: str, itype: str, spot: bool) -> list[str]:
+        """Zones that offer the type, cheapest spot price first (alphabetical for on-demand)."""
+        ec2 = self._client("ec2", region)
+        offerings = self._call(
+            f"DescribeInstanceTypeOfferings {itype} in {region}",
+            lambda: ec2.describe_instance_type_offerings(
+                LocationType="availability-zone", Filters=[{"Name": "instance-type", "Values": [itype]}]
+            )["InstanceTypeOfferings"],
+        )
+        zones = sorted({o["Location"] for o in offerings})
+        if spot and zones:
+            prices = self.spot_prices(region, [itype])
+            zones.sort(key=lambda z: (prices.get((itype, z), float("inf")), z))
+        return zones
+
+    def launch(self, req: LaunchRequest) -> Machine:
+        self._check_request(req)
+        region, itype = req.offer.region, req.offer.offer_id
+        image_id = self.resolve_ami(region)
+        device, size = self._root_volume(region, image_id, req.disk_gb)
+        params = self._run_params(req, image_id=image_id, root_device=device, root_size_gb=size, redact=False)
+        zones = self._zones(region, itype, req.spot)
+        if not zones:
+            raise CapacityError(f"{itype} is not offered in any availability zone of {region}", provider=NAME)
+        ec2 = self._client("ec2", region, launch=True)
+        failures: list[str] = []
+        for zone in zones:
+            call = {**params, "Placement": {"AvailabilityZone": zone},
+                    "ClientToken": client_token(req.job_id, req.attempt, zone)}
+            action = f"RunInstances {itype} ({'spot' if req.spot else 'on-demand'}) in {zone}"
+            try:
+                inst = self._run_once(ec2, call, action)
+            except CapacityError as err:
+                log.info("%s", err)
+                failures.append(str(err))
+                continue
+            machine = machine_from_instance(inst, region)
+            machine.price_hr = req.offer.spot_price_hr if req.spot else req.offer.price_hr
+            if machine.name != req.name:  # moto or an old API may omit tags in the reply
+                machine.name, machine.job_id, machine.attempt = req.name, req.job_id, req.attempt
+            return machine
+        raise CapacityError(
+            f"no {'spot' if req.spot else 'on-demand'} {itype} capacity in {region} (tried {', '.join(zones)}); "
+            f"last error: {failures[-1]}",
+            provider=NAME,
+        )
+
+    def _run_once(self, ec2: Any, call: dict[str, Any], action: str) -> dict[str, Any]:
+        """One zone: RunInstances, retried once on a 5xx/timeout with the same ClientToken (idempotent)."""
+        last: ProviderError | None = None
+        for _ in range(2):
+            try:
+                return self._call(action, lambda: ec2.run_instances(**call))["Instances"][0]
+            except TransientError as err:
+                last = err
+        assert last is not None
+        raise last
+
+    def describe_launch(self, req: LaunchRequest) -> list[dict]:
+        """The calls `launch` makes, secrets redacted, without touching the network."""
+        self._check_request(req)
+        region = req.offer.region
+        out: list[dict] = []
+        if self.ami:
+            image_id = self.ami
+        else:
+            image_id = f"resolve:ssm:{self.ami_parameter}"
+            out.append({"service": "ssm", "region": region, "operation": "GetParameter",
+                        "params": {"Name": self.ami_parameter}})
+        params = self._run_params(req, image_id=image_id, root_device="/dev/sda1 (the AMI's root device)",
+                                  root_size_gb=req.disk_gb, redact=True)
+        params["Placement"] = {"AvailabilityZone": f"each zone of {region} offering {req.offer.offer_id}, "
+                                                   + ("cheapest spot price first" if req.spot else "in order")}
+        params["ClientToken"] = client_token(req.job_id, req.attempt, "<zone>")
+        out.append({"service": "ec2", "region": region, "operation": "RunInstances", "params": params})
+        return out
+
+    # ------------------------------------------------------------ status / terminate / list
+
+    def _split_id(self, machine_id: str) -> tuple[str | None, str]:
+        region, sep, instance_id = machine_id.rpartition(":")
+        if not instance_id.startswith("i-"):
+            raise InvalidRequestError(f"{machine_id!r} is not an AWS machine id (<region>:i-...)", provider=NAME)
+        return (region or None) if sep else None, instance_id
+
+    def _describe_one(self, region: str, instance_id: str) -> dict[str, Any]:
+        ec2 = self._client("ec2", region)
+        reservations = self._call(f"DescribeInstances {instance_id} in {region}",
+                                  lambda: ec2.describe_instances(InstanceIds=[instance_id])["Reservations"])
+        for res in reservations:
+            for inst in res.get("Instances", []):
+                return inst
+        raise NotFoundError(f"instance {instance_id} not found in {region}", provider=NAME)
+
+    def _locate(self, machine_id: str) -> tuple[str, dict[str, Any]]:
+        region, instance_id = self._split_id(machine_id)
+        if region:
+            return region, self._describe_one(region, instance_id)
+        for candidate in self.regions:  # a bare instance id: look in every region we use
+            try:
+                return candidate, self._describe_one(candidate, instance_id)
+            except NotFoundError:
+                continue
+        raise NotFoundError(f"instance {instance_id} not found in {', '.join(self.regions)}", provider=NAME)
+
+    def status(self, machine_id: str) -> Machine:
+        region, inst = self._locate(machine_id)
+        spot_code = ""
+        reason = (inst.get("StateReason") or {}).get("Code") or ""
+        request_id = inst.get("SpotInstanceRequestId")
+        if request_id and reason not in SPOT_INTERRUPTION_REASONS and inst["State"]["Name"] != "running":
+            spot_code = self._spot_request_code(region, request_id)
+        return machine_from_instance(inst, region, spot_code)
+
+    def _spot_request_code(self, region: str, request_id: str) -> str:
+        ec2 = self._client("ec2", region)
+        try:
+            requests = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request_id])
+        except Exception as err:  # noqa: BLE001 - best effort: the instance state is still reported
+            log.debug("spot request %s: %s", request_id, err)
+            return ""
+        for item in requests.get("SpotInstanceRequests", []):
+            return str((item.get("Status") or {}).get("Code") or "")
+        return ""
+
+    def terminate(self, machine_id: str) -> None:
+        self.terminate_many([machine_id])
+
+    def terminate_many(self, machine_ids: list[str]) -> None:
+        """Terminate in one call per region; if one unknown id fails the batch, go one by one."""
+        by_region: dict[str, list[str]] = {}
+        for machine_id in machine_ids:
+            region, instance_id = self._split_id(machine_id)
+            if region is None:
+                try:
+                    region, _ = self._locate(machine_id)
+                except NotFoundError:
+                    continue
+            by_region.setdefault(region, []).append(instance_id)
+        for region, ids in by_region.items():
+            ec2 = self._client("ec2", region)
+            try:
+                self._call(f"TerminateInstances in {region}", lambda c=ec2, ids=ids: c.terminate_instances(InstanceIds=ids))
+            except NotFoundError:
+                for instance_id in ids:
+                    try:
+                        self._call(f"TerminateInstances {instance_id} in {region}",
+                                   lambda c=ec2, i=instance_id: c.terminate_instances(InstanceIds=[i]))
+                    except NotFoundError:
+                        pass  # already gone: done
+
+    def _describe_filtered(self, region: str, filters: list[dict[str, Any]]) -> list[Machine]:
+        ec2 = self._client("ec2", region)
+
+        def fetch() -> list[Machine]:
+            out = []
+            for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+                for res in page.get("Reservations", []):
+                    out.extend(machine_from_instance(inst, region) for inst in res.get("Instances", []))
+            return out
+
+        return self._call(f"DescribeInstances in {region}", fetch)
+
+    def list_machines(self) -> list[Machine]:
+        """Live (not yet terminated) instances tagged cloudtune:job, in every configured region."""
+        filters = [{"Name": "tag-key", "Values": [TAG_JOB]},
+                   {"Name": "instance-state-name", "Values": LIVE_STATES}]
+        return self._sweep("list machines", lambda r: self._describe_filtered(r, filters))
+
+    def find_by_name(self, name: str) -> Machine | None:
+        filters = [{"Name": "tag:Name", "Values": [name]},
+                   {"Name": "instance-state-name", "Values": LIVE_STATES}]
+        found = self._sweep("find by name", lambda r: self._describe_filtered(r, filters))
+        if not found:
+            return None
+        if len(found) > 1:
+            log.warning("%d live instances are named %s: %s", len(found), name,
+                        ", ".join(m.machine_id for m in found))
+        return found[0]
+
+    def self_terminate(self) -> SelfTerminate:
+        return SelfTerminate(
+            command=["shutdown", "-h", "now"],
+            note="the user-data script powers the instance off when the trainer exits; "
+                 "InstanceInitiatedShutdownBehavior=terminate makes that a terminate (no credentials needed)",
+        )
+
+
+def _nominal_gb(gpu: str) -> float:
+    from cloudtune.catalog import gpu_spec
+
+    spec = gpu_spec(gpu)
+    return spec.vram_gb if spec else 0.0

@@ -1,0 +1,148 @@
+"""A loopback HTTP proxy in front of moto_server that plays EC2's failures moto cannot.
+
+moto always has capacity and never reclaims a spot instance. This proxy forwards every request to
+moto unchanged, except:
+- `RunInstances` matching a capacity rule (zone and/or instance type) is answered with EC2's real
+  error: HTTP 500 and the `<Response><Errors><Error><Code>InsufficientInstanceCapacity</Code>...`
+  XML body EC2 sends (the shape botocore parses; seen verbatim in public bug reports);
+- `DescribeInstances` replies for a "preempted" instance are rewritten to what EC2 shows after a
+  spot interruption: state shutting-down/terminated with StateReason Server.SpotInstanceTermination.
+
+The adapter talks to it over real HTTP with boto3 (endpoint_url=proxy.url), so the whole botocore
+stack (signing, retries, XML parsing, error classes) is exercised; nothing in cloudtune is patched.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlencode
+
+import httpx
+
+from tests.fakes.server import FakeServer, Request, Response, route
+
+EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15"
+_STATE_CODES = {"pending": 0, "running": 16, "shutting-down": 32, "terminated": 48, "stopping": 64, "stopped": 80}
+_MESSAGES = {
+    "InsufficientInstanceCapacity": "We currently do not have sufficient {itype} capacity in the Availability Zone "
+                                    "you requested ({zone}). Our system will be working on provisioning additional "
+                                    "capacity. You can currently get {itype} capacity by not specifying an "
+                                    "Availability Zone in your request or choosing other zones.",
+    "InsufficientCapacity": "Insufficient capacity.",
+    "UnfulfillableCapacity": "There is no Spot capacity available that matches your request.",
+    "SpotMaxPriceTooLow": "Your Spot request price of 0.001 is lower than the minimum required Spot request "
+                          "fulfillment price of 0.5.",
+    "MaxSpotInstanceCountExceeded": "Max spot instance count exceeded",
+    "VcpuLimitExceeded": "You have requested more vCPU capacity than your current vCPU limit of 0 allows for the "
+                         "instance bucket that the specified instance type belongs to.",
+    "RequestLimitExceeded": "Request limit exceeded.",
+    "UnauthorizedOperation": "You are not authorized to perform this operation.",
+    "InternalError": "An internal error has occurred",
+}
+_CLIENT_SIDE = {"VcpuLimitExceeded", "MaxSpotInstanceCountExceeded", "SpotMaxPriceTooLow", "UnauthorizedOperation",
+                "RequestLimitExceeded"}
+
+
+@dataclass
+class CapacityRule:
+    code: str
+    zone: str | None  # None: any zone
+    instance_type: str | None  # None: any type
+    times: int  # how many matching requests to fail; -1: all
+
+
+def ec2_error_xml(code: str, message: str) -> str:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+        f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+    )
+
+
+class EC2CapacityProxy(FakeServer):
+    def __init__(self, upstream: str) -> None:
+        super().__init__(api_key=None)
+        self.upstream = upstream.rstrip("/")
+        self.rules: list[CapacityRule] = []
+        self.preempted: dict[str, str] = {}  # instance id -> state to show
+        self.run_instances_calls: list[dict[str, str]] = []
+        self._http = httpx.Client(timeout=30)
+
+    def on_stop(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------ test controls
+
+    def fail_run_instances(self, code: str = "InsufficientInstanceCapacity", *, zone: str | None = None,
+                           instance_type: str | None = None, times: int = -1) -> None:
+        with self.lock:
+            self.rules.append(CapacityRule(code, zone, instance_type, times))
+
+    def preempt(self, instance_id: str, state: str = "shutting-down") -> None:
+        """Show `instance_id` as reclaimed by EC2 (moto itself keeps it running)."""
+        with self.lock:
+            self.preempted[instance_id] = state
+
+    # ------------------------------------------------------------ proxying
+
+    @route("POST", r"/.*")
+    def post(self, req: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs(req.body.decode(), keep_blank_values=True).items()}
+        action = form.get("Action", "")
+        if action == "RunInstances":
+            with self.lock:
+                self.run_instances_calls.append(form)
+                zone = form.get("Placement.AvailabilityZone")
+                itype = form.get("InstanceType")
+                rule = next((r for r in self.rules if r.times != 0 and r.zone in (None, zone)
+                             and r.instance_type in (None, itype)), None)
+                if rule is not None and rule.times > 0:
+                    rule.times -= 1
+            if rule is not None:
+                status = 400 if rule.code in _CLIENT_SIDE else (503 if rule.code == "RequestLimitExceeded" else 500)
+                message = _MESSAGES.get(rule.code, rule.code).format(itype=itype, zone=zone)
+                return Response(status, ec2_error_xml(rule.code, message), content_type="text/xml;charset=UTF-8")
+        resp = self._forward(req)
+        if action == "DescribeInstances" and self.preempted and resp.status == 200:
+            resp.body = self._rewrite_preempted(resp.body)
+        return resp
+
+    @route("GET", r"/.*")
+    def get(self, req: Request) -> Response:
+        return self._forward(req)
+
+    def _forward(self, req: Request) -> Response:
+        headers = {k: v for k, v in req.headers.items() if k not in ("host", "content-length", "connection")}
+        query = urlencode(req.query, doseq=True)
+        url = f"{self.upstream}{req.path}" + (f"?{query}" if query else "")
+        upstream = self._http.request(req.method, url, content=req.body, headers=headers)
+        return Response(upstream.status_code, upstream.content,
+                        content_type=upstream.headers.get("content-type", "text/xml"))
+
+    def _rewrite_preempted(self, body: bytes) -> bytes:
+        ET.register_namespace("", EC2_NS)
+        root = ET.fromstring(body)
+        ns = {"e": EC2_NS}
+        for inst in root.iterfind(".//e:instancesSet/e:item", ns):
+            iid = inst.findtext("e:instanceId", namespaces=ns)
+            with self.lock:
+                state = self.preempted.get(iid or "")
+            if state is None:
+                continue
+            st = inst.find("e:instanceState", ns)
+            if st is not None:
+                st.find("e:code", ns).text = str(_STATE_CODES[state])  # type: ignore[union-attr]
+                st.find("e:name", ns).text = state  # type: ignore[union-attr]
+            reason = inst.find("e:stateReason", ns)
+            if reason is None:
+                reason = ET.SubElement(inst, f"{{{EC2_NS}}}stateReason")
+            for child in list(reason):
+                reason.remove(child)
+            ET.SubElement(reason, f"{{{EC2_NS}}}code").text = "Server.SpotInstanceTermination"
+            ET.SubElement(reason, f"{{{EC2_NS}}}message").text = (
+                "Server.SpotInstanceTermination: Spot instance termination"
+            )
+        return re.sub(rb"^<\?xml[^>]*\?>", b"", ET.tostring(root, encoding="utf-8")).strip()
