@@ -1,0 +1,393 @@
+"""Training data: read, check and shape records for TRL, and fail early with file, line and field.
+
+Why two halves: `validate_data` is import-light (stdlib json; pyarrow only for .parquet, boto3 only
+for s3://) so `cloudtune run` can check a dataset before it rents anything, and the trainer calls
+the same function before it loads a model. `to_trl_rows` (used by the trainer) shapes the checked
+records into the dataset layouts TRL expects: conversational prompt/completion or messages when the
+tokenizer has a chat template, plain-text prompt/completion otherwise, and prompt/chosen/rejected
+for DPO.
+
+Formats (data.format, or `auto` to detect from the first record's keys):
+  alpaca      {"instruction": str, "input": str (optional), "output": str}
+  sharegpt    {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
+  messages    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  text        {"<data.text_field>": str}
+  preference  {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudtune.errors import DataError
+
+FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference")
+SUFFIXES = (".jsonl", ".json", ".parquet")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_TEMPLATE_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+@dataclass
+class Record:
+    """One record and where it came from, so a later error can still name file and line."""
+
+    data: dict[str, Any]
+    where: str  # "path:line" (JSONL), "path: record N" (JSON array), "path: row N" (Parquet)
+
+
+@dataclass
+class DataSummary:
+    """What validate_data found: printed by `cloudtune run` before anything is rented."""
+
+    train: str
+    format: str
+    records: int
+    validation: str | None = None
+    validation_records: int = 0
+    checked: bool = True  # False for hub datasets that could not be read offline
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -------------------------------------------------------------------------------------- reading
+
+
+def _is_hub_id(ref: str) -> bool:
+    return "://" not in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1 and \
+        not Path(ref).suffix.lower() in SUFFIXES
+
+
+def _fetch_s3(url: str, store: dict[str, Any] | None) -> Path:
+    """Download an s3:// object into the cache once (keyed by URL) and return the local path."""
+    import hashlib
+
+    from cloudtune.home import cache_dir
+    from cloudtune.store.s3 import S3Store
+
+    bucket_and_key = url[len("s3://"):]
+    bucket, _, key = bucket_and_key.partition("/")
+    if not key:
+        raise DataError(f"data url {url!r} names a bucket but no object; use s3://bucket/path/train.jsonl")
+    opts = store or {}
+    s3 = S3Store(f"s3://{bucket}", endpoint_url=opts.get("endpoint_url"), region=opts.get("region"))
+    dest = cache_dir() / "data" / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(key).name
+    if not dest.is_file():
+        from cloudtune.store.base import StoreNotFound
+
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            s3.download_file(key, tmp)
+        except StoreNotFound:
+            raise DataError(f"data file {url!r} does not exist; check the bucket and key") from None
+        os.replace(tmp, dest)
+    return dest
+
+
+def read_records(ref: str, *, store: dict[str, Any] | None = None) -> tuple[list[Record], str]:
+    """All records of a local file or s3:// object, each with its location. Returns (records, shown name)."""
+    if ref.startswith("s3://"):
+        path, shown = _fetch_s3(ref, store), ref
+    elif ref.startswith("file://"):
+        path, shown = Path(ref[len("file://"):]), ref[len("file://"):]
+    else:
+        path, shown = Path(ref).expanduser(), ref
+    if not path.exists():
+        raise DataError(f"data file {shown!r} not found; give a .jsonl/.json/.parquet path, s3:// URL or hub id")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"data folder {shown!r} has no .jsonl/.json/.parquet files")
+        out: list[Record] = []
+        for f in files:
+            out.extend(_read_file(f, str(f)))
+        return out, shown
+    return _read_file(path, shown), shown
+
+
+def _read_file(path: Path, shown: str) -> list[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
+        return _read_jsonl(path, shown)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{shown}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{shown}: expected a JSON array of records (or JSONL), got {type(data).__name__}")
+        return [_as_record(r, f"{shown}: record {i + 1}") for i, r in enumerate(data)]
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{shown}: reading Parquet needs pyarrow; pip install pyarrow") from None
+        rows = pq.read_table(path).to_pylist()
+        return [_as_record(r, f"{shown}: row {i + 1}") for i, r in enumerate(rows)]
+    raise DataError(f"data file {shown!r} has unsupported suffix {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"{")
+
+
+def _read_jsonl(path: Path, shown: str) -> list[Record]:
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{shown}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+            out.append(_as_record(obj, f"{shown}:{lineno}"))
+    return out
+
+
+def _as_record(obj: Any, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with named fields, got {type(obj).__name__}")
+    return Record(obj, where)
+
+
+# ------------------------------------------------------------------------------------ checking
+
+
+def detect_format(rec: Record, text_field: str = "text") -> str:
+    keys = set(rec.data)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if text_field in keys:
+        return "text"
+    raise DataError(
+        f"{rec.where}: cannot tell the data format from fields {sorted(keys)}; expected alpaca "
+        f"(instruction/output), sharegpt (conversations), messages, preference (prompt/chosen/rejected) "
+        f"or text ({text_field!r}); or set data.format"
+    )
+
+
+def _str_field(rec: Record, name: str, *, required: bool = True, empty_ok: bool = False) -> None:
+    if name not in rec.data or rec.data[name] is None:
+        if required:
+            raise DataError(f"{rec.where}: field {name!r} is missing")
+        return
+    value = rec.data[name]
+    if not isinstance(value, str):
+        raise DataError(f"{rec.where}: field {name!r} must be a string, got {type(value).__name__}")
+    if required and not empty_ok and not value.strip():
+        raise DataError(f"{rec.where}: field {name!r} is empty")
+
+
+def _turns(rec: Record, name: str, role_key: str, text_key: str, roles: Any) -> None:
+    turns = rec.data.get(name)
+    if turns is None:
+        raise DataError(f"{rec.where}: field {name!r} is missing")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{rec.where}: field {name!r} must be a non-empty list of turns")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{rec.where}: field '{name}[{i}]' must be an object with {role_key!r} and {text_key!r}")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise DataError(
+                f"{rec.where}: field '{name}[{i}].{role_key}' is {role!r}; expected one of {', '.join(roles)}"
+            )
+        if not isinstance(turn.get(text_key), str):
+            raise DataError(f"{rec.where}: field '{name}[{i}].{text_key}' must be a string")
+
+
+def check_record(rec: Record, fmt: str, text_field: str = "text") -> None:
+    """Raise DataError naming the record's location and the field when it does not fit fmt."""
+    if fmt == "alpaca":
+        _str_field(rec, "instruction")
+        _str_field(rec, "input", required=False)
+        _str_field(rec, "output", empty_ok=False)
+    elif fmt == "sharegpt":
+        _turns(rec, "conversations", "from", "value", tuple(SHAREGPT_ROLES))
+    elif fmt == "messages":
+        _turns(rec, "messages", "role", "content", MESSAGE_ROLES)
+    elif fmt == "text":
+        _str_field(rec, text_field)
+    elif fmt == "preference":
+        for name in ("prompt", "chosen", "rejected"):
+            value = rec.data.get(name)
+            if isinstance(value, list):
+                _turns(rec, name, "role", "content", MESSAGE_ROLES)
+            else:
+                _str_field(rec, name, required=name != "prompt" or "prompt" in rec.data)
+    else:
+        raise DataError(f"data.format {fmt!r} is unknown; use auto or one of {', '.join(FORMATS)}")
+
+
+def check_records(records: list[Record], fmt: str, text_field: str, shown: str) -> str:
+    if not records:
+        raise DataError(f"data file {shown!r} has no records")
+    if fmt == "auto":
+        fmt = detect_format(records[0], text_field)
+    for rec in records:
+        check_record(rec, fmt, text_field)
+    return fmt
+
+
+def _spec_parts(spec: Any) -> tuple[Any, str, dict[str, Any]]:
+    store = {"endpoint_url": spec.store.endpoint_url or os.environ.get("CLOUDTUNE_STORE_ENDPOINT"),
+             "region": spec.store.region}
+    return spec.data, spec.stage, store
+
+
+def load_checked(spec: Any) -> tuple[list[Record], list[Record], DataSummary]:
+    """Read and check train (and validation) records of a spec. Raises DataError on the first bad one."""
+    data, stage, store = _spec_parts(spec)
+    if _is_hub_id(data.train) and not Path(data.train).exists():
+        return [], [], DataSummary(train=data.train, format=data.format, records=0, checked=False,
+                                   notes=["hub dataset: checked when the trainer downloads it"])
+    train, shown = read_records(data.train, store=store)
+    fmt = check_records(train, data.format, data.text_field, shown)
+    if stage == "dpo" and fmt != "preference":
+        raise DataError(f"{shown}: stage dpo needs preference records (prompt/chosen/rejected), found {fmt}")
+    if stage == "sft" and fmt == "preference":
+        raise DataError(f"{shown}: preference records (prompt/chosen/rejected) need stage: dpo, or use an SFT format")
+    val: list[Record] = []
+    summary = DataSummary(train=shown, format=fmt, records=len(train))
+    if data.validation:
+        val, vshown = read_records(data.validation, store=store)
+        vfmt = check_records(val, data.format if data.format != "auto" else fmt, data.text_field, vshown)
+        if vfmt != fmt:
+            raise DataError(f"{vshown}: validation data is {vfmt} but training data is {fmt}")
+        summary.validation, summary.validation_records = vshown, len(val)
+    elif data.val_split > 0:
+        n_val = max(1, int(round(len(train) * data.val_split)))
+        if n_val >= len(train):
+            raise DataError(f"data.val_split {data.val_split} leaves no training records out of {len(train)}")
+        summary.validation, summary.validation_records = f"{data.val_split:.0%} of train", n_val
+        summary.records = len(train) - n_val
+    return train, val, summary
+
+
+def validate_data(spec: Any) -> DataSummary:
+    """Check a JobSpec's data before anything is rented or loaded. Raises DataError (file, line, field)."""
+    return load_checked(spec)[2]
+
+
+def split_validation(train: list[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """A deterministic train/validation split (the same records for the same seed on every attempt)."""
+    if val_split <= 0:
+        return train, []
+    idx = list(range(len(train)))
+    random.Random(seed).shuffle(idx)
+    n_val = max(1, int(round(len(train) * val_split)))
+    val_idx = set(idx[:n_val])
+    return [r for i, r in enumerate(train) if i not in val_idx], [train[i] for i in sorted(val_idx)]
+
+
+# ------------------------------------------------------------------------------------- shaping
+
+
+def _alpaca_prompt(d: dict[str, Any]) -> str:
+    if d.get("input"):
+        return f"{d['instruction']}\n\n{d['input']}"
+    return str(d["instruction"])
+
+
+def to_trl_rows(records: list[Record], fmt: str, *, chat: bool, text_field: str = "text",
+                eos: str = "") -> list[dict[str, Any]]:
+    """Shape checked records into the dataset rows TRL's SFTTrainer/DPOTrainer expect.
+
+    chat=True (tokenizer has a chat template): conversational rows, so TRL applies the template and
+    masks the prompt. chat=False: plain-text prompt/completion with an Alpaca-style prompt.
+    """
+    rows: list[dict[str, Any]] = []
+    for rec in records:
+        d = rec.data
+        if fmt == "alpaca":
+            if chat:
+                rows.append({"prompt": [{"role": "user", "content": _alpaca_prompt(d)}],
+                             "completion": [{"role": "assistant", "content": d["output"]}]})
+            else:
+                tpl = ALPACA_TEMPLATE_INPUT if d.get("input") else ALPACA_TEMPLATE
+                rows.append({"prompt": tpl.format(instruction=d["instruction"], input=d.get("input", "")),
+                             "completion": d["output"] + eos})
+        elif fmt in ("sharegpt", "messages"):
+            if fmt == "sharegpt":
+                msgs = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in d["conversations"]]
+            else:
+                msgs = [{"role": t["role"], "content": t["content"]} for t in d["messages"]]
+            if chat:
+                rows.append({"messages": msgs})
+            else:
+                rows.append({"text": "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in msgs) + eos})
+        elif fmt == "text":
+            rows.append({"text": d[text_field]})
+        elif fmt == "preference":
+            rows.append(_preference_row(d, chat))
+        else:  # pragma: no cover - check_record rejects unknown formats first
+            raise DataError(f"unknown data format {fmt!r}")
+    return rows
+
+
+def _preference_row(d: dict[str, Any], chat: bool) -> dict[str, Any]:
+    def as_chat(value: Any, role: str) -> Any:
+        if isinstance(value, list) or not chat:
+            return value
+        return [{"role": role, "content": value}]
+
+    def as_text(value: Any) -> Any:
+        if isinstance(value, list) and not chat:
+            return "".join(t["content"] for t in value)
+        return value
+
+    prompt = d.get("prompt", "")
+    row = {"prompt": as_chat(prompt, "user"), "chosen": as_chat(d["chosen"], "assistant"),
+           "rejected": as_chat(d["rejected"], "assistant")}
+    return {k: as_text(v) for k, v in row.items()}
+
+
+def load_hub_records(ref: str, split: str = "train") -> list[Record]:
+    """Records of a hub dataset (needs the network; a clear DataError when it cannot be reached)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading hub dataset {ref!r} needs the 'datasets' package; pip install cloudtune[train]") from None
+    try:
+        ds = datasets.load_dataset(ref, split=split)
+    except Exception as err:  # noqa: BLE001 - offline, missing, gated: all one message
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"cannot load hub dataset {ref!r} ({first}); check the id and the network, or download it "
+            "and point data.train at a local .jsonl/.parquet file"
+        ) from None
+    return [_as_record(dict(row), f"{ref}: row {i + 1}") for i, row in enumerate(ds)]
+
+
+def load_for_training(spec: Any) -> tuple[list[Record], list[Record], str]:
+    """Checked (train, validation, format) for the trainer, hub datasets included, split applied."""
+    train, val, summary = load_checked(spec)
+    fmt = summary.format
+    if not summary.checked:
+        train = load_hub_records(spec.data.train)
+        fmt = check_records(train, spec.data.format, spec.data.text_field, spec.data.train)
+        if spec.stage == "dpo" and fmt != "preference":
+            raise DataError(f"{spec.data.train}: stage dpo needs preference records, found {fmt}")
+    if not val and spec.data.val_split > 0:
+        train, val = split_validation(train, spec.data.val_split, spec.training.seed)
+    return train, val, fmt
