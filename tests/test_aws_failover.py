@@ -1,0 +1,94 @@
+"""EC2 errors moto cannot produce, played by a loopback proxy in front of moto_server (real HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+from cloudtune.providers.aws import AWSProvider
+from cloudtune.providers.base import (
+    AuthError,
+    CapacityError,
+    MachineState,
+    QuotaError,
+    RateLimitedError,
+    TransientError,
+)
+
+from tests.fakes.aws_setup import AMI_PARAMETER, ensure_instance_profile, new_job_id, request, seed_region
+from tests.fakes.ec2_proxy import EC2CapacityProxy
+
+
+@pytest.fixture
+def proxy(aws_env):
+    seed_region(aws_env, "us-east-1")
+    ensure_instance_profile(aws_env)
+    with EC2CapacityProxy(aws_env) as fake:
+        yield fake
+
+
+@pytest.fixture
+def provider(proxy) -> AWSProvider:
+    return AWSProvider(regions=["us-east-1"], endpoint_url=proxy.url, ami_parameter=AMI_PARAMETER,
+                       instance_profile="cloudtune-test-profile")
+
+
+def test_capacity_error_in_one_zone_fails_over_to_the_next(proxy, provider):
+    proxy.fail_run_instances("InsufficientInstanceCapacity", zone="us-east-1a")
+    m = provider.launch(request(new_job_id()))
+    zones = [c["Placement.AvailabilityZone"] for c in proxy.run_instances_calls]
+    assert zones[0] == "us-east-1a" and len(zones) == 2 and zones[1] != "us-east-1a"
+    tokens = [c["ClientToken"] for c in proxy.run_instances_calls]
+    assert len(set(tokens)) == 2  # one idempotency token per (job, attempt, zone)
+    assert provider.status(m.machine_id).state.is_alive
+    provider.terminate(m.machine_id)
+
+
+def test_no_capacity_anywhere_is_a_capacity_error_and_leaves_nothing(proxy, provider):
+    proxy.fail_run_instances("InsufficientInstanceCapacity", instance_type="g5.xlarge")
+    job = new_job_id()
+    with pytest.raises(CapacityError, match=r"no spot g5.xlarge capacity in us-east-1 \(tried us-east-1a, .*us-east-1f\)"):
+        provider.launch(request(job))
+    assert len(proxy.run_instances_calls) == 5  # every zone tried once: no botocore retry storm
+    assert provider.find_by_name(f"cloudtune-{job}-0") is None
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        ("SpotMaxPriceTooLow", CapacityError),
+        ("MaxSpotInstanceCountExceeded", CapacityError),
+        ("UnfulfillableCapacity", CapacityError),
+        ("VcpuLimitExceeded", QuotaError),
+        ("UnauthorizedOperation", AuthError),
+        ("RequestLimitExceeded", RateLimitedError),
+    ],
+)
+def test_ec2_error_codes_become_typed_errors(proxy, provider, code, error):
+    proxy.fail_run_instances(code)
+    with pytest.raises(error, match=code):
+        provider.launch(request(new_job_id()))
+
+
+def test_internal_error_is_retried_once_with_the_same_token(proxy, provider):
+    proxy.fail_run_instances("InternalError", times=1)
+    m = provider.launch(request(new_job_id()))
+    calls = proxy.run_instances_calls
+    assert len(calls) == 2 and calls[0]["ClientToken"] == calls[1]["ClientToken"]
+    provider.terminate(m.machine_id)
+
+
+def test_persistent_5xx_is_transient(proxy, provider):
+    proxy.fail_run_instances("InternalError", times=2)
+    with pytest.raises(TransientError, match="InternalError"):
+        provider.launch(request(new_job_id()))
+
+
+def test_spot_interruption_is_reported_as_preempted(proxy, provider):
+    m = provider.launch(request(new_job_id()))
+    iid = m.machine_id.split(":")[1]
+    proxy.preempt(iid, "shutting-down")
+    s = provider.status(m.machine_id)
+    assert s.state is MachineState.PREEMPTED and "Server.SpotInstanceTermination" in s.detail
+    proxy.preempt(iid, "terminated")
+    gone = provider.status(m.machine_id)
+    assert gone.state is MachineState.TERMINATED and gone.state.is_gone and "preempted" in gone.detail
+    provider.terminate(m.machine_id)
