@@ -229,6 +229,9 @@ def write_cache(provider: str, offers: list[Offer], *, fetched_at: datetime | No
     rows = []
     for offer in offers:
         row = asdict(offer)
+        # adapters report the vendor's nominal size; plan against what the card really exposes
+        if offer.gpu in NVIDIA_SMI_TOTAL_MIB:
+            row["vram_gib_per_gpu"] = min(offer.vram_gib_per_gpu, usable_gib(offer.gpu, offer.vram_gib_per_gpu))
         row["fresh"] = True
         row["as_of"] = fetched
         rows.append(row)

@@ -1,0 +1,209 @@
+"""`cloudtune plan`: what fits, where, for how much. Flags in, ranked options out (table or --json).
+
+Only typer is imported at module level: `cloudtune --help` must not pay for the planner, and the
+planner itself imports no torch/boto3/httpx.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+
+from cloudtune.errors import UserError
+
+METHODS = ("full", "lora", "qlora")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan", help="Estimate memory, time and cost of a fine-tuning job and rank the offers that fit.")(plan)
+
+
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="size (8b, 70b, 8x7b), model id, config.json path or hub id"),
+    method: str = typer.Option("lora", "--method", help="full, lora or qlora"),
+    quant_bits: int | None = typer.Option(None, "--quant-bits", help="qlora base precision: 4 (NF4) or 8"),
+    seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sequence (max_seq_len)"),
+    batch_size: int = typer.Option(1, "--batch-size", help="micro batch per GPU"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="gradient accumulation steps"),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank r"),
+    lora_targets: str = typer.Option("all-linear", "--lora-targets",
+                                     help="all-linear, attention, or a comma list such as q_proj,v_proj"),
+    gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                help="recompute activations in the backward pass"),
+    optimizer: str = typer.Option("adamw_torch", "--optimizer", help="adamw_torch, adamw_8bit, paged_adamw_8bit, sgd, ..."),
+    gpus: int | None = typer.Option(None, "--gpus", help="force N GPUs (data parallel, sharded); 16/32 = multi-node"),
+    samples: int | None = typer.Option(None, "--samples", help="training samples (default: from --dataset, else 10000)"),
+    avg_tokens: float | None = typer.Option(None, "--avg-tokens", help="average tokens per sample"),
+    epochs: float = typer.Option(1.0, "--epochs", help="passes over the data"),
+    dataset: str | None = typer.Option(None, "--dataset", help=".jsonl/.json/.parquet file to count samples and tokens"),
+    spot: bool | None = typer.Option(None, "--spot/--on-demand", help="only spot, or only on-demand (default: both)"),
+    provider: list[str] = typer.Option([], "--provider", "-p", help="only these providers (repeatable)"),
+    max_price_hr: float | None = typer.Option(None, "--max-price-hr", help="skip options above this $/hour"),
+    top: int = typer.Option(10, "--top", help="show the N best options (0 = all)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (the plan contract) instead of tables"),
+) -> None:
+    from cloudtune.planner.plan import make_plan
+
+    cfg = _config(method, quant_bits, seq_len, batch_size, grad_accum, lora_rank, lora_targets,
+                  gradient_checkpointing, optimizer, gpus)
+    if top < 0:
+        raise UserError(f"--top must be >= 0 (0 = all), got {top}")
+    if max_price_hr is not None and max_price_hr <= 0:
+        raise UserError(f"--max-price-hr must be > 0, got {max_price_hr:g}")
+    workload = _workload(seq_len, samples, avg_tokens, epochs, dataset)
+    from cloudtune.planner.models import resolve_model
+    from cloudtune.providers import check_provider_name
+
+    for name in provider:
+        check_provider_name(name)
+    arch = resolve_model(model)
+    result = make_plan(arch, cfg, workload, providers=provider or None, spot=spot,
+                       max_price_hr=max_price_hr, gpus=gpus)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(top=top), indent=2) + "\n")
+        if not result.options:
+            print(f"error: {result.nothing_fits}", file=sys.stderr)
+            raise typer.Exit(2)
+        return
+    result.raise_if_empty()
+    _render(result, top)
+
+
+def _config(method, quant_bits, seq_len, batch_size, grad_accum, lora_rank, lora_targets,
+            gradient_checkpointing, optimizer, gpus):
+    from cloudtune.planner.types import TrainConfig
+
+    if method not in METHODS:
+        raise UserError(f"unknown --method {method!r}; use full, lora or qlora")
+    if method == "qlora":
+        bits = 4 if quant_bits is None else quant_bits
+        if bits not in (4, 8):
+            raise UserError(f"--method qlora needs --quant-bits 4 or 8, got {bits}; use --method lora for a 16-bit base")
+    else:
+        if quant_bits not in (None, 16):
+            raise UserError(f"--quant-bits {quant_bits} needs --method qlora (got --method {method})")
+        bits = 16
+    for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--grad-accum", grad_accum)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if method != "full" and lora_rank < 1:
+        raise UserError(f"--lora-rank must be >= 1, got {lora_rank}; typical values are 8, 16 or 64")
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {gpus}")
+    # the optimizer name is checked by the memory estimator (one list, one message)
+    targets: str | tuple[str, ...] = lora_targets
+    if lora_targets not in ("all-linear", "attention"):
+        targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+        if not targets:
+            raise UserError("--lora-targets is empty; use all-linear, attention or a list such as q_proj,v_proj")
+    return TrainConfig(
+        method=method, quant_bits=bits, seq_len=seq_len, micro_batch=batch_size, grad_accum=grad_accum,
+        lora_rank=lora_rank, lora_targets=targets, gradient_checkpointing=gradient_checkpointing,
+        optimizer=optimizer, gpus=gpus,
+    )
+
+
+def _workload(seq_len: int, samples: int | None, avg_tokens: float | None, epochs: float, dataset: str | None):
+    from cloudtune.planner.throughput import DEFAULT_SAMPLES, Workload
+
+    if samples is not None and samples < 1:
+        raise UserError(f"--samples must be >= 1, got {samples}")
+    if avg_tokens is not None and avg_tokens <= 0:
+        raise UserError(f"--avg-tokens must be > 0, got {avg_tokens:g}")
+    if epochs <= 0:
+        raise UserError(f"--epochs must be > 0, got {epochs:g}")
+    if dataset:
+        from cloudtune.planner.dataset_stats import dataset_stats
+
+        stats = dataset_stats(dataset)
+        source = f"dataset {dataset}: {stats.records} records, ~{stats.avg_tokens:.0f} tokens each ({stats.method})"
+        if samples is not None or avg_tokens is not None:
+            source += "; overridden by flags"
+        return Workload(samples or stats.records, avg_tokens or stats.avg_tokens, epochs, source)
+    if samples is None and avg_tokens is None:
+        return Workload(DEFAULT_SAMPLES, max(1.0, seq_len / 2), epochs,
+                        "default: 10000 samples of seq-len/2 tokens (pass --samples/--avg-tokens or --dataset)")
+    return Workload(samples or DEFAULT_SAMPLES, avg_tokens or max(1.0, seq_len / 2), epochs, "flags")
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _fmt_hours(h: float | None) -> str:
+    if h is None:
+        return "-"
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def _render(result: Any, top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    arch, cfg, mem = result.model, result.config, result.memory
+    bits = f" {cfg.quant_bits}-bit" if cfg.method == "qlora" else ""
+    console.print(
+        f"[bold]{arch.id}[/] ({arch.params_b:g} B params, {arch.layers} layers, hidden {arch.hidden}, vocab {arch.vocab})"
+        f"  {cfg.method}{bits}, seq {cfg.seq_len}, micro-batch {cfg.micro_batch}, grad-accum {cfg.grad_accum}, "
+        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}"
+    )
+    if mem is not None:
+        t = Table(title=f"Memory per GPU: {mem.per_gpu_gib:.1f} GiB on {mem.gpus} GPU{'s' if mem.gpus > 1 else ''}"
+                        f" ({mem.sharding})", title_justify="left")
+        t.add_column("component")
+        t.add_column("GiB", justify="right")
+        for key, value in mem.breakdown_gib.items():
+            t.add_row(key, f"{value:.2f}")
+        t.add_row("[bold]total[/]", f"[bold]{mem.per_gpu_gib:.2f}[/]")
+        console.print(t)
+        for note in mem.notes:
+            console.print(f"  [dim]{note}[/]")
+
+    shown = result.options if top == 0 else result.options[:top]
+    t = Table(title=f"Options ({len(shown)} of {len(result.options)}, cheapest job first)", title_justify="left")
+    for col, just in (("#", "right"), ("provider", "left"), ("GPU x count", "left"), ("spot", "center"),
+                      ("$/h", "right"), ("est. hours", "right"), ("est. cost", "right"), ("headroom", "right"),
+                      ("region", "left")):
+        t.add_column(col, justify=just)
+    for i, o in enumerate(shown, start=1):
+        t.add_row(str(i), o.provider, o.label(), "yes" if o.spot else "-", f"{o.price_hr:.2f}",
+                  _fmt_hours(o.est_hours), f"${o.est_cost_usd:,.2f}", f"{o.headroom_gib:.1f} GiB", o.region)
+    console.print(t)
+    choice = result.choice
+    extra = f"; {'; '.join(choice.notes)}" if choice.notes else ""
+    console.print(f"[bold green]choice:[/] {choice.provider} {choice.offer.offer_id} ({choice.label()}) in {choice.region}"
+                  f"{' spot' if choice.spot else ''}, ${choice.price_hr:.2f}/h, ~{_fmt_hours(choice.est_hours)}, "
+                  f"~${choice.est_cost_usd:,.2f}{extra}")
+    by_reason: dict[str, list[str]] = {}
+    for s in result.skipped:
+        by_reason.setdefault(s.reason, []).append(f"{s.gpu} {s.offers}")
+    for reason, gpus in by_reason.items():
+        console.print(f"  [dim]skipped ({', '.join(gpus)} offers): {reason}[/]")
+
+    a = result.assumptions
+    tm = a["time_model"]
+    w = a["workload"]
+    console.print("[bold]Assumptions[/]")
+    console.print(f"  workload: {w['samples']} samples x {w['avg_tokens']:g} tokens x {w['epochs']:g} epochs = "
+                  f"{w['tokens']:,} tokens ({w['source']})")
+    if choice.time is not None and choice.time.ok:
+        ct = choice.time
+        console.print(f"  speed on the choice: ~{ct.tokens_per_sec:,.0f} tokens/s at {ct.hfu:.0%} of peak "
+                      f"{choice.offer.gpu} {'bf16' if _bf16(choice.gpu) else 'fp16'} (HFU), "
+                      f"{ct.flops_per_token / 1e9:,.0f} GFLOP/token")
+    console.print(f"  FLOPs: {tm['flops_per_token']}")
+    console.print(f"  HFU by GPU class: {', '.join(f'{k} {v:.0%}' for k, v in tm['hfu_by_gpu_class'].items())}")
+    console.print(f"  fit: {a['fit']}; ranking: {a['ranking']}; {a['spot']}")
+    console.print(f"  spot: {tm['spot_lost_work']}; interruptions/h {tm['spot_interruptions_per_hour']}")
+    console.print(f"  billing: {a['billing']}")
+    console.print(f"[dim]catalog: {result.catalog_age}. `cloudtune catalog refresh` fetches live prices.[/]")
+
+
+def _bf16(gpu: str) -> bool:
+    from cloudtune.catalog import gpu_spec
+
+    spec = gpu_spec(gpu)
+    return bool(spec and spec.bf16)

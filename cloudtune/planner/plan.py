@@ -1,0 +1,472 @@
+"""Rank every catalog offer that can hold the job by the estimated cost of the whole job.
+
+Why whole-job cost and not $/hour: a card twice the price that finishes three times sooner is the
+cheaper choice, and a spot discount is worth less when interruptions make the job longer. So for
+every offer row (and separately for its spot and on-demand price) we estimate the memory per GPU,
+check it fits with a safety margin, estimate the hours (cloudtune.planner.throughput), round them
+to the provider's billing unit and multiply by the price. Ties go to the faster option.
+
+`plan_for_spec` is the entry point of `cloudtune run`; `make_plan` is the flag-level one of
+`cloudtune plan`. Both return a `Plan` whose `to_dict()` is the `plan --json` contract.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudtune.catalog import GpuSpec, catalog_age, gpu_specs, load_offers
+from cloudtune.errors import NothingFits, UserError
+from cloudtune.planner import throughput
+from cloudtune.planner.throughput import TimeEstimate, Workload, billed_hours, estimate_time
+from cloudtune.planner.types import MemoryEstimate, ModelArch, TrainConfig
+from cloudtune.providers.base import Offer
+
+# Plan to at most this fraction of what the card exposes: the estimate's own error (median ~15%
+# on the calibration rows is the target), allocator fragmentation spikes and NCCL buffers that
+# grow with the job need the rest (vram_notes section 5: "don't plan past ~92% of the card").
+SAFETY_FRACTION = 0.92
+NODE_COUNTS = (2, 4)  # multi-node sizes tried (x 8 GPUs) when no single node holds the job
+# Providers where a multi-node cluster can be launched (through SkyPilot); Vast and Modal are not.
+MULTI_NODE_PROVIDERS = ("aws", "lambda", "runpod")
+# Rough sustained fp32 matmul rate of one CPU core under torch, for the local provider's estimate.
+CPU_GFLOPS_PER_CORE = 20.0
+
+
+@dataclass
+class PlanOption:
+    """One way to run the job: an offer row, spot or on-demand, with its estimate."""
+
+    offer: Offer
+    spot: bool
+    price_hr: float  # for the whole option (all nodes)
+    gpu_count: int  # GPUs in total (nodes x offer.gpu_count)
+    nodes: int = 1
+    est_hours: float | None = None
+    est_cost_usd: float | None = None
+    headroom_gib: float | None = None  # usable x SAFETY_FRACTION - predicted, per GPU
+    memory: MemoryEstimate | None = None
+    time: TimeEstimate | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def provider(self) -> str:
+        return self.offer.provider
+
+    @property
+    def gpu(self) -> str:
+        return self.offer.gpu
+
+    @property
+    def region(self) -> str:
+        return self.offer.region
+
+    def label(self) -> str:
+        count = f"{self.gpu} x{self.gpu_count}"
+        return count + (f" ({self.nodes} nodes)" if self.nodes > 1 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.offer.provider,
+            "gpu": self.offer.gpu,
+            "gpu_count": self.gpu_count,
+            "vram_gib_per_gpu": self.offer.vram_gib_per_gpu,
+            "spot": self.spot,
+            "region": self.offer.region,
+            "price_hr": round(self.price_hr, 4),
+            "est_hours": None if self.est_hours is None else round(self.est_hours, 3),
+            "est_cost_usd": None if self.est_cost_usd is None else round(self.est_cost_usd, 2),
+            "headroom_gib": None if self.headroom_gib is None else round(self.headroom_gib, 2),
+            "offer_id": self.offer.offer_id,
+            "nodes": self.nodes,
+            "per_gpu_gib": None if self.memory is None else round(self.memory.per_gpu_gib, 2),
+            "sharding": None if self.memory is None else self.memory.sharding,
+            "tokens_per_sec": None if self.time is None or not self.time.ok else round(self.time.tokens_per_sec, 1),
+            "fresh": self.offer.fresh,
+            "as_of": self.offer.as_of,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass
+class Skipped:
+    """Offers left out for a reason other than memory (a GPU that cannot run the method well)."""
+
+    gpu: str
+    reason: str
+    offers: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "reason": self.reason, "offers": self.offers}
+
+
+@dataclass
+class Plan:
+    model: ModelArch
+    config: TrainConfig
+    workload: Workload
+    memory: MemoryEstimate | None  # the choice's estimate; the smallest GPU count's when nothing fits
+    options: list[PlanOption]
+    skipped: list[Skipped] = field(default_factory=list)
+    assumptions: dict[str, Any] = field(default_factory=dict)
+    catalog_age: str = ""
+    nothing_fits: str = ""  # why options is empty: one line, naming what to do
+
+    @property
+    def choice(self) -> PlanOption | None:
+        return self.options[0] if self.options else None
+
+    def to_dict(self, top: int | None = None) -> dict[str, Any]:
+        options = self.options if not top else self.options[:top]
+        mem = self.memory
+        return {
+            "model": {
+                "id": self.model.id,
+                "params_b": self.model.params_b,
+                "layers": self.model.layers,
+                "hidden": self.model.hidden,
+                "vocab": self.model.vocab,
+            },
+            "method": self.config.method,
+            "quant_bits": self.config.quant_bits,
+            "seq_len": self.config.seq_len,
+            "micro_batch": self.config.micro_batch,
+            "grad_accum": self.config.grad_accum,
+            "gradient_checkpointing": self.config.gradient_checkpointing,
+            "optimizer": self.config.optimizer,
+            "memory": None if mem is None else {
+                "per_gpu_gib": round(mem.per_gpu_gib, 2),
+                "gpus": mem.gpus,
+                "breakdown_gib": {k: round(v, 3) for k, v in mem.breakdown_gib.items()},
+                "sharding": mem.sharding,
+                "notes": list(mem.notes),
+            },
+            "assumptions": self.assumptions,
+            "options": [o.to_dict() for o in options],
+            "choice": self.choice.to_dict() if self.choice else None,
+            "options_total": len(self.options),
+            "skipped": [s.to_dict() for s in self.skipped],
+            "catalog": self.catalog_age,
+            "nothing_fits": self.nothing_fits or None,
+        }
+
+    def raise_if_empty(self) -> None:
+        if not self.options:
+            raise NothingFits(self.nothing_fits or "nothing fits")
+
+
+# ---------------------------------------------------------------- method / GPU compatibility
+
+
+def incompatibility(gpu: GpuSpec, cfg: TrainConfig) -> str | None:
+    """Why this GPU cannot run the method well, or None. QLoRA computes in bf16 through
+    bitsandbytes (CUDA only); GPUs without bf16 would fall back to fp16 with overflow risk."""
+    if cfg.method == "qlora":
+        if gpu.vendor != "nvidia":
+            return "bitsandbytes 4/8-bit needs CUDA; the trainer image has no ROCm build"
+        if not gpu.bf16:
+            return "no bf16 (Turing/Volta): QLoRA's bf16 compute would fall back to fp16; use Ampere or newer"
+    if gpu.peak_tflops is None:
+        return "no dense TFLOPS figure in gpus.csv, so time and cost cannot be estimated"
+    return None
+
+
+# ---------------------------------------------------------------- ranking
+
+
+def _estimate_memory(arch: ModelArch, cfg: TrainConfig, n: int) -> MemoryEstimate:
+    from cloudtune.planner.memory import estimate_memory
+
+    return estimate_memory(arch, cfg, gpus=n)
+
+
+def make_plan(
+    arch: ModelArch,
+    cfg: TrainConfig,
+    workload: Workload,
+    *,
+    providers: list[str] | tuple[str, ...] | None = None,
+    spot: bool | None = None,
+    max_price_hr: float | None = None,
+    gpus: int | None = None,
+    gpu_types: list[str] | None = None,
+    region: str | None = None,
+    checkpoint_minutes: float | None = None,
+    offers: list[Offer] | None = None,
+) -> Plan:
+    """Every fitting (offer, spot/on-demand) option, cheapest estimated job first.
+
+    `gpus` forces the total GPU count (data parallel, sharded); None tries each offer's own count,
+    and multi-node (2 or 4 nodes of 8) only when no single node holds the job."""
+    from cloudtune.providers import CLOUD_PROVIDERS, check_provider_name
+
+    for name in providers or ():
+        check_provider_name(name)
+    if providers and "local" in providers:
+        raise UserError("the local provider has no catalog offers to rank; plan local jobs with plan_for_spec "
+                        "or pass cloud providers only")
+    gpus = gpus if gpus is not None else cfg.gpus
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {gpus}")
+    pool = [o for o in (offers if offers is not None else load_offers(providers)) if o.provider in CLOUD_PROVIDERS]
+    if providers:
+        pool = [o for o in pool if o.provider in providers]
+    if gpu_types:
+        wanted = {g.lower() for g in gpu_types}
+        pool = [o for o in pool if o.gpu.lower() in wanted]
+    if region:
+        pool = [o for o in pool if o.region == region]
+
+    specs = gpu_specs()
+    memo: dict[int, MemoryEstimate] = {}
+
+    def mem_for(n: int) -> MemoryEstimate:
+        if n not in memo:
+            memo[n] = _estimate_memory(arch, cfg, n)
+        return memo[n]
+
+    skipped: Counter[tuple[str, str]] = Counter()
+    candidates: list[tuple[Offer, GpuSpec, int, int]] = []  # offer, spec, total gpus, nodes
+    for offer in pool:
+        spec = specs.get(offer.gpu)
+        if spec is None:
+            skipped[(offer.gpu, "GPU not in gpus.csv")] += 1
+            continue
+        why = incompatibility(spec, cfg)
+        if why:
+            skipped[(offer.gpu, why)] += 1
+            continue
+        if gpus is None or offer.gpu_count == gpus:
+            candidates.append((offer, spec, offer.gpu_count, 1))
+        elif gpus > offer.gpu_count and offer.gpu_count == 8 and gpus % 8 == 0 \
+                and offer.provider in MULTI_NODE_PROVIDERS:
+            candidates.append((offer, spec, gpus, gpus // 8))
+
+    fitting: list[tuple[Offer, GpuSpec, int, int, MemoryEstimate]] = []
+    for offer, spec, n, nodes in candidates:
+        mem = mem_for(n)
+        if mem.per_gpu_gib <= offer.vram_gib_per_gpu * SAFETY_FRACTION:
+            fitting.append((offer, spec, n, nodes, mem))
+    if not fitting and gpus is None:
+        # past one node: 2 or 4 nodes of 8 GPUs, where the provider can launch a cluster
+        for nodes in NODE_COUNTS:
+            for offer, spec, n, _ in candidates:
+                if n != 8 or offer.provider not in MULTI_NODE_PROVIDERS:
+                    continue
+                mem = mem_for(8 * nodes)
+                if mem.per_gpu_gib <= offer.vram_gib_per_gpu * SAFETY_FRACTION:
+                    fitting.append((offer, spec, 8 * nodes, nodes, mem))
+            if fitting:
+                break
+
+    times: dict[tuple[str, int, int, str, bool], TimeEstimate] = {}
+    options: list[PlanOption] = []
+    above_price: list[PlanOption] = []
+    for offer, spec, n, nodes, mem in fitting:
+        modes = []
+        if spot is not True and offer.price_hr is not None:
+            modes.append((False, offer.price_hr))
+        if spot is not False and offer.spot_price_hr is not None:
+            modes.append((True, offer.spot_price_hr))
+        for is_spot, price in modes:
+            key = (offer.gpu, n, nodes, offer.provider, is_spot)
+            if key not in times:
+                times[key] = estimate_time(
+                    arch, cfg, workload, spec, gpus=n, nodes=nodes, sharding=mem.sharding,
+                    trainable_params=mem.trainable_params, provider=offer.provider, spot=is_spot,
+                    checkpoint_minutes=checkpoint_minutes,
+                )
+            t = times[key]
+            hours = billed_hours(t.total_hours, offer.provider, offer.billing_granularity_s)
+            total_price = price * nodes
+            notes = []
+            if nodes > 1:
+                notes.append(f"multi-node: {nodes} nodes x {offer.gpu_count} GPUs (launched through SkyPilot)")
+            if not spec.bf16:
+                notes.append("no bf16: trains in fp16 mixed precision")
+            if is_spot and t.expected_restarts:
+                notes.append(f"spot: ~{t.expected_restarts:.1f} expected interruptions included")
+            option = PlanOption(
+                offer=offer, spot=is_spot, price_hr=total_price, gpu_count=n, nodes=nodes,
+                est_hours=t.total_hours, est_cost_usd=hours * total_price,
+                headroom_gib=offer.vram_gib_per_gpu * SAFETY_FRACTION - mem.per_gpu_gib,
+                memory=mem, time=t, notes=notes,
+            )
+            if max_price_hr is not None and total_price > max_price_hr:
+                above_price.append(option)
+            else:
+                options.append(option)
+    options.sort(key=lambda o: (o.est_cost_usd, o.est_hours, o.price_hr, o.provider, o.region, o.offer.offer_id))
+
+    smallest = min((n for _, _, n, _ in candidates), default=gpus or 1)
+    memory = options[0].memory if options else mem_for(smallest)
+    plan = Plan(
+        model=arch,
+        config=cfg,
+        workload=workload,
+        memory=memory,
+        options=options,
+        skipped=[Skipped(g, r, c) for (g, r), c in sorted(skipped.items())],
+        assumptions=_assumptions(cfg, workload, spot, max_price_hr),
+        catalog_age=catalog_age(pool) if pool else "no offers",
+    )
+    if not options:
+        plan.nothing_fits = _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_hr, mem_for)
+    return plan
+
+
+def _assumptions(cfg: TrainConfig, workload: Workload, spot: bool | None, max_price: float | None) -> dict[str, Any]:
+    return {
+        "workload": workload.to_dict(cfg.seq_len),
+        "fit": f"predicted per-GPU peak <= {SAFETY_FRACTION:.0%} of the card's usable memory (nvidia-smi total)",
+        "ranking": "estimated job cost (billed hours x price), then hours",
+        "spot": {None: "spot and on-demand both considered", True: "spot only", False: "on-demand only"}[spot],
+        "max_price_hr": max_price,
+        "billing": "per second (AWS: 60 s minimum; Lambda: per minute); hours include boot, model download, "
+        "training, the idle tail before teardown and, for spot, expected interruptions",
+        "time_model": throughput.assumptions(),
+    }
+
+
+def _suggest(cfg: TrainConfig, gpus: int | None) -> str:
+    tips = []
+    if cfg.method == "full":
+        tips.append("--method lora or --method qlora")
+    elif cfg.method == "lora":
+        tips.append("--method qlora")
+    if cfg.micro_batch > 1:
+        tips.append("--batch-size 1")
+    if not cfg.gradient_checkpointing:
+        tips.append("--gradient-checkpointing")
+    if not gpus or gpus < 8:
+        tips.append("--gpus 8")
+    if cfg.seq_len > 2048:
+        tips.append("a shorter --seq-len")
+    return " or ".join(tips) if tips else "a smaller model"
+
+
+def _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_hr, mem_for) -> str:
+    cfg = plan.config
+    if not pool:
+        return "no offers in the catalog for these filters; check --provider, or run `cloudtune catalog show`"
+    if not candidates:
+        if plan.skipped and gpus is None:
+            reasons = "; ".join(f"{s.gpu}: {s.reason}" for s in plan.skipped[:3])
+            return f"no usable GPU among the offers ({reasons}); try another --provider"
+        counts = sorted({o.gpu_count for o in pool})
+        return (f"no offer with {gpus} GPUs for these providers (the catalog has nodes of "
+                f"{', '.join(map(str, counts))} GPUs); pass one of those to --gpus, or 16/32 for multi-node")
+    if not fitting:
+        largest = max(o.vram_gib_per_gpu for o, *_ in candidates) * SAFETY_FRACTION
+        n = gpus or 1
+        need = mem_for(n).per_gpu_gib
+        extra = ""
+        if gpus is None and 8 in {c[2] for c in candidates}:
+            extra = f" ({mem_for(8).per_gpu_gib:.0f} GiB on 8)"
+        return (f"nothing fits: needs {need:.0f} GiB per GPU on {n} GPU{'s' if n > 1 else ''}{extra}, the largest "
+                f"card allows {largest:.0f} GiB; try {_suggest(cfg, gpus)}")
+    if above_price:
+        cheapest = min(above_price, key=lambda o: o.price_hr)
+        return (f"nothing fits under --max-price-hr {max_price_hr:g}: the cheapest fitting option is "
+                f"{cheapest.label()} on {cheapest.provider} at ${cheapest.price_hr:.2f}/h; raise --max-price-hr "
+                f"or try {_suggest(cfg, gpus)}")
+    return "nothing fits: no fitting offer has a price for the requested tier; drop --spot/--on-demand"
+
+
+# ---------------------------------------------------------------- from a JobSpec (cloudtune run)
+
+
+def workload_for_spec(spec: Any) -> Workload:
+    """Samples and tokens from the spec's training file when it is local, else defaults."""
+    from pathlib import Path
+
+    from cloudtune.planner.dataset_stats import dataset_stats
+
+    epochs = float(spec.training.epochs)
+    train = spec.data.train
+    if train and "://" not in train and Path(train).is_file():
+        stats = dataset_stats(train)
+        workload = Workload(stats.records, stats.avg_tokens, epochs, f"dataset {train} ({stats.method})")
+    else:
+        base = throughput.default_workload(spec.data.max_seq_len)
+        workload = Workload(base.samples, base.avg_tokens, epochs, base.source)
+    if spec.training.max_steps:
+        per_step = spec.training.micro_batch * spec.training.grad_accum * (spec.resources.gpus or 1)
+        samples = min(workload.samples * epochs, spec.training.max_steps * per_step)
+        workload = Workload(int(samples), workload.avg_tokens, 1.0, workload.source + ", capped by max_steps")
+    return workload
+
+
+def _spec_providers(spec: Any, providers: list[str] | None) -> list[str]:
+    if providers:
+        return list(providers)
+    p = spec.resources.provider
+    if p is None:
+        return ["local"]
+    return [p] if isinstance(p, str) else list(p)
+
+
+def plan_for_spec(
+    spec: Any,
+    *,
+    providers: list[str] | None = None,
+    spot: bool | None = None,
+    max_price_hr: float | None = None,
+    offers: list[Offer] | None = None,
+) -> Plan:
+    """The plan `cloudtune run` executes. Arguments override the spec's `resources`; the default
+    provider is `local` (one option: this machine, no fit check, a rough CPU time estimate)."""
+    from cloudtune.planner.models import resolve_model
+    from cloudtune.providers import check_provider_name
+
+    names = _spec_providers(spec, providers)
+    for name in names:
+        check_provider_name(name)
+    cfg = TrainConfig.from_spec(spec)
+    workload = workload_for_spec(spec)
+    arch = resolve_model(spec.model)
+    if "local" in names:
+        if len(names) > 1:
+            raise UserError(f"provider 'local' cannot be combined with cloud providers ({', '.join(names)}); "
+                            "pick local or the clouds")
+        return _local_plan(arch, cfg, workload, spec)
+    res = spec.resources
+    return make_plan(
+        arch, cfg, workload,
+        providers=names,
+        spot=res.spot if spot is None else spot,
+        max_price_hr=res.max_price_hr if max_price_hr is None else max_price_hr,
+        gpus=res.gpus,
+        gpu_types=[res.gpu] if res.gpu else None,
+        region=res.region,
+        checkpoint_minutes=spec.checkpoint.every_minutes,
+        offers=offers,
+    )
+
+
+def _local_plan(arch: ModelArch, cfg: TrainConfig, workload: Workload, spec: Any) -> Plan:
+    """One option: this machine. Nothing to fit against (it runs on whatever is here)."""
+    price = float(spec.local.price_hr)
+    cores = os.cpu_count() or 1
+    tokens = workload.total_tokens(cfg.seq_len)
+    fpt = throughput.flops_per_token(arch, cfg.method, cfg.gradient_checkpointing, workload.tokens_per_sample(cfg.seq_len))
+    steps = max(1, int(workload.samples * workload.epochs / cfg.micro_batch))
+    seconds = tokens * fpt / (cores * CPU_GFLOPS_PER_CORE * 1e9) + steps * 0.05
+    hours = seconds / 3600
+    offer = Offer(provider="local", offer_id="local", gpu="local", gpu_count=0, vram_gib_per_gpu=0.0,
+                  region="local", price_hr=price, as_of="now", fresh=True)
+    try:
+        memory = _estimate_memory(arch, cfg, 1)
+    except Exception:  # noqa: BLE001 - an estimate is informative only here; a local run needs none
+        memory = None
+    option = PlanOption(
+        offer=offer, spot=False, price_hr=price, gpu_count=0, est_hours=hours, est_cost_usd=hours * price,
+        headroom_gib=None, memory=memory,
+        notes=[f"local machine: rough CPU estimate ({cores} cores x {CPU_GFLOPS_PER_CORE:g} GFLOP/s), no fit check"],
+    )
+    assumptions = _assumptions(cfg, workload, False, None)
+    assumptions["local"] = option.notes[0]
+    return Plan(model=arch, config=cfg, workload=workload, memory=memory, options=[option],
+                assumptions=assumptions, catalog_age="local machine")
