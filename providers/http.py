@@ -251,9 +251,17 @@ class HttpClient:
         raise self.error_for(resp, where)
 
     def error_for(self, resp: httpx.Response, where: str) -> ProviderError:
-        """Map a non-2xx response onto a typed error (adapter hook first, then by status)."""
+        """Map a non-2xx response onto a typed error (adapter hook first, then by status).
+
+        The parsed body rides along as `err.body` (e.g. Vast's failed create that still names a
+        `new_contract` to destroy)."""
+        body = _json_or_none(resp)
+        err = self._map_error(resp, body, where)
+        err.body = body  # type: ignore[attr-defined]
+        return err
+
+    def _map_error(self, resp: httpx.Response, body: Any, where: str) -> ProviderError:
         if self.classify is not None:
-            body = _json_or_none(resp)
             mapped = self.classify(resp, body)
             if mapped is not None:
                 return mapped
