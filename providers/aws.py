@@ -31,7 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from cloudtune.providers.aws_errors import NO_CREDENTIALS, error_code, translate
+from cloudtune.providers.aws_errors import (
+    NO_CREDENTIALS,
+    AWSConfigError,
+    RegionNotSwept,
+    error_code,
+    translate,
+)
 from cloudtune.providers.aws_types import DEFAULT_REGIONS, DLAMI_PARAMETER, INSTANCE_TYPES
 from cloudtune.providers.aws_userdata import REDACTED, build_user_data, strip_aws_credentials
 from cloudtune.providers.base import (
@@ -342,10 +348,10 @@ class AWSProvider:
 
     def _check_request(self, req: LaunchRequest) -> None:
         if req.offer.provider != NAME:
-            raise InvalidRequestError(f"offer {req.offer.offer_id!r} belongs to provider {req.offer.provider!r}, not aws",
+            raise AWSConfigError(f"offer {req.offer.offer_id!r} belongs to provider {req.offer.provider!r}, not aws",
                                       provider=NAME)
         if req.offer.region not in self.regions:
-            raise InvalidRequestError(
+            raise RegionNotSwept(
                 f"region {req.offer.region!r} is not in the regions cloudtune sweeps ({', '.join(self.regions)}); "
                 "add it to CLOUDTUNE_AWS_REGIONS so `cloudtune gc` can see what runs there",
                 provider=NAME,
@@ -354,8 +360,14 @@ class AWSProvider:
     def _machine_env(self, req: LaunchRequest, *, redact: bool) -> dict[str, str]:
         secrets, _ = strip_aws_credentials(req.secret_env)
         store = req.env.get("CLOUDTUNE_STORE", "")
-        if store.startswith("s3://") and not self.instance_profile and not req.env.get("CLOUDTUNE_STORE_ENDPOINT"):
-            raise InvalidRequestError(
+        if store and not store.startswith("s3://"):
+            raise AWSConfigError(
+                f"the store {store} is not reachable from an EC2 machine: set store.url in the job spec to an "
+                "s3://bucket/prefix URL (docs/providers/aws.md)",
+                provider=NAME,
+            )
+        if store and not self.instance_profile:
+            raise AWSConfigError(
                 f"the store {store} needs S3 access from the EC2 machine: set CLOUDTUNE_AWS_INSTANCE_PROFILE to an "
                 "instance profile whose role may read and write that bucket (docs/providers/aws.md)",
                 provider=NAME,
@@ -410,7 +422,7 @@ class AWSProvider:
             return ssm.get_parameter(Name=self.ami_parameter)["Parameter"]["Value"]
         except Exception as err:  # noqa: BLE001 - translated below
             if error_code(err) == "ParameterNotFound":
-                raise InvalidRequestError(
+                raise AWSConfigError(
                     f"SSM parameter {self.ami_parameter!r} (the Deep Learning AMI id) does not exist in {region}; "
                     "set CLOUDTUNE_AWS_AMI to an AMI id or CLOUDTUNE_AWS_AMI_PARAMETER to another parameter",
                     provider=NAME,
@@ -514,7 +526,7 @@ class AWSProvider:
     def _split_id(self, machine_id: str) -> tuple[str | None, str]:
         region, sep, instance_id = machine_id.rpartition(":")
         if not instance_id.startswith("i-"):
-            raise InvalidRequestError(f"{machine_id!r} is not an AWS machine id (<region>:i-...)", provider=NAME)
+            raise AWSConfigError(f"{machine_id!r} is not an AWS machine id (<region>:i-...)", provider=NAME)
         return (region or None) if sep else None, instance_id
 
     def _describe_one(self, region: str, instance_id: str) -> dict[str, Any]:

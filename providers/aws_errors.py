@@ -18,6 +18,8 @@ from cloudtune.providers.base import (
     TransientError,
 )
 
+from cloudtune.errors import UserError
+
 PROVIDER = "aws"
 
 NO_CREDENTIALS = (
@@ -48,6 +50,16 @@ AUTH_CODES = frozenset({
 })
 NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound"})
 TRANSIENT_CODES = frozenset({"InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable"})
+
+
+class AWSConfigError(InvalidRequestError, UserError):
+    """A request or configuration the user must fix (store, AMI, env). Also a UserError, so
+    `cloudtune run --dry-run` prints it as one line; the orchestrator sees an InvalidRequestError."""
+
+
+class RegionNotSwept(QuotaError, UserError):
+    """The offer's region is outside CLOUDTUNE_AWS_REGIONS: `gc` would never see a machine there, so
+    the orchestrator must fail over to the next offer instead (QuotaError)."""
 
 
 def error_code(err: BaseException) -> str:

@@ -18,7 +18,7 @@ import math
 import re
 import shlex
 
-from cloudtune.providers.base import InvalidRequestError
+from cloudtune.providers.aws_errors import AWSConfigError
 
 log = logging.getLogger("cloudtune.providers.aws")
 
@@ -51,12 +51,12 @@ def strip_aws_credentials(secret_env: dict[str, str]) -> tuple[dict[str, str], l
 def _check_env(env: dict[str, str]) -> None:
     for key, value in env.items():
         if not _ENV_NAME.match(key):
-            raise InvalidRequestError(
+            raise AWSConfigError(
                 f"environment variable name {key!r} is not valid for docker --env-file; use letters, digits and _",
                 provider="aws",
             )
         if any(ch in str(value) for ch in "\n\r\0"):
-            raise InvalidRequestError(
+            raise AWSConfigError(
                 f"environment variable {key} has a multi-line value, which docker --env-file cannot carry; "
                 "encode it (e.g. base64) or pass it through the store",
                 provider="aws",
@@ -118,7 +118,7 @@ def build_user_data(
     ]
     script = "\n".join(lines) + "\n"
     if len(script.encode()) > USER_DATA_LIMIT:
-        raise InvalidRequestError(
+        raise AWSConfigError(
             f"the EC2 user-data for job {job_id} is {len(script.encode())} bytes, over EC2's 16 KB limit; "
             "pass the spec through the store (CLOUDTUNE_SPEC_URL) instead of CLOUDTUNE_SPEC",
             provider="aws",

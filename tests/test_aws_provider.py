@@ -16,8 +16,10 @@ from cloudtune.providers.base import (
     InvalidRequestError,
     MachineState,
     NotFoundError,
+    QuotaError,
 )
 
+from cloudtune.errors import UserError
 from tests.fakes.aws_setup import AMI_PARAMETER, ensure_instance_profile, new_job_id, request, seed_region
 
 
@@ -185,8 +187,9 @@ def test_missing_ami_parameter_names_the_parameter(aws_env):
         p.launch(request(new_job_id()))
 
 
-def test_region_outside_the_swept_regions_is_refused(provider):
-    with pytest.raises(InvalidRequestError, match="region 'ap-south-1' is not in the regions.*CLOUDTUNE_AWS_REGIONS"):
+def test_region_outside_the_swept_regions_fails_over(provider):
+    # A QuotaError makes the orchestrator try its next option; gc could never see a machine there.
+    with pytest.raises(QuotaError, match="region 'ap-south-1' is not in the regions.*CLOUDTUNE_AWS_REGIONS"):
         provider.launch(request(new_job_id(), region="ap-south-1"))
 
 
@@ -195,6 +198,13 @@ def test_s3_store_without_instance_profile_is_refused(aws_env):
     p = AWSProvider(regions=["us-east-1"], endpoint_url=aws_env, ami_parameter=AMI_PARAMETER)
     with pytest.raises(InvalidRequestError, match="CLOUDTUNE_AWS_INSTANCE_PROFILE"):
         p.launch(request(new_job_id()))
+
+
+def test_local_store_is_refused_as_a_user_error(provider):
+    req = request(new_job_id(), env={"CLOUDTUNE_STORE": "file:///home/me/.cloudtune/store"})
+    with pytest.raises(InvalidRequestError, match="file:///home/me/.cloudtune/store is not reachable") as info:
+        provider.describe_launch(req)
+    assert isinstance(info.value, UserError)  # the CLI prints it as one line
 
 
 def test_multiline_env_value_is_refused(provider):
