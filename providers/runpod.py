@@ -169,6 +169,7 @@ class RunPodProvider:
         *,
         api_key: str | None = None,
         api_url: str | None = None,
+        base_url: str | None = None,  # alias of api_url (providers.yaml spelling)
         graphql_url: str | None = None,
         interruptible: bool | None = None,
         timeout_s: float = 30.0,
@@ -176,7 +177,7 @@ class RunPodProvider:
         gpu_counts: tuple[int, ...] = GPU_COUNTS,
     ) -> None:
         self._api_key = load_api_key(api_key)
-        self.api_url = (api_url or os.environ.get(ENV_API_URL) or DEFAULT_API_URL).rstrip("/")
+        self.api_url = (api_url or base_url or os.environ.get(ENV_API_URL) or DEFAULT_API_URL).rstrip("/")
         self.graphql_url = graphql_url or os.environ.get(ENV_GRAPHQL_URL) or DEFAULT_GRAPHQL_URL
         if interruptible is None:
             interruptible = os.environ.get(ENV_INTERRUPTIBLE, "").lower() in ("1", "true", "yes")

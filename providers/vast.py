@@ -200,14 +200,20 @@ class VastProvider:
         *,
         api_key: str | None = None,
         api_url: str | None = None,
+        base_url: str | None = None,  # alias of api_url (providers.yaml spelling)
         filters: VastFilters | None = None,
+        min_reliability: float | None = None,  # shortcut for providers.yaml: vast: {min_reliability: 0.95}
         bid_markup: float = 1.05,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
     ) -> None:
         self._api_key = load_api_key(api_key)
-        self.api_url = (api_url or os.environ.get(ENV_API_URL) or DEFAULT_API_URL).rstrip("/")
+        self.api_url = (api_url or base_url or os.environ.get(ENV_API_URL) or DEFAULT_API_URL).rstrip("/")
         self.filters = filters or VastFilters()
+        if min_reliability is not None:
+            from dataclasses import replace
+
+            self.filters = replace(self.filters, min_reliability=float(min_reliability))
         self.bid_markup = bid_markup
         self.http = HttpClient(
             PROVIDER, self.api_url, self._api_key, auth_hint=AUTH_HINT, timeout_s=timeout_s,
