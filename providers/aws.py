@@ -38,7 +38,7 @@ from cloudtune.providers.aws_errors import (
     error_code,
     translate,
 )
-from cloudtune.providers.aws_types import DEFAULT_REGIONS, DLAMI_PARAMETER, INSTANCE_TYPES
+from cloudtune.providers.aws_types import DEFAULT_REGIONS, DLAMI_PARAMETER, INSTANCE_TYPES, OPT_IN_REGIONS
 from cloudtune.providers.aws_userdata import REDACTED, build_user_data, strip_aws_credentials
 from cloudtune.providers.base import (
     TAG_ATTEMPT,
@@ -461,6 +461,19 @@ class AWSProvider:
 
     def launch(self, req: LaunchRequest) -> Machine:
         self._check_request(req)
+        try:
+            return self._launch(req)
+        except AuthError as err:
+            if req.offer.region not in OPT_IN_REGIONS:
+                raise
+            # Bad credentials would fail in every region; here the region itself is not enabled.
+            raise QuotaError(
+                f"{req.offer.region} refused the request ({err}); it is an opt-in region: enable it for this "
+                "account or remove it from CLOUDTUNE_AWS_REGIONS",
+                provider=NAME,
+            ) from None
+
+    def _launch(self, req: LaunchRequest) -> Machine:
         region, itype = req.offer.region, req.offer.offer_id
         image_id = self.resolve_ami(region)
         device, size = self._root_volume(region, image_id, req.disk_gb)

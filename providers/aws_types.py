@@ -50,14 +50,21 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
     **_rows("B200", [("p6-b200.48xlarge", 8, 192, 2048)]),
 }
 
-# Regions swept by default (offers, gc): the catalog's AWS regions that are enabled on every
-# account. Opt-in regions (ap-east-1, me-central-1, ...) answer AuthFailure until enabled, so
-# they are only used when named in CLOUDTUNE_AWS_REGIONS.
-DEFAULT_REGIONS: tuple[str, ...] = (
+# Regions swept by default (offers, launch, gc): every region the bundled catalog prices, so a plan
+# never picks a region `gc` would not sweep. Opt-in regions answer AuthFailure/OptInRequired until
+# enabled on the account: sweeps skip them, and a launch there fails over to the next offer.
+STANDARD_REGIONS: tuple[str, ...] = (
     "us-east-1", "us-east-2", "us-west-1", "us-west-2", "ca-central-1",
     "eu-west-1", "eu-west-2", "eu-west-3", "eu-central-1", "eu-north-1",
     "ap-northeast-1", "ap-northeast-2", "ap-northeast-3", "ap-south-1",
     "ap-southeast-1", "ap-southeast-2", "sa-east-1",
+)
+OPT_IN_REGIONS: frozenset[str] = frozenset({
+    "af-south-1", "ap-east-1", "ap-south-2", "ap-southeast-3", "ap-southeast-4", "ap-southeast-5",
+    "ca-west-1", "eu-central-2", "eu-south-1", "eu-south-2", "il-central-1", "me-central-1", "me-south-1",
+})
+DEFAULT_REGIONS: tuple[str, ...] = STANDARD_REGIONS + (
+    "af-south-1", "ap-east-1", "ap-southeast-3", "eu-south-1", "eu-south-2", "me-central-1", "me-south-1",
 )
 
 # The Deep Learning Base OSS Nvidia Driver GPU AMI (driver, CUDA, docker, nvidia-container-toolkit),
