@@ -15,6 +15,10 @@ import typer
 from cloudtune.errors import UserError
 
 METHODS = ("full", "lora", "qlora")
+# The optimizers the trainer accepts: cloudtune.spec.OPTIMIZERS, repeated here so `plan` does not build
+# the pydantic spec models at startup (tests/test_plan_cli.py keeps the two equal).
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+              "adafactor", "sgd")
 
 
 def register(app: typer.Typer) -> None:
@@ -93,7 +97,12 @@ def _config(method, quant_bits, seq_len, batch_size, grad_accum, lora_rank, lora
         raise UserError(f"--lora-rank must be >= 1, got {lora_rank}; typical values are 8, 16 or 64")
     if gpus is not None and gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {gpus}")
-    # the optimizer name is checked by the memory estimator (one list, one message)
+    if optimizer not in OPTIMIZERS:
+        import difflib
+
+        near = difflib.get_close_matches(optimizer, OPTIMIZERS, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"unknown --optimizer {optimizer!r}; {hint}choose one of {', '.join(OPTIMIZERS)}")
     targets: str | tuple[str, ...] = lora_targets
     if lora_targets not in ("all-linear", "attention"):
         targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())

@@ -370,8 +370,8 @@ def _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_h
     if above_price:
         cheapest = min(above_price, key=lambda o: o.price_hr)
         return (f"nothing fits under --max-price-hr {max_price_hr:g}: the cheapest fitting option is "
-                f"{cheapest.label()} on {cheapest.provider} at ${cheapest.price_hr:.2f}/h; raise --max-price-hr "
-                f"or try {_suggest(cfg, gpus)}")
+                f"{cheapest.label()} on {cheapest.provider} at ${cheapest.price_hr:.2f}/h; raise --max-price-hr"
+                + {"full": " or try --method lora or --method qlora", "lora": " or try --method qlora"}.get(cfg.method, ""))
     return "nothing fits: no fitting offer has a price for the requested tier; drop --spot/--on-demand"
 
 

@@ -1,0 +1,150 @@
+"""The offer catalog: the bundled snapshot, GPU specs, the live cache that overrides it, refresh."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from cloudtune import catalog
+from cloudtune.errors import UserError
+from cloudtune.providers.base import Offer
+
+SHARED = Path(__file__).resolve().parent.parent / "cloudtune" / "data"
+
+
+def _csv_rows(name: str) -> list[dict[str, str]]:
+    with (SHARED / name).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bundled_offers_match_the_snapshot_rows():
+    rows = _csv_rows("offers.csv")
+    offers = catalog.bundled_offers()
+    assert len(offers) == len(rows) == 1324
+    assert {o.provider for o in offers} == {"aws", "lambda", "runpod", "vast", "modal"}
+    specs = catalog.gpu_specs()
+    for row, offer in zip(rows, offers, strict=True):
+        assert offer.gpu == row["gpu"] and offer.gpu in specs
+        assert offer.gpu_count == int(row["gpu_count"])
+        assert offer.price_hr == float(row["price_hr"])
+        assert offer.spot_price_hr == (float(row["spot_price_hr"]) if row["spot_price_hr"] else None)
+        nominal = float(row["vram_gb_per_gpu"])
+        # usable GiB: a little under the nominal figure, never above it, never far below
+        assert 0.9 * nominal <= offer.vram_gib_per_gpu <= nominal
+        assert offer.fresh is False
+    # RunPod and Vast publish no real spot price; AWS does
+    assert all(o.spot_price_hr is None for o in offers if o.provider in ("runpod", "vast", "lambda"))
+    assert any(o.spot_price_hr for o in offers if o.provider == "aws")
+    assert {o.as_of for o in offers if o.provider == "modal"} == {"2026-07-01"}
+    assert {o.billing_granularity_s for o in offers if o.provider == "lambda"} == {60}
+
+
+def test_usable_memory_of_known_cards():
+    assert catalog.usable_gib("H100-SXM", 80) == pytest.approx(79.65, abs=0.01)
+    assert catalog.usable_gib("A10G", 24) == pytest.approx(22.49, abs=0.01)
+    assert catalog.usable_gib("RTX4070", 16) == pytest.approx(16 * catalog.NOMINAL_FALLBACK)
+
+
+def test_gpu_specs_types_and_precision():
+    specs = catalog.gpu_specs()
+    assert len(specs) == len(_csv_rows("gpus.csv"))
+    t4, h100, a6000, a10g = specs["T4"], specs["H100-SXM"], specs["A6000"], specs["A10G"]
+    assert not t4.bf16 and t4.peak_tflops == 65.0 and t4.precision == "fp16"  # fp16 where no bf16
+    assert h100.bf16 and h100.peak_tflops == pytest.approx(989.4) and h100.has_nvlink
+    assert h100.nvlink_gbs == 900 and h100.compute_capability == 9.0
+    assert not a6000.has_nvlink  # a 2-way bridge is not a fabric for FSDP over 4-8 cards
+    assert a10g.peak_tflops is None  # blank in the source: not guessed
+    assert specs["MI300X"].vendor == "amd"
+
+
+def test_cache_replaces_the_providers_bundled_rows():
+    live = [
+        Offer("lambda", "gpu_1x_h100_sxm5", "H100-SXM", 1, 80.0, "us-east-1", price_hr=2.99),
+        Offer("lambda", "gpu_8x_a100", "A100-40GB", 8, 40.0, "us-west-1", price_hr=10.32),
+    ]
+    fetched = datetime.now(UTC) - timedelta(hours=3)
+    path = catalog.write_cache("lambda", live, fetched_at=fetched)
+    assert path.name == "offers-lambda.json" and path.parent == Path(os.environ["CLOUDTUNE_HOME"]) / "cache"
+    offers = catalog.load_offers()
+    lam = [o for o in offers if o.provider == "lambda"]
+    assert len(lam) == 2 and all(o.fresh for o in lam)
+    # vendor nominal 80 GB becomes what the card exposes
+    assert lam[0].vram_gib_per_gpu == pytest.approx(79.65, abs=0.01)
+    assert lam[0].as_of == fetched.isoformat(timespec="seconds")
+    assert catalog.offer_age(lam[0]).endswith("h ago")
+    # other providers still come from the snapshot
+    bundled_aws = [o for o in catalog.bundled_offers() if o.provider == "aws"]
+    assert [o for o in offers if o.provider == "aws"] == bundled_aws
+    assert "lambda: live, fetched 3 h ago" in catalog.catalog_age(offers)
+    assert catalog.load_offers(["lambda"]) == lam
+
+
+def test_corrupt_cache_is_a_user_error():
+    catalog.cache_file("vast").write_text("{half a file")
+    with pytest.raises(UserError, match="offers-vast.json.*catalog refresh --provider vast"):
+        catalog.load_offers()
+
+
+def test_refresh_skips_missing_credentials_and_writes_live_offers(monkeypatch, tmp_path):
+    from tests.fakes.lambda_fake import LambdaFake
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.lambda_cloud key file
+    for var in ("LAMBDA_API_KEY", "RUNPOD_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    results = {r.provider: r for r in catalog.refresh(["lambda"])}
+    assert results["lambda"].status == "skipped"
+    assert "LAMBDA_API_KEY" in results["lambda"].message
+    assert not catalog.cache_file("lambda").exists()
+
+    with LambdaFake(api_key="k-123") as fake:
+        monkeypatch.setenv("LAMBDA_API_KEY", "k-123")
+        monkeypatch.setenv("CLOUDTUNE_LAMBDA_API_URL", fake.url + "/api/v1")
+        (result,) = catalog.refresh(["lambda"])
+    assert result.status == "ok" and result.offers > 0, result.message
+    data = json.loads(catalog.cache_file("lambda").read_text())
+    assert data["provider"] == "lambda" and data["fetched_at"]
+    lam = [o for o in catalog.load_offers() if o.provider == "lambda"]
+    assert len(lam) == result.offers and all(o.fresh for o in lam)
+    assert "k-123" not in catalog.cache_file("lambda").read_text()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cloudtune", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_catalog_show_json_and_filters():
+    proc = _cli("catalog", "show", "--provider", "modal", "--gpu", "h100-sxm", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert rows and {r["provider"] for r in rows} == {"modal"} and {r["gpu"] for r in rows} == {"H100-SXM"}
+    for key in ("provider", "gpu", "gpu_count", "vram_gib_per_gpu", "region", "price_hr", "spot_price_hr",
+                "as_of", "fresh", "age"):
+        assert key in rows[0]
+    assert sorted(r["gpu_count"] for r in rows) == [1, 2, 4, 8]
+    table = _cli("catalog", "show", "--provider", "modal", env={"COLUMNS": "200"})
+    assert table.returncode == 0 and "H100-SXM x8" in table.stdout and "snapshot" in table.stdout
+
+
+def test_catalog_bad_input_is_one_line():
+    for args in (("catalog", "show", "--provider", "lamda"), ("catalog", "show", "--gpu", "H1000"),
+                 ("catalog", "refresh", "--provider", "local")):
+        proc = _cli(*args)
+        assert proc.returncode == 2, args
+        assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert proc.stderr.startswith("error: ")
+    assert "did you mean 'lambda'" in _cli("catalog", "show", "--provider", "lamda").stderr
+
+
+def test_catalog_refresh_exit_code_when_everything_fails(tmp_path):
+    env = {"HOME": str(tmp_path), "LAMBDA_API_KEY": "", "CLOUDTUNE_LAMBDA_API_URL": "http://127.0.0.1:9/api/v1"}
+    proc = _cli("catalog", "refresh", "--provider", "lambda", env=env)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("lambda: skipped: ")
