@@ -20,16 +20,17 @@ from cloudtune.planner.types import BREAKDOWN_KEYS, MemoryEstimate, ModelArch, T
 GIB = float(1 << 30)
 
 # ---- global constants (the only tuned numbers; docs/planner-memory.md says where each comes from) ----
-# HF's unfused loss path holds about this many bytes per logit element (T x V) at its peak: the bf16
-# lm_head output, its fp32 upcast, the fp32 log-softmax saved for backward and the fp32 gradients.
-LOGITS_BYTES_FP32_PATH = 12.0
-# Cross-entropy computed on bf16 logits (no upcast, e.g. Qwen-1's remote code): half of the above.
-LOGITS_BYTES_BF16_PATH = 6.0
-# torch's caching allocator: reserved exceeds allocated by this fraction of the memory that churns every
-# step (activations, logits, gathered layers, dequantized weights): freed blocks stay cached and split.
+# HF's unfused loss path (transformers Llama-style forward: `logits.float()`, shift, cross-entropy) holds
+# four fp32 tensors of T x V elements when backward starts: the upcast logits, the shifted copy, the
+# log-softmax saved by cross-entropy and the gradient flowing back into it.
+LOGITS_BYTES_FP32_PATH = 16.0
+# The same four tensors when cross-entropy runs on bf16 logits (no upcast, e.g. Qwen-1's remote code).
+LOGITS_BYTES_BF16_PATH = 8.0
+# torch's caching allocator: peak reserved exceeds peak allocated by this fraction (blocks freed by
+# churning tensors stay cached and split; vram_notes.md: x1.10-1.25, Answer.AI 7B LoRA 8.3 -> 10.2 GiB).
 ALLOCATOR_FRACTION = 0.15
-# CUDA context + cuBLAS/cuDNN handles: outside torch's counters, inside nvidia-smi's.
-CUDA_CONTEXT_GIB = 0.55
+# CUDA context + cuBLAS/cuDNN handles and workspaces: outside torch's counters, inside nvidia-smi's.
+CUDA_CONTEXT_GIB = 0.8
 # NCCL communicator buffers per process, multi-GPU only (outside torch's counters).
 NCCL_GIB = 0.4
 # TRL's fused LM head projects this many tokens x vocabulary columns at a time (trl/kernels/chunked_logprob.py).
@@ -291,19 +292,25 @@ def estimate_peak(
     # (2 x 2h), q/k/v after RoPE, attention output (SDPA/flash keep it and o_proj keeps a copy), the
     # gated MLP's gate, up, act(gate) and product (4 x 2I per routed expert).
     per_layer = 12 * h + 6 * a + 4 * kv + 8 * i_ff * k_exp
-    if cfg.method != "full" and stack.lora_dropout:
-        per_layer += 3 * _adapted_input_width(arch, lora_groups(cfg.lora_targets))
+    if cfg.method != "full":
+        # PEFT's LoRA branch: dropout > 0 saves a bool mask and the dropped copy of each adapted layer's
+        # input (3 B per input element); without dropout an fp32 adapter still saves a bf16 cast (2 B)
+        adapter_bytes = stack.qlora_adapter_bytes if cfg.method == "qlora" else stack.lora_adapter_bytes
+        per_in = 3 if stack.lora_dropout else (2 if adapter_bytes == 4 else 0)
+        per_layer += per_in * _adapted_input_width(arch, lora_groups(cfg.lora_targets))
     attention = (cfg.attention or "sdpa").lower()
     if attention == "eager":
         # softmax output in fp32 (saved) + its bf16 copy for the value matmul: 6 B x heads x s^2 per sequence
         per_layer += 6 * arch.heads * cfg.seq_len
         notes.append("eager attention stores heads x seq^2 scores per layer; sdpa/flash avoid it")
+    # backward of one layer: its saved tensors plus the gradients in flight (bf16 grads of the MLP's
+    # gate/up/product and of the layer's input and output)
+    working = per_layer + 6 * i_ff * k_exp + 4 * h
     if cfg.gradient_checkpointing:
-        # one bf16 layer input kept per layer; one layer recomputed at a time, plus its gradients in flight
-        activations = T * (2 * h * L + 2 * per_layer)
+        saved = 2 * h * L  # one bf16 layer input kept per layer; each layer is recomputed in backward
     else:
-        activations = T * (per_layer * L + per_layer)
-    activations += T * (2 * h + 6 * h)  # embedding output, final norm
+        saved = per_layer * L
+    saved += 2 * h + 6 * h  # embedding output, final norm (fp32 input + bf16 output)
 
     # ---- logits and cross-entropy ----
     if stack.logits == "chunked":
@@ -350,12 +357,16 @@ def estimate_peak(
     if cfg.method == "qlora":
         dequant = 2 * max(di * do for di, do, _ in shapes.values())
 
-    # optimizer.step(): activations are gone, AdamW's foreach temporaries exist. The peak is the larger.
+    # The activation peak: all saved tensors, plus the larger of the loss (at the end of forward, before
+    # any layer is recomputed) and one layer's backward (after the logits are freed).
+    # `activations` holds the saved tensors and whatever part of the layer backward exceeds the loss peak.
+    activations = T * saved + max(0.0, T * working - logits)
     dynamic = activations + logits
+    # optimizer.step(): activations are gone, AdamW's foreach temporaries exist. The peak is the larger.
     optimizer += max(0.0, step_temp - dynamic)
 
     allocated = weights + trainable + gradients + optimizer + dynamic + dequant
-    reserved = allocated + ALLOCATOR_FRACTION * (dynamic + dequant + gathered)
+    reserved = allocated * (1 + ALLOCATOR_FRACTION)
     outside = CUDA_CONTEXT_GIB * GIB + (NCCL_GIB * GIB if gpus > 1 else 0.0)
     overhead = reserved - allocated + dequant + outside
     breakdown = dict(zip(BREAKDOWN_KEYS, (weights, trainable, gradients, optimizer, activations, logits, overhead),
