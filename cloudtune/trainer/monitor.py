@@ -52,7 +52,7 @@ class StopRequest:
             return wanted
 
 
-def install_signal_handlers(req: StopRequest) -> None:
+def install_signal_handlers(req: StopRequest) -> dict[int, Any]:
     """SIGTERM/SIGINT (preemption, `docker stop`, Ctrl-C) → emergency checkpoint and exit 75.
 
     A second signal while the checkpoint is being written is ignored on purpose: cutting the upload
@@ -67,8 +67,14 @@ def install_signal_handlers(req: StopRequest) -> None:
         log.warning("%s received: checkpointing at the end of this step, then exiting", name)
         req.request_stop("signal", name)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signals are delivered to the main thread only; an embedding caller handles them
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 # ------------------------------------------------------------------------------ AWS spot notice

@@ -23,7 +23,14 @@ from cloudtune.store import layout
 from cloudtune.store.base import Store
 from cloudtune.trainer import contract
 from cloudtune.trainer.checkpoint import CheckpointStore
-from cloudtune.trainer.monitor import Monitor, StopRequest, imds_endpoint, install_signal_handlers, peak_memory
+from cloudtune.trainer.monitor import (
+    Monitor,
+    StopRequest,
+    imds_endpoint,
+    install_signal_handlers,
+    peak_memory,
+    restore_signal_handlers,
+)
 
 log = logging.getLogger("cloudtune.trainer")
 
@@ -337,7 +344,7 @@ def run(att: Attempt) -> int:
         store.put_bytes(layout.spec_key(job), spec.to_json().encode())
 
     req = StopRequest()
-    install_signal_handlers(req)
+    previous_handlers = install_signal_handlers(req)
     monitor = Monitor(store, job, att.attempt, req, imds=imds_endpoint()).start()
     started = time.time()
     try:
@@ -428,6 +435,9 @@ def run(att: Attempt) -> int:
             "peak_mem_bytes": mem,
             "peak_mem_kind": kind,
             "precision": prec,
+            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "quantized_linears": sum(1 for m in trainer.model.modules()
+                                     if type(m).__name__ in ("Linear4bit", "Linear8bitLt")),
             "wall_s": round(wall, 2),
             "train_s": round(train_s, 2),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -441,6 +451,7 @@ def run(att: Attempt) -> int:
         return contract.EXIT_DONE
     finally:
         monitor.close()
+        restore_signal_handlers(previous_handlers)
 
 
 def merge_adapter(base_path: str, adapter_dir: Path, dest: Path, tokenizer: Any) -> None:
