@@ -1,0 +1,213 @@
+"""A fake Modal client that follows Modal's documented Sandbox behaviour, running each sandbox's
+command as a local process (the "container" is this machine).
+
+What it keeps from Modal (modal.com/docs/guide/sandboxes, modal-client `sandbox/_sandbox.py`,
+`sandbox/_common.py`, ../shared/providers.md section 4):
+- `create` takes exactly what `modal.Sandbox.create` takes: the kwargs the adapter builds are bound
+  against the real SDK's signature and built as real SDK objects (Image, Secret), and the GPU
+  string goes through the SDK's own parser. A name is unique among the app's running sandboxes
+  (AlreadyExistsError).
+- `timeout` is the sandbox's maximum lifetime; when it passes the process is killed and the
+  returncode is 124. `terminate` kills it (returncode 137) and is a no-op once it has finished.
+- `from_id` of an unknown id raises NotFoundError; `from_name` finds only running sandboxes;
+  `list(tags=...)` returns running sandboxes that carry at least those tags.
+- Preemption (`preempt`): the container's main process receives SIGINT, has `grace_s` (Modal: 30 s)
+  to exit, then is killed (137). Sandboxes are not restarted.
+Errors are the real `modal.exception` classes; `fail_next` injects one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import modal
+import modal.exception as mexc
+from cloudtune.providers.modal import SandboxInfo
+from cloudtune.providers.modal_app import SandboxDefinition, sandbox_kwargs
+
+_ids = itertools.count(1)
+# modal.com/docs/guide/gpu
+DOCUMENTED_GPUS = {"T4", "L4", "A10", "L40S", "A100", "A100-40GB", "A100-80GB", "RTX-PRO-6000", "H100", "H100!",
+                   "H200", "B200", "B200+"}
+
+
+@dataclass
+class FakeSandbox:
+    sandbox_id: str
+    app_name: str
+    name: str
+    tags: dict[str, str]
+    kwargs: dict[str, Any]
+    command: tuple[str, ...]
+    proc: subprocess.Popen
+    deadline: float
+    env: dict[str, str] = field(default_factory=dict)
+    forced_rc: int | None = None  # 124 (timeout) or 137 (terminated) once Modal ended it
+
+    def poll(self) -> int | None:
+        if self.forced_rc is not None:
+            self.proc.poll()
+            return self.forced_rc
+        rc = self.proc.poll()
+        if rc is None and time.monotonic() >= self.deadline:
+            self._kill()
+            self.forced_rc = 124
+            return 124
+        return rc
+
+    def _kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+class FakeModalClient:
+    """Implements the adapter's `ModalClient` protocol the way Modal's SDK behaves."""
+
+    def __init__(self, *, extra_env: dict[str, str] | None = None) -> None:
+        self.sandboxes: dict[str, FakeSandbox] = {}
+        self.created: list[FakeSandbox] = []
+        self.calls: list[str] = []
+        self.extra_env = dict(extra_env or {})
+        self._faults: list[tuple[str, Exception, bool]] = []
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ test controls
+
+    def fail_next(self, method: str, exc: Exception, *, after: bool = False) -> None:
+        """Raise `exc` from the next call of `method`; `after=True` performs the call first."""
+        self._faults.append((method, exc, after))
+
+    def _fault(self, method: str) -> tuple[Exception, bool] | None:
+        for i, (m, exc, after) in enumerate(self._faults):
+            if m == method:
+                del self._faults[i]
+                return exc, after
+        return None
+
+    def preempt(self, sandbox_id: str, grace_s: float = 30.0) -> int:
+        """Modal's preemption: SIGINT to the container's main process, then a kill after the grace."""
+        sb = self.sandboxes[sandbox_id]
+        if sb.poll() is not None:
+            return sb.poll()  # type: ignore[return-value]
+        sb.proc.send_signal(signal.SIGINT)
+        try:
+            return sb.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            sb._kill()
+            sb.forced_rc = 137
+            return 137
+
+    def expire(self, sandbox_id: str) -> None:
+        """Modal's hard timeout now, whatever the process does: killed, returncode 124."""
+        sb = self.sandboxes[sandbox_id]
+        if sb.poll() is None:
+            sb._kill()
+            sb.forced_rc = 124
+
+    def wait(self, sandbox_id: str, timeout_s: float = 60.0) -> int:
+        deadline = time.monotonic() + timeout_s
+        sb = self.sandboxes[sandbox_id]
+        while (rc := sb.poll()) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sandbox {sandbox_id} still running")
+            time.sleep(0.05)
+        return rc
+
+    def close(self) -> None:
+        for sb in self.sandboxes.values():
+            if sb.proc.poll() is None:
+                sb._kill()
+
+    # ------------------------------------------------------------ the ModalClient protocol
+
+    def create(self, defn: SandboxDefinition, secret_env: dict[str, str]) -> SandboxInfo:
+        self.calls.append("create")
+        fault = self._fault("create")
+        if fault and not fault[1]:
+            raise fault[0]
+        kwargs = sandbox_kwargs(defn, secret_env)  # real SDK objects, built offline
+        inspect.signature(modal.Sandbox.create).bind(*defn.command, app=object(), **kwargs)  # TypeError if wrong
+        from modal._utils.function_utils import parse_gpu_config
+
+        gpu = parse_gpu_config(kwargs["gpu"])  # raises modal.exception.InvalidError for a malformed string
+        if gpu.gpu_type not in DOCUMENTED_GPUS:  # the server's check
+            raise mexc.InvalidError(f"unknown GPU type {gpu.gpu_type!r}")
+        if not isinstance(kwargs["image"], modal.Image) or not all(isinstance(s, modal.Secret) for s in kwargs["secrets"]):
+            raise mexc.InvalidError("image must be a modal.Image and secrets modal.Secret objects")
+        if not 1 <= kwargs["timeout"] <= 24 * 3600:
+            raise mexc.InvalidError("timeout must be between 1 second and 24 hours")
+        with self._lock:
+            for sb in self.sandboxes.values():
+                if sb.app_name == defn.app_name and sb.name == defn.name and sb.poll() is None:
+                    raise mexc.AlreadyExistsError(f"Sandbox with name '{defn.name}' already exists")
+            env = {**os.environ, **self.extra_env, **kwargs["env"], **secret_env}
+            proc = subprocess.Popen(
+                list(defn.command), env=env, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=defn.workdir,
+            )
+            sb = FakeSandbox(
+                sandbox_id=f"sb-fake{next(_ids):06d}",
+                app_name=defn.app_name,
+                name=defn.name,
+                tags=dict(kwargs["tags"]),
+                kwargs=kwargs,
+                command=defn.command,
+                proc=proc,
+                deadline=time.monotonic() + kwargs["timeout"],
+                env={**kwargs["env"], **secret_env},
+            )
+            self.sandboxes[sb.sandbox_id] = sb
+            self.created.append(sb)
+        if fault:
+            raise fault[0]
+        return SandboxInfo(sb.sandbox_id, sb.name, dict(sb.tags), None)
+
+    def _get(self, sandbox_id: str) -> FakeSandbox:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None:
+            raise mexc.NotFoundError(f"Sandbox {sandbox_id} not found")
+        return sb
+
+    def get(self, sandbox_id: str) -> SandboxInfo:
+        self.calls.append("get")
+        fault = self._fault("get")
+        if fault:
+            raise fault[0]
+        sb = self._get(sandbox_id)
+        return SandboxInfo(sb.sandbox_id, None, dict(sb.tags), sb.poll())
+
+    def find(self, app_name: str, name: str) -> SandboxInfo | None:
+        self.calls.append("find")
+        for sb in self.sandboxes.values():
+            if sb.app_name == app_name and sb.name == name and sb.poll() is None:
+                return SandboxInfo(sb.sandbox_id, sb.name, dict(sb.tags), None)
+        return None
+
+    def list(self, tags: dict[str, str]) -> list[SandboxInfo]:
+        self.calls.append("list")
+        fault = self._fault("list")
+        if fault:
+            raise fault[0]
+        return [
+            SandboxInfo(sb.sandbox_id, None, dict(sb.tags), None)
+            for sb in self.sandboxes.values()
+            if sb.poll() is None and all(sb.tags.get(k) == v for k, v in tags.items())
+        ]
+
+    def terminate(self, sandbox_id: str) -> None:
+        self.calls.append("terminate")
+        sb = self._get(sandbox_id)
+        if sb.poll() is None:  # a no-op once finished
+            sb._kill()
+            sb.forced_rc = 137
