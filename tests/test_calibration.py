@@ -32,19 +32,22 @@ STACKS: dict[str, Stack] = {
     # peft.prepare_model_for_kbit_training (non-4-bit params to fp32), PEFT fp32 adapters.
     # Unsloth's HF baseline and the Liger examples set lora_dropout=0.
     "hf_legacy": with_stack(TRAINER_STACK, name="hf_legacy", logits="fp32", kbit_upcast=True,
-                            lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=False),
+                            lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=False,
+                            full_weight_bytes=2),  # the Liger HF example loads bf16 weights
     # LLaMA-Factory (spring 2024): same HF loss path; its own model prep casts trainable params to
     # fp32 but does not call prepare_model_for_kbit_training (embeddings stay bf16).
     # Its lora_dropout defaults to 0.
     "llamafactory": with_stack(TRAINER_STACK, name="llamafactory", logits="fp32", kbit_upcast=False,
-                               lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=False),
+                               lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=False,
+                               full_weight_bytes=2),
     # Answer.AI fsdp_qlora train.py: HF Llama loss path; FSDP needs one dtype per flat parameter, so
     # adapters live in bf16 next to the bf16 (or bf16-stored 4-bit) base. lora_dropout 0.1.
     "answerai": with_stack(TRAINER_STACK, name="answerai", logits="fp32", kbit_upcast=False,
-                           lora_adapter_bytes=2, qlora_adapter_bytes=2),
+                           lora_adapter_bytes=2, qlora_adapter_bytes=2, lora_dropout=True, full_weight_bytes=2),
     # Qwen-1 remote code: cross-entropy on bf16 logits (no upcast); PEFT of 2023 made fp32 adapters;
     # finetune.py's lora_dropout 0.05.
-    "qwen1": with_stack(TRAINER_STACK, name="qwen1", logits="bf16", lora_adapter_bytes=4, qlora_adapter_bytes=4),
+    "qwen1": with_stack(TRAINER_STACK, name="qwen1", logits="bf16", kbit_upcast=False,
+                        lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=True, full_weight_bytes=2),
 }
 
 

@@ -61,10 +61,23 @@ class Stack:
     lora_dropout: bool = True  # dropout > 0 saves a mask and a copy of each adapted layer's input
 
 
-# What cloudtune's trainer runs (transformers 5, PEFT 0.21, TRL 1.x SFTTrainer, bitsandbytes): fused
-# chunked LM head, no kbit upcast (SFTTrainer no longer calls prepare_model_for_kbit_training), fp32
-# LoRA adapters for 16-bit bases and bf16 adapters for quantized ones, bf16 weights for full fine-tunes.
-TRAINER_STACK = Stack(name="cloudtune trainer (transformers 5 + PEFT + TRL SFTTrainer + bitsandbytes)")
+# What cloudtune's trainer runs (cloudtune/trainer/train.py on transformers 5, PEFT 0.21, TRL 1.x):
+# - QLoRA: NF4 + double quant with bf16 quant_storage, then peft.prepare_model_for_kbit_training
+#   (embeddings, lm_head and norms to fp32); SFTTrainer casts the adapters of a quantized model to bf16.
+# - LoRA: bf16 base; PEFT's autocast_adapter_dtype keeps the adapters in fp32.
+# - full: fp32 master weights under bf16 autocast (train.py loads full fine-tunes in fp32).
+# - TRL's SFTTrainer computes the loss with its fused, chunked LM head (no T x V logits).
+# - lora_dropout 0.05 by default (spec.lora.dropout).
+TRAINER_STACK = Stack(
+    name="cloudtune trainer (transformers 5 + PEFT + TRL SFTTrainer + bitsandbytes)",
+    logits="chunked",
+    kbit_upcast=True,
+    lora_adapter_bytes=4,
+    qlora_adapter_bytes=2,
+    full_weight_bytes=4,
+    double_quant=True,
+    lora_dropout=True,
+)
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION = ("q", "k", "v", "o")
@@ -255,9 +268,10 @@ def estimate_peak(
     else:
         wbytes = stack.full_weight_bytes if cfg.method == "full" else 2
         weights = p_total * wbytes
-        layer_weight = layer_params * wbytes
+        # FSDP's mixed precision gathers parameters in bf16 whatever their sharded dtype
+        layer_weight = layer_params * 2
         layer_unpacked = layer_weight
-        root_unit = p_embed * wbytes
+        root_unit = p_embed * 2
 
     # ---- trainable parameters, gradients, optimizer ----
     if cfg.method == "full":
@@ -281,7 +295,7 @@ def estimate_peak(
             matrices += [(di, r, c), (r, sum(shapes[x][1] for x in g), c)]
     gradients = n_train * pbytes
     optimizer, step_temp = _optimizer_bytes(cfg.optimizer, n_train, pbytes, matrices, notes)
-    if cfg.method == "full" and pbytes == 2 and cfg.optimizer in ("adamw_torch", "adamw_torch_fused", "adamw"):
+    if cfg.method == "full" and pbytes == 2 and cfg.optimizer.startswith("adamw_torch"):
         notes.append("full fine-tune in bf16: weights, gradients and AdamW states are bf16 (torch AdamW keeps its "
                      "states in the parameter dtype); no fp32 master copy")
 
@@ -316,8 +330,8 @@ def estimate_peak(
     if stack.logits == "chunked":
         logits = (min(T, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * 2  # bf16 projection tile
                   + T * h * (2 + 4) + T * 8 * 4)  # hidden copy, fp32 grad of hidden, per-token fp32 stats
-        if cfg.method == "full":
-            logits += V * h * 4  # fp32 gradient of the lm_head weight, accumulated over tiles
+        if cfg.method == "full" and stack.full_weight_bytes != 4:
+            logits += V * h * 4  # fp32 gradient of the lm_head weight (with fp32 weights it *is* the .grad)
     else:
         per_elem = LOGITS_BYTES_FP32_PATH if stack.logits == "fp32" else LOGITS_BYTES_BF16_PATH
         logits = T * V * per_elem
@@ -351,6 +365,12 @@ def estimate_peak(
         gradients *= 2  # DDP's gradient buckets hold a second copy (gradient_as_bucket_view=False)
         notes.append(f"DDP over {gpus} GPUs: every GPU holds a full copy of the model and its states")
     weights += gathered
+    if cfg.method == "full" and stack.full_weight_bytes == 4 and n == 1:
+        # autocast caches a bf16 copy of every fp32 weight it casts during forward (FSDP's mixed precision
+        # gathers bf16 layers instead, counted above)
+        weights += 2 * p_total
+        notes.append("full fine-tune with fp32 master weights: 4 B weights + 2 B autocast bf16 copies + 4 B "
+                     "gradients + 8 B AdamW states per parameter (about 18 B/param)")
 
     # QLoRA dequantizes one weight matrix to bf16 at a time (forward and backward)
     dequant = 0.0
