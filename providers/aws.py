@@ -306,13 +306,13 @@ class AWSProvider:
         return self._call(f"DescribeSpotPriceHistory in {region}", fetch)
 
     def offers(self) -> list[Offer]:
-        """Catalog on-demand prices overlaid with live spot prices (fresh=True) when credentials exist.
+        """Catalog on-demand prices overlaid with live spot prices (fresh=True), for `catalog refresh`.
 
-        Without credentials this is the bundled catalog (fresh=False): planning works offline.
+        Without credentials this raises AuthError (refresh reports the provider as skipped) rather
+        than passing the snapshot off as live; the planner reads the snapshot through cloudtune.catalog.
         """
         catalog = self.catalog_offers()
-        if not self.has_credentials():
-            return catalog
+        self._require_credentials()
         from cloudtune.catalog import usable_gib
 
         live = self._sweep("spot prices", lambda r: [(r, t, p) for t, p in min_spot_by_type(self.spot_prices(r)).items()])

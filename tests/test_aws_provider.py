@@ -156,12 +156,33 @@ def test_offers_use_live_spot_history_and_catalog_on_demand(provider):
     assert by_type["p5.48xlarge"].gpu_count == 8 and by_type["p5.48xlarge"].gpu == "H100-SXM"
 
 
-def test_offers_without_credentials_fall_back_to_catalog(monkeypatch, tmp_path):
+def test_offers_without_credentials_is_auth_error_and_refresh_skips(monkeypatch, tmp_path):
     _no_credentials(monkeypatch, tmp_path)
     p = AWSProvider(regions=["us-east-1", "us-west-2"])
-    offers = p.offers()
-    assert offers and not any(o.fresh for o in offers)
-    assert {o.region for o in offers} == {"us-east-1", "us-west-2"}
+    with pytest.raises(AuthError, match="no AWS credentials found"):
+        p.offers()
+    catalog = p.catalog_offers()  # the snapshot, for the planner, limited to the configured regions
+    assert catalog and not any(o.fresh for o in catalog)
+    assert {o.region for o in catalog} == {"us-east-1", "us-west-2"}
+    from cloudtune import catalog as cat
+
+    monkeypatch.setenv("CLOUDTUNE_AWS_REGIONS", "us-east-1")
+    (result,) = cat.refresh(["aws"])
+    assert result.status == "skipped" and "no AWS credentials" in result.message
+    assert cat.read_cache("aws") is None
+
+
+def test_catalog_refresh_writes_live_aws_offers(provider, aws_env, monkeypatch):
+    from cloudtune import catalog as cat
+
+    monkeypatch.setenv("CLOUDTUNE_AWS_ENDPOINT_URL", aws_env)
+    monkeypatch.setenv("CLOUDTUNE_AWS_REGIONS", "us-east-1,eu-west-1")
+    (result,) = cat.refresh(["aws"])
+    assert result.status == "ok", result.message
+    fetched, offers = cat.read_cache("aws")
+    assert {o.region for o in offers} == {"us-east-1", "eu-west-1"} and all(o.fresh for o in offers)
+    planned = [o for o in cat.load_offers(["aws"]) if o.offer_id == "g5.xlarge" and o.region == "us-east-1"]
+    assert planned and planned[0].spot_price_hr == pytest.approx(0.00001)
 
 
 def _no_credentials(monkeypatch, tmp_path):
