@@ -316,6 +316,7 @@ class LambdaProvider:
         *,
         api_key: str | None = None,
         api_url: str | None = None,
+        base_url: str | None = None,
         ssh_key_name: str | None = None,
         terminate_key: str | None = None,
         launch_interval_s: float = LAUNCH_INTERVAL_S,
@@ -324,7 +325,8 @@ class LambdaProvider:
         timeout_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.api_url = (api_url or os.environ.get(ENV_API_URL) or DEFAULT_API_URL).rstrip("/")
+        # base_url: the name providers.yaml uses for every REST adapter
+        self.api_url = (api_url or base_url or os.environ.get(ENV_API_URL) or DEFAULT_API_URL).rstrip("/")
         self._api_key = read_api_key(api_key)
         self._terminate_key = terminate_key or os.environ.get(ENV_TERMINATE_KEY) or None
         self.ssh_key_name = ssh_key_name or os.environ.get(ENV_SSH_KEY) or None
@@ -352,7 +354,13 @@ class LambdaProvider:
         return (data or {}).get("data") or {}
 
     def offers(self) -> list[Offer]:
-        """Live offers: one per (instance type, region with capacity now), at Lambda's list price."""
+        """Live offers: one per (instance type, region with capacity now), at Lambda's list price.
+
+        VRAM is what a process can use (catalog.usable_gib), like the bundled catalog rows, so the
+        planner compares live and bundled offers on the same footing.
+        """
+        from cloudtune.catalog import usable_gib
+
         today = _dt.date.today().isoformat()
         offers: list[Offer] = []
         for type_name, entry in sorted(self.instance_types().items()):
@@ -371,7 +379,7 @@ class LambdaProvider:
                         offer_id=name,
                         gpu=gpu,
                         gpu_count=gpu_count_of(itype),
-                        vram_gib_per_gpu=vram_of(desc, gpu),
+                        vram_gib_per_gpu=usable_gib(gpu, vram_of(desc, gpu)),
                         region=region.get("name", ""),
                         price_hr=None if cents is None else round(cents / 100.0, 4),
                         spot_price_hr=None,

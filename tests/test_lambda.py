@@ -65,8 +65,9 @@ def request(offer_id="gpu_1x_a10", region="us-east-1", gpu="A10", attempt=1, **k
 
 
 def test_registry_returns_lambda_provider(fake):
-    p = get_provider("lambda", api_key=KEY, api_url=fake.url + "/api/v1")
+    p = get_provider("lambda", api_key=KEY, base_url=fake.url + "/api/v1")
     assert isinstance(p, LambdaProvider) and p.name == "lambda"
+    assert p.offers()  # reached the fake through the providers.yaml-style base_url
     assert KEY not in repr(p)
 
 
@@ -82,7 +83,7 @@ def test_offers_live_prices_capacity_and_normalised_gpus(fake):
         ("gpu_8x_a100_80gb_sxm4", "us-east-1"),
     }
     h100 = by[("gpu_1x_h100_pcie", "us-west-1")]
-    assert (h100.gpu, h100.gpu_count, h100.vram_gib_per_gpu, h100.price_hr) == ("H100-80GB", 1, 80.0, 3.29)
+    assert (h100.gpu, h100.gpu_count, h100.vram_gib_per_gpu, h100.price_hr) == ("H100-80GB", 1, 79.65, 3.29)
     a100 = by[("gpu_8x_a100_80gb_sxm4", "us-east-1")]
     assert (a100.gpu, a100.gpu_count, a100.vram_gib_per_gpu, a100.price_hr) == ("A100-80GB", 8, 80.0, 22.32)
     assert by[("gpu_1x_a100_sxm4", "europe-central-1")].gpu == "A100-40GB"
