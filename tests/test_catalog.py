@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cloudtune.providers.base import Offer
 
 from cloudtune import catalog
 from cloudtune.errors import UserError
-from cloudtune.providers.base import Offer
 
 SHARED = Path(__file__).resolve().parent.parent / "cloudtune" / "data"
 

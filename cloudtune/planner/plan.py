@@ -28,7 +28,7 @@ from cloudtune.providers.base import Offer
 # on the calibration rows is the target), allocator fragmentation spikes and NCCL buffers that
 # grow with the job need the rest (vram_notes section 5: "don't plan past ~92% of the card").
 SAFETY_FRACTION = 0.92
-NODE_COUNTS = (2, 4)  # multi-node sizes tried (x 8 GPUs) when no single node holds the job
+NODE_COUNTS = (2, 4, 8, 16)  # multi-node sizes tried (x 8 GPUs) when no single node holds the job
 # Providers where a multi-node cluster can be launched (through SkyPilot); Vast and Modal are not.
 MULTI_NODE_PROVIDERS = ("aws", "lambda", "runpod")
 # Rough sustained fp32 matmul rate of one CPU core under torch, for the local provider's estimate.
@@ -342,6 +342,8 @@ def _suggest(cfg: TrainConfig, gpus: int | None) -> str:
         tips.append("--gradient-checkpointing")
     if not gpus or gpus < 8:
         tips.append("--gpus 8")
+    elif gpus < 128:
+        tips.append(f"--gpus {gpus * 2} (multi-node)")
     if cfg.seq_len > 2048:
         tips.append("a shorter --seq-len")
     return " or ".join(tips) if tips else "a smaller model"
@@ -363,10 +365,14 @@ def _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_h
         n = gpus or 1
         need = mem_for(n).per_gpu_gib
         extra = ""
+        hint_gpus = gpus
         if gpus is None and 8 in {c[2] for c in candidates}:
-            extra = f" ({mem_for(8).per_gpu_gib:.0f} GiB on 8)"
+            on8 = mem_for(8).per_gpu_gib
+            extra = f" ({on8:.0f} GiB on 8)"
+            if on8 > largest:
+                hint_gpus = 8 * NODE_COUNTS[-1]  # even the largest cluster tried is not enough
         return (f"nothing fits: needs {need:.0f} GiB per GPU on {n} GPU{'s' if n > 1 else ''}{extra}, the largest "
-                f"card allows {largest:.0f} GiB; try {_suggest(cfg, gpus)}")
+                f"card allows {largest:.0f} GiB; try {_suggest(cfg, hint_gpus)}")
     if above_price:
         cheapest = min(above_price, key=lambda o: o.price_hr)
         return (f"nothing fits under --max-price-hr {max_price_hr:g}: the cheapest fitting option is "
