@@ -39,7 +39,9 @@ from cloudtune.providers.base import (
 )
 from cloudtune.providers.modal_app import (
     APP_NAME,
+    CPU_PER_GPU,
     MAX_TIMEOUT_S,
+    MEMORY_GIB_PER_GPU,
     TAG_CAP,
     TAG_MANAGED,
     SandboxDefinition,
@@ -236,29 +238,25 @@ class ModalProvider:
 
     def offers(self) -> list[Offer]:
         """Modal publishes no price API: the catalog's per-second GPU rates, plus the CPU and memory
-        this adapter requests per GPU (Modal bills those on top), so the total is comparable with a
-        VM's all-in hourly price. Billing is per second; a finished sandbox costs nothing."""
+        this adapter requests per GPU (Modal bills those on top, about $0.44/h per GPU), so the price
+        compares with a VM's all-in hourly price. Billing is per second; a finished sandbox costs
+        nothing (no idle tail)."""
         from dataclasses import replace
-
-        from cloudtune.providers.modal_app import CPU_PER_GPU, MEMORY_GIB_PER_GPU
 
         from cloudtune.catalog import bundled_offers
 
-        out = []
-        for o in bundled_offers():
-            if o.provider != PROVIDER or o.price_hr is None:
-                continue
-            out.append(
-                replace(
-                    o,
-                    price_hr=round(o.price_hr + cpu_memory_usd_per_hour(o.gpu_count), 4),
-                    vcpus=int(CPU_PER_GPU * o.gpu_count),
-                    ram_gb=float(MEMORY_GIB_PER_GPU * o.gpu_count),
-                    billing_granularity_s=1,
-                    region=self.region or o.region,
-                )
+        return [
+            replace(
+                o,
+                price_hr=round(o.price_hr + cpu_memory_usd_per_hour(o.gpu_count), 4),
+                vcpus=int(CPU_PER_GPU * o.gpu_count),
+                ram_gb=float(MEMORY_GIB_PER_GPU * o.gpu_count),
+                billing_granularity_s=1,
+                region=self.region or o.region,
             )
-        return out
+            for o in bundled_offers()
+            if o.provider == PROVIDER and o.price_hr is not None
+        ]
 
     # ------------------------------------------------------------ launch
 
