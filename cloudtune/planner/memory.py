@@ -264,7 +264,7 @@ def estimate_peak(
         weights = q_weight + p_other * other_bytes
         layer_weight = q_weight / L
         layer_unpacked = 2 * p_linear / L
-        root_unit = p_other * other_bytes
+        root_unit = p_other * 2  # FSDP's mixed precision gathers the non-quantized params in bf16
     else:
         wbytes = stack.full_weight_bytes if cfg.method == "full" else 2
         weights = p_total * wbytes
