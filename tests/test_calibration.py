@@ -143,7 +143,7 @@ def test_capacity_rows_do_not_overflow_their_card_by_much():
     refuse a configuration people run)."""
     fits, _ = calibration_table()
     by_id = {r["id"]: r for r in _rows()}
-    for row_id, meas, pred, _ in fits:
+    for row_id, _meas, pred, _ in fits:
         if by_id[row_id]["kind"] == "capacity":
             assert pred <= float(by_id[row_id]["card_gib"]) * 1.15, (row_id, pred)
 
