@@ -45,6 +45,8 @@ from cloudtune.providers.base import (
 )
 from cloudtune.providers.http import REDACTED, HttpClient, RetryPolicy, parse_retry_after
 
+from cloudtune.errors import UserError
+
 PROVIDER = "lambda"
 DEFAULT_API_URL = "https://cloud.lambda.ai/api/v1"
 ENV_API_KEY = "LAMBDA_API_KEY"
@@ -98,6 +100,11 @@ _VRAM_RE = re.compile(r"\((\d+(?:\.\d+)?)\s*GB", re.IGNORECASE)
 # Launches are spaced across every LambdaProvider in this process (the limit is per account).
 _launch_lock = threading.Lock()
 _last_launch_at = 0.0
+
+
+class LambdaConfigError(InvalidRequestError, UserError):
+    """A request this adapter will not send (spot, store, env, sizes). Also a UserError, so
+    `cloudtune run --dry-run` prints it as one line; the orchestrator sees an InvalidRequestError."""
 
 
 def read_api_key(explicit: str | None = None) -> str | None:
@@ -165,9 +172,9 @@ def lambda_tags(job_id: str, attempt: int) -> list[dict[str, str]]:
     tags = [{"key": k, "value": v} for k, v in machine_tags(job_id, attempt).items()]
     for tag in tags:
         if not TAG_KEY_RE.match(tag["key"]) or len(tag["key"]) > MAX_TAG_KEY_LEN:
-            raise InvalidRequestError(f"lambda: tag key {tag['key']!r} breaks Lambda's rule {TAG_KEY_RE.pattern}")
+            raise LambdaConfigError(f"lambda: tag key {tag['key']!r} breaks Lambda's rule {TAG_KEY_RE.pattern}")
         if len(tag["value"]) > MAX_TAG_VALUE_LEN:
-            raise InvalidRequestError(f"lambda: tag value for {tag['key']!r} is over {MAX_TAG_VALUE_LEN} characters")
+            raise LambdaConfigError(f"lambda: tag value for {tag['key']!r} is over {MAX_TAG_VALUE_LEN} characters")
     return tags
 
 
@@ -209,7 +216,7 @@ def _classify(resp: Any, body: Any) -> ProviderError | None:
 
 def _heredoc(tag: str, text: str) -> str:
     if any(line == tag for line in text.splitlines()):
-        raise InvalidRequestError(f"lambda: the bootstrap payload contains the line {tag!r}")
+        raise LambdaConfigError(f"lambda: the bootstrap payload contains the line {tag!r}")
     return f"<<'{tag}'\n{text}\n{tag}"
 
 
@@ -218,9 +225,9 @@ def _env_file(env: dict[str, str]) -> str:
     lines = []
     for key, value in env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise InvalidRequestError(f"lambda: environment variable name {key!r} is not valid")
+            raise LambdaConfigError(f"lambda: environment variable name {key!r} is not valid")
         if "\n" in value or "\r" in value:
-            raise InvalidRequestError(
+            raise LambdaConfigError(
                 f"lambda: environment variable {key} contains a newline; pass it base64-encoded"
             )
         lines.append(f"{key}={value}")
@@ -405,9 +412,16 @@ class LambdaProvider:
 
     def _launch_body(self, req: LaunchRequest, *, redacted: bool) -> dict[str, Any]:
         if req.spot:
-            raise InvalidRequestError("lambda sells no spot instances; launch it on-demand", provider=PROVIDER)
+            raise LambdaConfigError("lambda sells no spot instances; launch it on-demand", provider=PROVIDER)
         if len(req.name) > MAX_NAME_LEN:
-            raise InvalidRequestError(f"lambda: instance name {req.name!r} is over {MAX_NAME_LEN} characters")
+            raise LambdaConfigError(f"lambda: instance name {req.name!r} is over {MAX_NAME_LEN} characters")
+        store = req.env.get("CLOUDTUNE_STORE", "")
+        if store and not store.startswith("s3://"):
+            raise LambdaConfigError(
+                f"lambda: the store {store} is not reachable from a Lambda VM; set store.url in the job spec "
+                "to an s3:// URL (with store.endpoint_url for an S3-compatible service)",
+                provider=PROVIDER,
+            )
         env = req.redacted_env() if redacted else req.all_env()
         key = REDACTED if redacted else (self._terminate_key or self._api_key or "")
         if not redacted and not key:
@@ -420,7 +434,7 @@ class LambdaProvider:
             max_lifetime_s=req.max_lifetime_s or DEFAULT_MAX_LIFETIME_S,
         )
         if len(user_data.encode()) > MAX_USER_DATA_BYTES:
-            raise InvalidRequestError(
+            raise LambdaConfigError(
                 f"lambda: user_data is {len(user_data.encode())} bytes, over Lambda's 1 MB limit; "
                 "pass the spec by store URL (CLOUDTUNE_SPEC_URL) instead of inline"
             )

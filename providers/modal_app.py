@@ -23,6 +23,8 @@ from typing import Any
 
 from cloudtune.providers.base import InvalidRequestError, LaunchRequest, machine_tags
 
+from cloudtune.errors import UserError
+
 APP_NAME = "cloudtune"
 MAX_TIMEOUT_S = 24 * 3600  # Modal: a Sandbox (and a Function attempt) lasts at most 24 h
 SOFT_STOP_MARGIN_S = 600  # SIGTERM the trainer this long before the hard limit, to checkpoint
@@ -56,16 +58,21 @@ CPU_CORE_S_USD = 0.0000131
 MEMORY_GIB_S_USD = 0.00000222
 
 
+class ModalConfigError(InvalidRequestError, UserError):
+    """A request Modal cannot run as asked (GPU, store, lifetime, image). Also a UserError, so
+    `cloudtune run --dry-run` prints it as one line; the orchestrator sees an InvalidRequestError."""
+
+
 def modal_gpu(gpu: str, count: int) -> str:
     """`H100:8`-style string for Modal, or InvalidRequestError naming what Modal offers."""
     base = MODAL_GPU.get(gpu)
     if base is None:
-        raise InvalidRequestError(
+        raise ModalConfigError(
             f"modal: GPU {gpu!r} is not offered on Modal; Modal has {', '.join(sorted(MODAL_GPU))}", provider="modal"
         )
     cap = MAX_GPU_COUNT.get(gpu, DEFAULT_MAX_GPU_COUNT)
     if not 1 <= count <= cap:
-        raise InvalidRequestError(f"modal: {count}x {gpu} is not possible; Modal allows 1..{cap}", provider="modal")
+        raise ModalConfigError(f"modal: {count}x {gpu} is not possible; Modal allows 1..{cap}", provider="modal")
     return base if count == 1 else f"{base}:{count}"
 
 
@@ -171,30 +178,30 @@ def build_definition(
     told apart: the attempt limit means "chain the next attempt", the job's cap means "stop".
     """
     if req.spot:
-        raise InvalidRequestError("modal has no spot tier (every GPU sandbox may be preempted); launch on-demand",
+        raise ModalConfigError("modal has no spot tier (every GPU sandbox may be preempted); launch on-demand",
                                   provider="modal")
     gpu = modal_gpu(req.offer.gpu, req.offer.gpu_count)
     if not MIN_TIMEOUT_S <= attempt_limit_s <= MAX_TIMEOUT_S:
-        raise InvalidRequestError(
+        raise ModalConfigError(
             f"modal: attempt_limit_s={attempt_limit_s} is outside {MIN_TIMEOUT_S}..{MAX_TIMEOUT_S} (Modal's 24 h)",
             provider="modal",
         )
     job_cap = int(req.max_lifetime_s) if req.max_lifetime_s else None
     cap = min(job_cap, attempt_limit_s) if job_cap else attempt_limit_s
     if cap < MIN_TIMEOUT_S:
-        raise InvalidRequestError(f"modal: max lifetime {cap}s is too short; at least {MIN_TIMEOUT_S}s",
+        raise ModalConfigError(f"modal: max lifetime {cap}s is too short; at least {MIN_TIMEOUT_S}s",
                                   provider="modal")
     env = dict(req.env)
     store = env.get("CLOUDTUNE_STORE", "")
     if store.startswith("file://") or (store and "://" not in store):
-        raise InvalidRequestError(
+        raise ModalConfigError(
             f"modal: the store {store!r} is on this machine and a Modal sandbox cannot reach it; "
             "use an s3:// store (spec store.url) that both this machine and Modal can reach",
             provider="modal",
         )
     if image_requirements:
         if not Path(image_requirements).is_file():
-            raise InvalidRequestError(f"modal: image_requirements file {image_requirements!r} does not exist",
+            raise ModalConfigError(f"modal: image_requirements file {image_requirements!r} does not exist",
                                       provider="modal")
         image = ImageDefinition("build", str(image_requirements))
     else:

@@ -303,3 +303,15 @@ def test_user_data_boots_the_trainer_and_the_vm_terminates_itself(tmp_path):
         boot = fake.instances[m.machine_id].boot_dir
         assert stat.S_IMODE((boot / "lambda_key").stat().st_mode) == 0o600
         assert stat.S_IMODE((boot / "env").stat().st_mode) == 0o600
+
+
+def test_a_store_the_vm_cannot_reach_is_a_one_line_user_error(fake):
+    from cloudtune.errors import UserError
+
+    p = provider(fake)
+    req = request(env={"CLOUDTUNE_STORE": "file:///home/me/.cloudtune/store"})
+    for call in (p.describe_launch, p.launch):
+        with pytest.raises(InvalidRequestError, match="s3://") as err:
+            call(req)
+        assert isinstance(err.value, UserError)
+    assert not fake.calls("POST", "/instance-operations/launch")
