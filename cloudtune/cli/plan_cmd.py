@@ -151,7 +151,7 @@ def _render(result: Any, top: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     arch, cfg, mem = result.model, result.config, result.memory
     bits = f" {cfg.quant_bits}-bit" if cfg.method == "qlora" else ""
     console.print(
