@@ -158,6 +158,10 @@ class LocalSpec(_Strict):
     preempt_after_s: float | None = None
     preempt_every_s: float | None = None
     preempt_random: bool = False
+    preempt_max: int | None = Field(None, ge=0, description="preempt only attempts 1..N (None: no limit)")
+    preempt_clock: Literal["machine", "training"] = Field(
+        "machine", description="count preemption time from machine start, or from the first training heartbeat"
+    )
     notice_s: float = 5.0
     seed: int = 0
     price_hr: float = 0.0

@@ -20,6 +20,10 @@ Preemption (the spec's `local:` section, read from the launch request's spec):
   preempt_every_s   every machine is preempted this many seconds after it starts
   preempt_random    the time is drawn uniformly in [0.5, 1.5] x (every_s or after_s or 30 s),
                     from random.Random(seed, attempt): reproducible
+  preempt_max       only attempts 1..N are preempted (a bounded chaos run)
+  preempt_clock     "machine" (default): count from machine start, as a spot market does;
+                    "training": count from the attempt's first training heartbeat in the store, so
+                    every preemption lands mid-training however long the start-up takes
   notice_s          SIGTERM, then SIGKILL after this many seconds; 0 = SIGKILL with no notice
 """
 
@@ -122,6 +126,9 @@ def _spec_local(env: dict[str, str]) -> dict[str, Any]:
 
 def preemption_time(local: dict[str, Any], attempt: int) -> float | None:
     """Seconds after start at which this attempt's machine is preempted, or None (never)."""
+    cap = local.get("preempt_max")
+    if cap is not None and attempt > int(cap):
+        return None
     after = local.get("preempt_after_s")
     every = local.get("preempt_every_s")
     if local.get("preempt_random"):
@@ -195,6 +202,7 @@ class LocalProvider:
             "max_lifetime_s": req.max_lifetime_s,
             "preempt_at_s": preempt_at,
             "notice_s": float(local.get("notice_s", 5.0)),
+            "preempt_clock": local.get("preempt_clock") or "machine",
         }
         _write_json(mdir / "machine.json", record)
         log = open(mdir / "supervisor.log", "ab")
@@ -418,14 +426,21 @@ class _Supervisor:
         if self.proc is not None:
             _killpg(self.proc.pid, signal.SIGTERM)
 
-    def _ship_log(self, force: bool = False) -> None:
-        """Copy the output to <store>/<job>/logs/attempt-<n>.log, as a cloud machine's agent would."""
+    def _open_store(self):
+        """(store, layout) of the job this machine runs, or None when the launch named no store."""
         from cloudtune.trainer.contract import ENV_STORE, ENV_STORE_ENDPOINT
 
         url = os.environ.get(ENV_STORE)
-        job, attempt = self.record.get("job_id"), self.record.get("attempt")
-        if not url or not job or attempt is None:
-            return
+        if not url or not self.record.get("job_id") or self.record.get("attempt") is None:
+            return None
+        if self._store is None:
+            from cloudtune.store import layout, open_store
+
+            self._store = (open_store(url, endpoint_url=os.environ.get(ENV_STORE_ENDPOINT)), layout)
+        return self._store
+
+    def _ship_log(self, force: bool = False) -> None:
+        """Copy the output to <store>/<job>/logs/attempt-<n>.log, as a cloud machine's agent would."""
         path = self.mdir / "output.log"
         try:
             size = path.stat().st_size
@@ -434,15 +449,27 @@ class _Supervisor:
         if size == self._shipped_size and not force:
             return
         try:
-            if self._store is None:
-                from cloudtune.store import layout, open_store
-
-                self._store = (open_store(url, endpoint_url=os.environ.get(ENV_STORE_ENDPOINT)), layout)
-            store, layout = self._store
-            store.upload_file(path, layout.log_key(job, int(attempt)))
+            opened = self._open_store()
+            if opened is None:
+                return
+            store, layout = opened
+            store.upload_file(path, layout.log_key(self.record["job_id"], int(self.record["attempt"])))
             self._shipped_size = size
         except Exception as err:  # noqa: BLE001 - log shipping must never take the machine down
             print(f"log shipping failed: {err}", file=sys.stderr, flush=True)
+
+    def _training_started(self) -> bool:
+        """True once this attempt's heartbeat in the store says it is training."""
+        try:
+            opened = self._open_store()
+            if opened is None:
+                return False
+            store, layout = opened
+            hb = store.read_json(layout.heartbeat_key(self.record["job_id"]))
+        except Exception:  # noqa: BLE001 - no heartbeat yet is "not yet"
+            return False
+        return bool(hb) and int(hb.get("attempt", -1)) == int(self.record["attempt"]) and \
+            hb.get("phase") == "training" and hb.get("step") is not None
 
     def _kill_workload(self, notice_s: float) -> int | None:
         assert self.proc is not None
@@ -481,13 +508,21 @@ class _Supervisor:
         if self._terminating:  # terminate arrived while we were starting the workload
             _killpg(self.proc.pid, signal.SIGTERM)
         preempt_at = self.record.get("preempt_at_s")
+        training_clock = self.record.get("preempt_clock") == "training"
+        clock_start = None if training_clock else started
         lifetime = self.record.get("max_lifetime_s")
-        last_ship = 0.0
+        last_ship = last_hb = 0.0
         while True:
             code = self.proc.poll()
             if code is not None:
                 break
-            elapsed = time.time() - started
+            now = time.time()
+            elapsed = now - started
+            if clock_start is None and preempt_at is not None and now - last_hb >= 0.2:
+                last_hb = now
+                if self._training_started():
+                    clock_start = now
+                    print(f"training started after {elapsed:.1f}s; preemption in {preempt_at:.1f}s", flush=True)
             if self._terminating:
                 try:
                     code = self.proc.wait(timeout=TERMINATE_GRACE_S)
@@ -496,7 +531,7 @@ class _Supervisor:
                 self._ship_log(force=True)
                 self.write_status(state="terminated", exit_code=code, ended_at=time.time(), detail="terminated")
                 return 0
-            if preempt_at is not None and elapsed >= preempt_at:
+            if preempt_at is not None and clock_start is not None and now - clock_start >= preempt_at:
                 notice = float(self.record.get("notice_s", 5.0))
                 print(f"simulated preemption after {elapsed:.1f}s (notice {notice:g}s)", flush=True)
                 code = self._kill_workload(notice)

@@ -18,7 +18,7 @@ from typing import Any
 
 
 def iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if ts else None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if ts is not None else None
 
 
 def billed_seconds(started_at: float, ended_at: float | None, granularity_s: int, now: float | None = None) -> float:
@@ -82,7 +82,7 @@ def job_report(db, job, now: float | None = None) -> dict[str, Any]:
         "est_cost_usd": job.est_cost_usd,
         "est_hours": job.est_hours,
         "machine_hours": round(hours, 6),
-        "wall_hours": round((wall_end - first) / 3600.0, 6) if first else 0.0,
+        "wall_hours": round((wall_end - first) / 3600.0, 6) if first is not None else 0.0,
         "spot_savings_usd": round(spot_savings, 6),
         "attempts": attempts,
     }
