@@ -38,7 +38,7 @@ def read_spec(path: str | None) -> JobSpec:
         source = f"${contract.ENV_SPEC}"
         if raw.startswith("b64:"):
             try:
-                raw = base64.b64decode(raw[4:]).decode()
+                raw = base64.b64decode(raw[4:], validate=True).decode()
             except (ValueError, UnicodeDecodeError):
                 raise SpecError(f"{source} starts with 'b64:' but is not valid base64") from None
         try:
