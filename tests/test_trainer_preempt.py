@@ -67,8 +67,8 @@ def test_interrupted_run_ends_bitwise_identical(tmp_path: Path):
     # 3. resume: the half checkpoint is ignored; SIGTERM again
     proc = start_trainer(spec_path, "res", 3, log)
     wait_for(lambda: heartbeat(store_dir, "res").get("attempt") == 3, proc=proc, what="attempt 3 heartbeat")
-    assert "resuming from checkpoint %d" % newest in log.read_text()
     assert interrupt_at(proc, store_dir, "res", newest + 3) == contract.EXIT_PREEMPTED
+    assert f"resuming from checkpoint {newest}" in log.read_text()
     assert not half.exists()  # pruned once a newer checkpoint was committed
 
     # 4. the newest committed checkpoint is corrupted in the store: fall back to the previous one

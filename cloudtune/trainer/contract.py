@@ -23,6 +23,16 @@ ENV_IMDS = "CLOUDTUNE_IMDS_ENDPOINT"  # AWS instance metadata endpoint (tests po
 HEARTBEAT_INTERVAL_S = 30.0
 
 # heartbeat.json fields (all optional except job_id, attempt, time, phase):
-# job_id, attempt, time (unix s), phase (loading|training|checkpointing|saving|done|failed),
-# step, total_steps, epoch, loss, learning_rate, tokens_per_s, peak_mem_bytes, peak_mem_kind
-# (cuda_reserved|rss), eta_s, last_checkpoint_step
+# job_id, attempt, time (unix s), phase (loading|training|checkpointing|saving|done|failed|
+# preempted|stopped), step, total_steps, epoch, loss, learning_rate, eval_loss, tokens_per_s,
+# peak_mem_bytes, peak_mem_kind (cuda_reserved|rss), eta_s, last_checkpoint_step,
+# last_step_time (unix s of the last optimizer step), stop_reason (signal|spot|control), stop_detail
+#
+# control.json (written by the controller, deleted by the trainer once acted on):
+# {"action": "checkpoint"} -> checkpoint and continue; {"action": "stop", "reason": str} -> checkpoint,
+# exit EXIT_STOPPED. Polled every CLOUDTUNE_CONTROL_POLL_S (default 10 s).
+#
+# Entrypoint (images/trainer, cloudtune/trainer/entrypoint.py):
+ENV_MAX_LIFETIME = "CLOUDTUNE_MAX_LIFETIME_S"  # hard cap on the trainer's lifetime (SIGTERM, then SIGKILL)
+ENV_STOP_GRACE = "CLOUDTUNE_STOP_GRACE_S"  # seconds between that SIGTERM and SIGKILL (default 90)
+ENV_SELF_TERMINATE = "CLOUDTUNE_SELF_TERMINATE"  # shell command run after the trainer exits (never logged)

@@ -64,7 +64,7 @@ class DataSummary:
 
 def _is_hub_id(ref: str) -> bool:
     return "://" not in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1 and \
-        not Path(ref).suffix.lower() in SUFFIXES
+        Path(ref).suffix.lower() not in SUFFIXES
 
 
 def _fetch_s3(url: str, store: dict[str, Any] | None) -> Path:

@@ -23,13 +23,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cloudtune.trainer.contract import EXIT_FAILED, EXIT_PREEMPTED
+from cloudtune.trainer.contract import (
+    ENV_MAX_LIFETIME,
+    ENV_SELF_TERMINATE,
+    ENV_STOP_GRACE,
+    EXIT_FAILED,
+    EXIT_PREEMPTED,
+)
 
 log = logging.getLogger("cloudtune.entrypoint")
 
-ENV_MAX_LIFETIME = "CLOUDTUNE_MAX_LIFETIME_S"
-ENV_SELF_TERMINATE = "CLOUDTUNE_SELF_TERMINATE"
-ENV_STOP_GRACE = "CLOUDTUNE_STOP_GRACE_S"
 ENV_HOOK_TIMEOUT = "CLOUDTUNE_SELF_TERMINATE_TIMEOUT_S"
 DEFAULT_COMMAND = [sys.executable, "-m", "cloudtune.trainer"]
 
