@@ -203,16 +203,6 @@ class AWSProvider:
                 raise translate(err, "loading the AWS profile") from None
         return self._session
 
-    def has_credentials(self) -> bool:
-        """True when boto3's chain (env, profile, SSO, instance role) yields credentials. No network
-        call to AWS itself; an unusable SSO cache counts as none."""
-        from botocore import exceptions as bx
-
-        try:
-            return self._boto_session().get_credentials() is not None
-        except (bx.BotoCoreError, AuthError):
-            return False
-
     def _require_credentials(self) -> None:
         from botocore import exceptions as bx
 
