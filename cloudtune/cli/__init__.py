@@ -51,6 +51,16 @@ def main() -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except Exception as err:
+        # A provider's typed error (auth, capacity, quota...) is the user's to act on: one line,
+        # exit 3. Anything else is a bug and keeps its traceback.
+        from cloudtune.providers.base import ProviderError
+
+        if not isinstance(err, ProviderError):
+            raise
+        where = f"{err.provider}: " if err.provider else ""
+        print(f"error: {where}{err}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
