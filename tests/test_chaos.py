@@ -1,0 +1,153 @@
+"""Chaos: the quickstart job on the local provider, with real processes throughout.
+
+1. Reference: an uninterrupted run, but the `cloudtune run` process itself is SIGKILLed mid-job:
+   the detached watchdog still finishes the job and tears the machine down.
+2. Seeded random preemptions, with a notice window (SIGTERM, emergency checkpoint) and without
+   (SIGKILL): the job completes, the final adapter is bit-identical to the reference, the ledger
+   has one row per launch, nothing is left running, and the state db agrees with the store.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloudtune.store import layout, open_store
+from tests._run_util import (
+    ROOT,
+    assert_nothing_left,
+    cli,
+    cli_env,
+    db_rows,
+    last_json,
+    quickstart_spec,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+CHAOS = {
+    "training": {"max_steps": 60, "logging_steps": 1},
+    "checkpoint": {"every_steps": 5},
+    "limits": {"max_restarts": 4, "heartbeat_timeout_s": 120},
+}
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One home and store for the module, so the tiny model is built once and adapters compare."""
+    tmp = tmp_path_factory.mktemp("chaos")
+    return tmp, cli_env(tmp / "home")
+
+
+def _final(tmp: Path, job_id: str) -> dict[str, object]:
+    """The adapter's weights as bytes, and its config with target_modules sorted (PEFT writes that
+    list from a set, so its order follows the process's hash seed, not the training)."""
+    store = open_store(f"file://{tmp / 'store'}")
+    weights = store.get_bytes(f"{layout.final_prefix(job_id)}adapter_model.safetensors")
+    config = store.get_json(f"{layout.final_prefix(job_id)}adapter_config.json")
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return {"adapter_model.safetensors": weights, "adapter_config.json": config}
+
+
+def _check_db_and_store(tmp: Path, home: Path, job_id: str) -> list[dict]:
+    """The state db and the store tell the same story about a finished job."""
+    store = open_store(f"file://{tmp / 'store'}")
+    job = db_rows(home, "SELECT * FROM jobs WHERE id = ?", job_id)[0]
+    attempts = db_rows(home, "SELECT * FROM attempts WHERE job_id = ? AND state != 'launch_failed' ORDER BY n",
+                       job_id)
+    ledger = db_rows(home, "SELECT * FROM ledger WHERE job_id = ? ORDER BY attempt", job_id)
+    assert job["state"] == "done" and store.exists(layout.done_key(job_id))
+    assert not store.exists(layout.failed_key(job_id))
+    assert job["store_url"] == store.url
+    # One ledger row per launch, every one closed, and one machine per launch on the provider side.
+    assert [r["attempt"] for r in ledger] == [a["n"] for a in attempts]
+    assert all(r["ended_at"] and r["end_reason"] for r in ledger)
+    assert all(a["state"] == "ended" for a in attempts)
+    machines = sorted(p.name for p in (home / "local" / "machines").glob(f"cloudtune-{job_id}-*"))
+    assert len(machines) == len(attempts)
+    assert all((home / "local" / "machines" / m / "terminated.json").exists() for m in machines)
+    # Every launch shipped its trainer output; the heartbeat and the db agree on the last step.
+    logs = store.list(f"{job_id}/logs/")
+    assert logs == sorted(layout.log_key(job_id, a["n"]) for a in attempts)
+    hb = store.get_json(layout.heartbeat_key(job_id))
+    assert hb["phase"] == "done" and hb["step"] == job["step"] == job["total_steps"] == CHAOS["training"]["max_steps"]
+    assert store.get_json(layout.spec_key(job_id))["name"] == job["name"]
+    return ledger
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    """Uninterrupted training, with the CLI killed mid-job: the watchdog finishes and tears down."""
+    tmp, env = world
+    home = Path(env["CLOUDTUNE_HOME"])
+    spec = quickstart_spec(tmp, "reference", **CHAOS)
+    proc = subprocess.Popen([sys.executable, "-m", "cloudtune", "run", str(spec), "--yes", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        job = wait_for(lambda: (home / "state.db").exists() and [
+            r for r in db_rows(home, "SELECT * FROM jobs") if r["state"] == "running" and (r["step"] or 0) >= 1
+        ], 180, "the reference job to start training")[0]
+        assert job["state"] == "running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    job_id = job["id"]
+    final = wait_for(lambda: [r for r in db_rows(home, "SELECT * FROM jobs WHERE id = ?", job_id)
+                              if r["state"] in ("done", "failed", "stopped")], 240, "the watchdog to finish")[0]
+    assert final["state"] == "done", final["reason"]
+    ledger = _check_db_and_store(tmp, home, job_id)
+    assert len(ledger) == 1 and ledger[0]["end_reason"].startswith("the trainer wrote DONE.json")
+    assert_nothing_left(job_id)
+    events = [e["kind"] for e in db_rows(home, "SELECT kind FROM events WHERE job_id = ? ORDER BY id", job_id)]
+    assert events[-3:] == ["terminated", "done", "watchdog"]
+    return _final(tmp, job_id)
+
+
+def test_cli_killed_mid_job_watchdog_finishes(reference):
+    assert set(reference) == set(ADAPTER_FILES) and len(reference["adapter_model.safetensors"]) > 1000
+
+
+@pytest.mark.parametrize("notice_s,seed", [(3.0, 11), (0.0, 5)], ids=["with-notice", "sigkill-no-notice"])
+def test_random_preemptions_resume_to_identical_adapter(world, reference, notice_s, seed):
+    tmp, env = world
+    home = Path(env["CLOUDTUNE_HOME"])
+    local = {"preempt_random": True, "preempt_every_s": 1.0, "preempt_clock": "training", "preempt_max": 2,
+             "notice_s": notice_s, "seed": seed, "price_hr": 0.36}
+    spec = quickstart_spec(tmp, f"chaos-{seed}", local=local, **CHAOS)
+    out = cli(env, "run", str(spec), "--yes", "--json", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = last_json(out.stdout)
+    assert res["state"] == "done"
+    job_id = res["job_id"]
+    ledger = _check_db_and_store(tmp, home, job_id)
+    preempted = [r for r in ledger if r["end_reason"].startswith("preempted")]
+    assert len(preempted) >= 1, [r["end_reason"] for r in ledger]
+    assert len(ledger) == len(preempted) + 1 <= 3
+    if notice_s == 0:
+        assert all("without notice" in r["end_reason"] for r in preempted)
+    else:
+        assert all("with 3s notice" in r["end_reason"] for r in preempted)
+    assert_nothing_left(job_id)
+    assert _final(tmp, job_id) == reference  # bit-identical to the uninterrupted run
+
+    cost = last_json_blob(cli(env, "cost", job_id, "--json").stdout)
+    job = cost["jobs"][0]
+    assert [a["n"] for a in job["attempts"]] == [r["attempt"] for r in ledger]
+    assert job["cost_usd"] == pytest.approx(sum(a["cost_usd"] for a in job["attempts"]))
+    assert all(a["price_hr"] == 0.36 and a["provider"] == "local" for a in job["attempts"])
+    assert job["cost_usd"] > 0
+
+
+def last_json_blob(stdout: str) -> dict:
+    return json.loads(stdout)
