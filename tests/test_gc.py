@@ -7,6 +7,7 @@ import sys
 
 from cloudtune.providers import get_provider
 from cloudtune.providers.base import LaunchRequest, MachineState
+
 from cloudtune.run import state as S
 from cloudtune.run.gc import scan
 from tests._run_util import cli, cli_env

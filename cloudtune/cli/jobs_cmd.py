@@ -116,6 +116,21 @@ def _dry_run(console, draft, json_out: bool) -> None:
     print(json.dumps(out, indent=2, default=str))
 
 
+def _print_learning(console, job) -> None:
+    """First and last training loss from final/summary.json: did the adapter learn anything?"""
+    from cloudtune.run.orchestrator import store_for
+    from cloudtune.store import layout
+
+    try:
+        summary = store_for(job.spec).read_json(layout.summary_key(job.id)) or {}
+    except Exception:  # noqa: BLE001 - the summary is a nicety; the job is done either way
+        return
+    first, last = summary.get("first_loss"), summary.get("final_loss")
+    if first is not None and last is not None:
+        console.print(f"training loss {first:.3f} -> {last:.3f} over {summary.get('steps')} steps "
+                      f"({summary.get('tokens_per_s') or 0:,.0f} tokens/s)", markup=False)
+
+
 def run_cmd(
     spec_path: Path = typer.Argument(..., help="Job spec (YAML or JSON), e.g. examples/quickstart.yaml."),
     provider: str = typer.Option(None, "--provider", "-p", help="Provider(s), comma-separated; overrides resources.provider."),
@@ -182,6 +197,7 @@ def run_cmd(
     render({"jobs": [rep], "total_usd": rep["cost_usd"]}, console)
     if job.state == S.DONE:
         console.print(f"adapter: {job.store_url.rstrip('/')}/{job_id}/final/", markup=False)
+        _print_learning(console, job)
     elif job.reason:
         console.print(f"job {job.state}: {job.reason}", markup=False)
     finish(job.state, _exit_code(job.state))

@@ -125,6 +125,16 @@ def _hours(h: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _short(reason: str | None) -> str:
+    """The first clause of an end reason, for a table cell (the full text is in --json/--csv)."""
+    if not reason:
+        return "running"
+    if reason.startswith("the trainer wrote DONE.json"):
+        return "done"
+    head = reason.split(":")[0].split(" (")[0]
+    return head if len(head) <= 32 else head[:31] + "…"
+
+
 def render(rep: dict[str, Any], console) -> None:
     """Human report: one table per job (attempts), then the estimate-vs-actual line and a total."""
     from rich.table import Table
@@ -134,10 +144,11 @@ def render(rep: dict[str, Any], console) -> None:
         for col in ("#", "provider", "offer", "gpu", "spot", "$/h at launch", "billing", "time", "cost", "ended by"):
             t.add_column(col)
         for a in j["attempts"]:
+            gpu = f"{a['gpu_count']}x {a['gpu']}" if a["gpu_count"] else a["gpu"]
             t.add_row(
-                str(a["n"]), a["provider"], a["offer_id"], f"{a['gpu_count']}x {a['gpu']}",
+                str(a["n"]), a["provider"], a["offer_id"], gpu,
                 "yes" if a["spot"] else "no", _money(a["price_hr"]), f"{a['billing_granularity_s']}s",
-                _hours(a["hours"]), _money(a["cost_usd"]), a["end_reason"] or "running",
+                _hours(a["hours"]), _money(a["cost_usd"]), _short(a["end_reason"]),
             )
         console.print(t)
         console.print(
