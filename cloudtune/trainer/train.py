@@ -436,8 +436,9 @@ def run(att: Attempt) -> int:
             "peak_mem_kind": kind,
             "precision": prec,
             "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            "quantized_linears": sum(1 for m in trainer.model.modules()
-                                     if type(m).__name__ in ("Linear4bit", "Linear8bitLt")),
+            "quantized_linears": sum(1 for m in trainer.model.modules()  # bnb layers, not PEFT wrappers
+                                     if type(m).__module__.startswith("bitsandbytes")
+                                     and type(m).__name__ in ("Linear4bit", "Linear8bitLt")),
             "wall_s": round(wall, 2),
             "train_s": round(train_s, 2),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
