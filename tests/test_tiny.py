@@ -75,3 +75,11 @@ def test_arch_is_import_light():
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stale_cache_is_rebuilt(_isolated_home: Path):
+    path = tiny.ensure_tiny_model("tiny:add")
+    good = _sha(path / "model.safetensors")
+    (path / "cloudtune_tiny.json").write_text('{"old": true}')
+    (path / "model.safetensors").write_bytes(b"stale")
+    assert _sha(tiny.ensure_tiny_model("tiny:add") / "model.safetensors") == good
