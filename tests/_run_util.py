@@ -71,6 +71,16 @@ def db_rows(home: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
         conn.close()
 
 
+def jobs_rows(home: Path) -> list[dict[str, Any]]:
+    """All job rows, or [] while the db is not created yet (another process may be creating it)."""
+    if not (home / "state.db").exists():
+        return []
+    try:
+        return db_rows(home, "SELECT * FROM jobs")
+    except sqlite3.OperationalError:
+        return []
+
+
 def wait_for(pred, timeout: float, what: str, every: float = 0.2):
     deadline = time.time() + timeout
     while time.time() < deadline:

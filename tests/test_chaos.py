@@ -24,6 +24,7 @@ from tests._run_util import (
     cli,
     cli_env,
     db_rows,
+    jobs_rows,
     last_json,
     quickstart_spec,
     wait_for,
@@ -92,8 +93,8 @@ def reference(world):
     proc = subprocess.Popen([sys.executable, "-m", "cloudtune", "run", str(spec), "--yes", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     try:
-        job = wait_for(lambda: (home / "state.db").exists() and [
-            r for r in db_rows(home, "SELECT * FROM jobs") if r["state"] == "running" and (r["step"] or 0) >= 1
+        job = wait_for(lambda: [
+            r for r in jobs_rows(home) if r["state"] == "running" and (r["step"] or 0) >= 1
         ], 180, "the reference job to start training")[0]
         assert job["state"] == "running"
         proc.send_signal(signal.SIGKILL)
@@ -139,7 +140,10 @@ def test_random_preemptions_resume_to_identical_adapter(world, reference, notice
     else:
         assert all("with 3s notice" in r["end_reason"] for r in preempted)
     assert_nothing_left(job_id)
-    assert _final(tmp, job_id) == reference  # bit-identical to the uninterrupted run
+    final = _final(tmp, job_id)
+    # bit-identical weights to the uninterrupted run, and the same adapter config
+    assert final["adapter_model.safetensors"] == reference["adapter_model.safetensors"]
+    assert final["adapter_config.json"] == reference["adapter_config.json"]
 
     cost = last_json_blob(cli(env, "cost", job_id, "--json").stdout)
     job = cost["jobs"][0]

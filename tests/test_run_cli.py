@@ -85,3 +85,15 @@ def test_dry_run_launches_nothing_and_redacts_secrets(tmp_path, env):
     assert launch["command"][-2:] == ["-m", "cloudtune.trainer"]
     assert "hf_supersecret" not in out.stdout + out.stderr
     _nothing_written(tmp_path, env)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "llama8b-qlora", "llama70b-qlora", "dpo"])
+def test_example_specs_are_valid(name):
+    from cloudtune.spec import load_spec
+    from tests._run_util import ROOT
+
+    spec = load_spec(ROOT / "examples" / f"{name}.yaml")
+    assert spec.name and spec.limits.max_restarts >= 1
+    if name == "quickstart":
+        assert spec.model == "tiny:reverse" and (spec.resources.provider or "local") == "local"
+        assert Path(spec.data.train).is_file()
