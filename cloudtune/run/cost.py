@@ -141,12 +141,13 @@ def render(rep: dict[str, Any], console) -> None:
 
     for j in rep["jobs"]:
         t = Table(title=f"job {j['id']} ({j['name']}) - {j['state']}", title_justify="left")
-        for col in ("#", "provider", "offer", "gpu", "spot", "$/h at launch", "billing", "time", "cost", "ended by"):
-            t.add_column(col)
+        for col in ("#", "where", "gpu", "spot", "$/h", "per", "time", "cost"):
+            t.add_column(col, no_wrap=True)
+        t.add_column("ended by", overflow="ellipsis", no_wrap=True)
         for a in j["attempts"]:
             gpu = f"{a['gpu_count']}x {a['gpu']}" if a["gpu_count"] else a["gpu"]
             t.add_row(
-                str(a["n"]), a["provider"], a["offer_id"], gpu,
+                str(a["n"]), a["provider"] if a["offer_id"] == a["provider"] else f"{a['provider']}/{a['offer_id']}", gpu,
                 "yes" if a["spot"] else "no", _money(a["price_hr"]), f"{a['billing_granularity_s']}s",
                 _hours(a["hours"]), _money(a["cost_usd"]), _short(a["end_reason"]),
             )
