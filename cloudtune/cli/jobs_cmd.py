@@ -4,7 +4,7 @@ The CLI never drives a job: `run` validates, plans, writes the job and starts it
 watchdog, then renders progress from the state db. So Ctrl-C, `--detach` or a killed terminal
 only stop the rendering; the watchdog keeps the lifecycle (docs/operations.md).
 
-Exit codes: 0 done (or detached / launched); 1 the job failed; 2 bad input; 3 the job was
+Exit codes: 0 done (or detached / launched); 1 the job failed; 2 bad input; 3 a provider error; 4 the job was
 stopped (by `stop`, a budget or a deadline); 130 interrupted and detached.
 """
 
@@ -20,7 +20,7 @@ import typer
 from cloudtune.errors import NotFound, UserError
 
 EXIT_FAILED = 1
-EXIT_STOPPED = 3
+EXIT_STOPPED = 4
 EXIT_DETACHED = 130
 
 
