@@ -45,7 +45,8 @@ def problem(status: int, title: str, detail: str) -> Response:
 
 class RunPodFake(FakeServer):
     def __init__(self, api_key: str | None = "rp-test-key", *, run_commands: bool = False,
-                 gpus: list[dict[str, Any]] | None = None, balance: float = 100.0, cwd: str | None = None) -> None:
+                 gpus: list[dict[str, Any]] | None = None, balance: float = 100.0, cwd: str | None = None,
+                 log_dir: str | None = None) -> None:
         super().__init__(api_key)
         self.gpus = [dict(g) for g in (gpus or DEFAULT_GPUS)]
         self.pods: dict[str, dict[str, Any]] = {}
@@ -53,7 +54,7 @@ class RunPodFake(FakeServer):
         self.run_commands = run_commands
         self.cwd = cwd
         self.ghost_terminated = False
-        self.workloads = LocalWorkloads()
+        self.workloads = LocalWorkloads(log_dir)
         self._ids = (f"rp{n:06d}x" for n in itertools.count(1))
         self._reads: dict[str, int] = {}
         self.v2_catalog = True  # False: /v2/catalog/gpus answers 404 (exercise the GraphQL fallback)

@@ -264,20 +264,40 @@ class LocalWorkloads:
     starts the launch command here, and interrupting the machine signals the process group.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_dir: str | None = None) -> None:
         import subprocess
 
         self._subprocess = subprocess
         self.procs: dict[str, Any] = {}
+        self.log_dir = log_dir  # when set, each machine's output goes to <log_dir>/<key>.log
+
+    def log_path(self, key: str) -> str | None:
+        import os
+
+        return os.path.join(self.log_dir, f"{key}.log") if self.log_dir else None
 
     def start(self, key: str, command: str | list[str], env: dict[str, str], cwd: str | None = None) -> None:
         import os
 
         argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
-        self.procs[key] = self._subprocess.Popen(
-            argv, env={**os.environ, **env}, cwd=cwd, start_new_session=True,
-            stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL,
-        )
+        path = self.log_path(key)
+        out = open(path, "ab") if path else self._subprocess.DEVNULL  # noqa: SIM115 - closed right after Popen
+        try:
+            self.procs[key] = self._subprocess.Popen(
+                argv, env={**os.environ, **env}, cwd=cwd, start_new_session=True,
+                stdout=out, stderr=self._subprocess.STDOUT if path else self._subprocess.DEVNULL,
+            )
+        finally:
+            if path:
+                out.close()
+
+    def output(self, key: str) -> str:
+        """What the machine's command printed so far ("" without a log_dir)."""
+        path = self.log_path(key)
+        try:
+            return open(path, errors="replace").read() if path else ""
+        except FileNotFoundError:
+            return ""
 
     def returncode(self, key: str) -> int | None:
         proc = self.procs.get(key)

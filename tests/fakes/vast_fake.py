@@ -62,7 +62,8 @@ def err(status: int, error: str, msg: str, **extra: Any) -> Response:
 
 class VastFake(FakeServer):
     def __init__(self, api_key: str | None = "vast-test-key", *, run_commands: bool = False,
-                 offers: list[dict[str, Any]] | None = None, credit: float = 100.0, cwd: str | None = None) -> None:
+                 offers: list[dict[str, Any]] | None = None, credit: float = 100.0, cwd: str | None = None,
+                 log_dir: str | None = None) -> None:
         super().__init__(api_key)
         self.offers = [dict(o) for o in (offers or DEFAULT_OFFERS)]
         self.instances: dict[int, dict[str, Any]] = {}
@@ -70,7 +71,7 @@ class VastFake(FakeServer):
         self.run_commands = run_commands
         self.cwd = cwd
         self.contract_on_failure = False
-        self.workloads = LocalWorkloads()
+        self.workloads = LocalWorkloads(log_dir)
         self._ids = itertools.count(9001)
         self.queries: list[dict[str, Any]] = []
 
