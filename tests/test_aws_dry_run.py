@@ -55,5 +55,5 @@ def test_dry_run_with_a_local_store_is_one_clear_error(tmp_path):
     proc = _run(tmp_path, job, CLOUDTUNE_AWS_INSTANCE_PROFILE="cloudtune-trainer")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: the store file://")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: aws: the store file://")
     assert "s3://bucket/prefix" in proc.stderr

@@ -44,7 +44,7 @@ def test_dry_run_with_a_local_store_is_one_clear_error(tmp_path):
     job = job_file(tmp_path, f"file://{tmp_path}/store")
     proc = cli(tmp_path, "run", str(job), "--provider", "modal", "--dry-run")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: modal: the store 'file://")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: modal: the store file://")
 
 
 def test_plan_ranks_modal_per_second_with_vm_clouds_in_one_list(tmp_path):

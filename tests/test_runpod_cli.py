@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from tests.fakes.runpod_fake import RunPodFake
 
 KEY = "rp-cli-secret-key-123"
@@ -19,7 +21,16 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, cwd=ROOT, timeout=120)
 
 
-def test_catalog_refresh_and_dry_run_against_the_fake():
+def s3_quickstart(tmp: Path) -> Path:
+    """The quickstart with an S3 store: a cloud machine cannot read a file:// store (a dry run talks to neither)."""
+    spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    spec["data"]["train"] = str(ROOT / "examples" / "data" / "reverse.jsonl")
+    spec["store"] = {"url": "s3://my-bucket/cloudtune"}
+    (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
+    return tmp / "job.yaml"
+
+
+def test_catalog_refresh_and_dry_run_against_the_fake(tmp_path):
     with RunPodFake(api_key=KEY) as fake:
         env = {"RUNPOD_API_KEY": KEY, "CLOUDTUNE_RUNPOD_API_URL": fake.url + "/v2",
                "CLOUDTUNE_RUNPOD_GRAPHQL_URL": fake.url + "/graphql"}
@@ -32,7 +43,7 @@ def test_catalog_refresh_and_dry_run_against_the_fake():
         assert "1x_RTX4090_COMMUNITY" in text and "A100-80GB" not in text  # live stock, not the snapshot
         assert fake.calls("GET", "/v2/catalog/gpus")
 
-        r = cli("run", "examples/quickstart.yaml", "--provider", "runpod", "--dry-run", env=env)
+        r = cli("run", str(s3_quickstart(tmp_path)), "--provider", "runpod", "--dry-run", env=env)
         assert r.returncode == 0, r.stderr
         assert KEY not in r.stdout + r.stderr
         launch = json.loads(r.stdout)["launch"]

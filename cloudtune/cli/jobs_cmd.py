@@ -102,7 +102,7 @@ def _confirm(console, draft, yes: bool) -> None:
 
 
 def _dry_run(console, draft, json_out: bool) -> None:
-    from cloudtune.run.orchestrator import build_request
+    from cloudtune.run.orchestrator import build_request, remote_providers, stage_inputs
     from cloudtune.run.providers_config import make_provider
     from cloudtune.run.state import Job
 
@@ -112,7 +112,10 @@ def _dry_run(console, draft, json_out: bool) -> None:
                 "est_hours": draft.choice.est_hours})
     req = build_request(fake, spec, draft.choice, 1)
     described = make_provider(draft.choice.offer.provider).describe_launch(req)
-    out = {"plan": [o.to_dict() for o in draft.options], "launch": described}
+    staged = stage_inputs(spec, store_url, "<job-id>") if remote_providers(draft) else None
+    out = {"plan": [o.to_dict() for o in draft.options], "launch": described,
+           "staged": [{"local": str(p), "url": f"{store_url.rstrip('/')}/{k}"} for p, k in staged.uploads]
+           if staged else []}
     print(json.dumps(out, indent=2, default=str))
 
 
@@ -141,7 +144,7 @@ def run_cmd(
 ) -> None:
     """Validate, plan, launch and follow a job until it is done; the machine is always torn down."""
     from cloudtune.run import state as S
-    from cloudtune.run.orchestrator import check_budget, create_job, plan_job, provider_names
+    from cloudtune.run.orchestrator import check_budget, check_remote, create_job, plan_job, provider_names
     from cloudtune.run.progress import follow
     from cloudtune.run.watchdog import start_watchdog
     from cloudtune.spec import load_spec
@@ -153,6 +156,7 @@ def run_cmd(
     validate_data(spec)
     draft = plan_job(spec, names)
     check_budget(draft)
+    check_remote(draft)
     if dry_run:
         _dry_run(console, draft, json_out)
         return

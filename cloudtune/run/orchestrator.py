@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cloudtune.providers.base import (
@@ -167,17 +168,145 @@ def store_for(spec: JobSpec):
                       region=spec.store.region)
 
 
+# ---------------------------------------------------------------- inputs a cloud machine can read
+
+
+@dataclass
+class Staged:
+    """The spec a machine is given, and the local files that must be in the store first."""
+
+    spec: JobSpec
+    uploads: list[tuple[Path, str]] = field(default_factory=list)  # (local file, store key)
+    urls: dict[str, str] = field(default_factory=dict)  # spec field -> staged URL (for --dry-run)
+
+
+def remote_providers(draft: Draft) -> list[str]:
+    """Providers of the plan whose machines do not share this machine's disk, in plan order."""
+    seen: list[str] = []
+    for o in draft.options:
+        if o.offer.provider != "local" and o.offer.provider not in seen:
+            seen.append(o.offer.provider)
+    return seen
+
+
+def _is_local_model(model: str) -> bool:
+    if model.startswith("tiny:") or ("://" in model and not model.startswith("file://")):
+        return False
+    if model.startswith(("file://", "/", "./", "../", "~")):
+        return True
+    return Path(model).expanduser().exists()
+
+
+def check_remote(draft: Draft) -> None:
+    """Refuse, before anything is written or spent, a job a cloud machine could not read.
+
+    One generic check for every cloud provider: the store must be s3:// (a file:// store lives on
+    this disk), and the model must come from the hub (a local model folder is not shipped: it can
+    be tens of GB and the hub caches it near the machine). Local data and adapters are fine: they
+    are staged into the store by `create_job`.
+    """
+    from cloudtune.errors import UserError
+    from cloudtune.home import default_store_url
+
+    remote = remote_providers(draft)
+    if not remote:
+        return
+    p, spec = remote[0], draft.spec
+    url = spec.store.url or default_store_url()
+    if not url.startswith("s3://"):
+        raise UserError(
+            f"{p}: the store {url} is on this machine and a {p} machine cannot reach it; set store.url in the "
+            f"job spec to an s3:// URL such as s3://bucket/prefix (with store.endpoint_url for an S3-compatible "
+            f"service), or use --provider local"
+        )
+    if _is_local_model(spec.model):
+        raise UserError(
+            f"model {spec.model!r} is a local folder that a {p} machine cannot read; push it to the Hugging Face "
+            f"hub (`huggingface-cli upload <user>/<name> {spec.model}`) and set model to that hub id, "
+            f"or use --provider local"
+        )
+
+
+def _local_input(ref: str | None) -> Path | None:
+    """The local file or folder behind a data/adapter reference; None for URLs, hub ids and job ids."""
+    if not ref:
+        return None
+    if ref.startswith("file://"):
+        return Path(ref[len("file://"):])
+    if "://" in ref:
+        return None
+    p = Path(ref).expanduser()
+    return p if p.exists() else None
+
+
+def stage_inputs(spec: JobSpec, store_url: str, job_id: str) -> Staged:
+    """Point the spec's local data and dpo.base_adapter at `<store>/<job>/inputs/...` (pure: uploads nothing).
+
+    A file keeps its name; a data folder becomes a prefix URL ending in '/' (the trainer reads every
+    .jsonl/.json/.parquet under it); an adapter folder's top-level files (adapter_config.json,
+    weights) become a prefix the trainer's adapter fetch lists.
+    """
+    from cloudtune.errors import UserError
+    from cloudtune.trainer.data import SUFFIXES
+
+    out = Staged(spec=spec.model_copy(deep=True))
+    root = store_url.rstrip("/")
+    for role in ("train", "validation"):
+        local = _local_input(getattr(spec.data, role))
+        if local is None:
+            continue
+        if local.is_dir():
+            files = sorted(f for f in local.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES)
+            url = f"{root}/{layout.inputs_prefix(job_id, role)}"
+        else:
+            files = [local]
+            url = f"{root}/{layout.input_key(job_id, role, local.name)}"
+        out.uploads += [(f, layout.input_key(job_id, role, f.name)) for f in files]
+        setattr(out.spec.data, role, url)
+        out.urls[f"data.{role}"] = url
+    ref = spec.dpo.base_adapter
+    local = _local_input(ref)
+    if local is None and ref and ref.startswith(("/", "./", "../", "~", "file://")):
+        raise UserError(f"dpo.base_adapter {ref!r} does not exist; point it at a finished job's final/ folder, "
+                        f"a store URL or a job id")
+    if local is not None:
+        if not (local / "adapter_config.json").is_file():
+            raise UserError(f"dpo.base_adapter {ref!r} has no adapter_config.json; point it at a final/ folder")
+        files = sorted(f for f in local.iterdir() if f.is_file())
+        out.uploads += [(f, layout.input_key(job_id, "base_adapter", f.name)) for f in files]
+        url = f"{root}/{layout.inputs_prefix(job_id, 'base_adapter').rstrip('/')}"
+        out.spec.dpo.base_adapter = url
+        out.urls["dpo.base_adapter"] = url
+    return out
+
+
 def create_job(db: S.StateDB, draft: Draft) -> str:
-    """Write the job: spec.json to the store, then the job row. Nothing is written before this."""
+    """Write the job: staged inputs and spec.json to the store, then the job row. Nothing is written before this.
+
+    For a plan with cloud options, local data files (and a local dpo.base_adapter) are uploaded to
+    `<store>/<job>/inputs/` first and the stored spec names those URLs; if any upload fails the job
+    prefix is removed again, so nothing is left half-written.
+    """
+    from cloudtune.errors import UserError
     from cloudtune.run.ids import new_job_id
 
+    check_remote(draft)
     job_id = new_job_id()
     while db.job_exists(job_id):
         job_id = new_job_id()
-    spec = draft.spec
-    store = store_for(spec)
-    store.put_bytes(layout.spec_key(job_id), spec.to_json().encode())
+    store = store_for(draft.spec)
+    staged = stage_inputs(draft.spec, store.url, job_id) if remote_providers(draft) else Staged(draft.spec)
+    spec = staged.spec
     try:
+        for local, key in staged.uploads:
+            try:
+                store.upload_file(local, key)
+            except UserError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any store failure: one clear line, after cleaning up
+                raise UserError(f"could not upload {local} to {store.url_for(key)}: {err}; check the bucket, "
+                                f"store.endpoint_url and your credentials") from None
+        store.put_bytes(layout.spec_key(job_id), spec.to_json().encode())
         db.insert_job(
             id=job_id,
             name=spec.name,
@@ -191,15 +320,27 @@ def create_job(db: S.StateDB, draft: Draft) -> str:
             total_steps=spec.training.max_steps,
         )
     except BaseException:
-        store.delete_prefix(layout.job_prefix(job_id))
+        try:
+            store.delete_prefix(layout.job_prefix(job_id))
+        except Exception as err:  # noqa: BLE001 - report the first failure, not the cleanup's
+            log.warning("could not clean %s after a failed create: %s", store.url_for(layout.job_prefix(job_id)), err)
         raise
+    if staged.uploads:
+        db.event(job_id, "staged", f"{len(staged.uploads)} local input file(s) uploaded: "
+                 + ", ".join(f"{k}={v}" for k, v in staged.urls.items()))
     db.event(job_id, "created", f"job created: plan {draft.choice.offer.provider}/{draft.choice.offer.offer_id}"
              f"{' spot' if draft.choice.spot else ''} at ${draft.choice.price_hr:.4f}/h")
     return job_id
 
 
 def build_request(job: S.Job, spec: JobSpec, option: Option, attempt: int) -> LaunchRequest:
-    """The launch request of one attempt: the trainer command, its environment and lifetime cap."""
+    """The launch request of one attempt: the trainer command, its environment and lifetime cap.
+
+    A cloud machine gets the staged spec (local inputs replaced by their `<job>/inputs/` URLs); for a
+    job made by `create_job` that is already the stored spec, and `--dry-run` shows the same URLs.
+    """
+    if option.offer.provider != "local":
+        spec = stage_inputs(spec, job.store_url, job.id).spec
     spec_b64 = "b64:" + base64.b64encode(spec.to_json().encode()).decode()
     env = {
         C.ENV_SPEC: spec_b64,

@@ -1,6 +1,8 @@
 """Every key of a job's store, in one place. Old jobs must stay readable: change with care.
 
 <store>/<job_id>/spec.json
+<store>/<job_id>/inputs/<role>/<file>                  local inputs staged for a cloud machine (role: train,
+                                                       validation, base_adapter); the shipped spec names these URLs
 <store>/<job_id>/checkpoints/<step:08d>/...            files of one checkpoint
 <store>/<job_id>/checkpoints/<step:08d>/MANIFEST.json  written LAST: files, sizes, sha256
 <store>/<job_id>/LATEST.json                           pointer to the newest committed checkpoint
@@ -20,6 +22,15 @@ def job_prefix(job_id: str) -> str:
 
 def spec_key(job_id: str) -> str:
     return f"{job_id}/spec.json"
+
+
+def inputs_prefix(job_id: str, role: str) -> str:
+    """Where `cloudtune run` stages a local input (data.train, data.validation, dpo.base_adapter)."""
+    return f"{job_id}/inputs/{role}/"
+
+
+def input_key(job_id: str, role: str, name: str) -> str:
+    return f"{inputs_prefix(job_id, role)}{name}"
 
 
 def checkpoint_prefix(job_id: str, step: int) -> str:

@@ -68,7 +68,7 @@ def _is_hub_id(ref: str) -> bool:
 
 
 def _fetch_s3(url: str, store: dict[str, Any] | None) -> Path:
-    """Download an s3:// object into the cache once (keyed by URL) and return the local path."""
+    """Download an s3:// object (or every data file under an s3://.../ prefix) into the cache once, keyed by URL."""
     import hashlib
 
     from cloudtune.home import cache_dir
@@ -80,7 +80,20 @@ def _fetch_s3(url: str, store: dict[str, Any] | None) -> Path:
         raise DataError(f"data url {url!r} names a bucket but no object; use s3://bucket/path/train.jsonl")
     opts = store or {}
     s3 = S3Store(f"s3://{bucket}", endpoint_url=opts.get("endpoint_url"), region=opts.get("region"))
+    if key.endswith("/"):  # a folder of data files, e.g. a local data folder staged by `cloudtune run`
+        folder = cache_dir() / "data" / hashlib.sha256(url.encode()).hexdigest()[:16]
+        keys = [k for k in s3.list(key) if "/" not in k[len(key):] and Path(k).suffix.lower() in SUFFIXES]
+        if not keys:
+            raise DataError(f"data url {url!r} holds no .jsonl/.json/.parquet objects; check the bucket and prefix")
+        for k in keys:
+            _download_once(s3, k, folder / Path(k).name, url)
+        return folder
     dest = cache_dir() / "data" / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(key).name
+    _download_once(s3, key, dest, url)
+    return dest
+
+
+def _download_once(s3: Any, key: str, dest: Path, url: str) -> None:
     if not dest.is_file():
         from cloudtune.store.base import StoreNotFound
 
@@ -90,7 +103,6 @@ def _fetch_s3(url: str, store: dict[str, Any] | None) -> Path:
         except StoreNotFound:
             raise DataError(f"data file {url!r} does not exist; check the bucket and key") from None
         os.replace(tmp, dest)
-    return dest
 
 
 def read_records(ref: str, *, store: dict[str, Any] | None = None) -> tuple[list[Record], str]:
