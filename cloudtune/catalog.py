@@ -180,29 +180,57 @@ def gpu_spec(name: str) -> GpuSpec | None:
     return gpu_specs().get(name)
 
 
+def modal_all_in(price_hr: float | None, gpu_count: int) -> float | None:
+    """A Modal GPU rate plus the CPU and memory our sandbox requests: the price Modal really bills."""
+    from cloudtune.providers.modal_pricing import cpu_memory_usd_per_hour
+
+    return None if price_hr is None else round(price_hr + cpu_memory_usd_per_hour(gpu_count), 4)
+
+
+def price_includes(offer: Offer) -> str:
+    """What an offer's price covers, for `catalog show` and the plan's notes."""
+    if offer.provider == "modal":
+        from cloudtune.providers.modal_pricing import surcharge_note
+
+        return "GPU + CPU + memory: " + surcharge_note(offer.gpu_count)
+    return "the whole instance or pod, per hour (disk, egress and storage extra)"
+
+
 @lru_cache(maxsize=1)
 def bundled_offers() -> tuple[Offer, ...]:
-    """The snapshot in cloudtune/data/offers.csv (see ../shared/catalog/README.md for its sources)."""
+    """The snapshot in cloudtune/data/offers.csv (see ../shared/catalog/README.md for its sources).
+
+    Modal rows in the CSV are the GPU rate alone; Modal also bills the CPU and memory a sandbox
+    requests, so their price here is the all-in price (`modal_all_in`), comparable with a VM's.
+    """
+    from cloudtune.providers.modal_pricing import CPU_PER_GPU, MEMORY_GIB_PER_GPU
+
     offers: list[Offer] = []
     with _data_path("offers.csv").open(newline="") as f:
         for row in csv.DictReader(f):
             provider = row["provider"]
             gpu = row["gpu"]
+            count = int(row["gpu_count"])
             vcpus = _float(row["vcpus"])
+            ram_gb = _float(row["ram_gb"])
+            price, spot = _float(row["price_hr"]), _float(row["spot_price_hr"])
+            if provider == "modal":
+                price, spot = modal_all_in(price, count), modal_all_in(spot, count)
+                vcpus, ram_gb = CPU_PER_GPU * count, float(MEMORY_GIB_PER_GPU * count)
             offers.append(
                 Offer(
                     provider=provider,
                     offer_id=row["offer_id"],
                     gpu=gpu,
-                    gpu_count=int(row["gpu_count"]),
+                    gpu_count=count,
                     vram_gib_per_gpu=usable_gib(gpu, float(row["vram_gb_per_gpu"])),
                     region=row["region"],
-                    price_hr=_float(row["price_hr"]),
-                    spot_price_hr=_float(row["spot_price_hr"]),
+                    price_hr=price,
+                    spot_price_hr=spot,
                     as_of=row["as_of"] or "unknown",
                     billing_granularity_s=BILLING_GRANULARITY_S.get(provider, 1),
                     vcpus=int(vcpus) if vcpus is not None else None,
-                    ram_gb=_float(row["ram_gb"]),
+                    ram_gb=ram_gb,
                     fresh=False,
                 )
             )

@@ -46,7 +46,6 @@ from cloudtune.providers.modal_app import (
     TAG_MANAGED,
     SandboxDefinition,
     build_definition,
-    cpu_memory_usd_per_hour,
     sandbox_kwargs,
 )
 
@@ -237,10 +236,10 @@ class ModalProvider:
     # ------------------------------------------------------------ offers
 
     def offers(self) -> list[Offer]:
-        """Modal publishes no price API: the catalog's per-second GPU rates, plus the CPU and memory
-        this adapter requests per GPU (Modal bills those on top, about $0.44/h per GPU), so the price
-        compares with a VM's all-in hourly price. Billing is per second; a finished sandbox costs
-        nothing (no idle tail)."""
+        """Modal publishes no price API: the catalog's Modal rows, whose price is already the per-second
+        GPU rate plus the CPU and memory this adapter requests per GPU (Modal bills those on top, about
+        $0.44/h per GPU; cloudtune.catalog.modal_all_in), so the price compares with a VM's all-in hourly
+        price. Billing is per second; a finished sandbox costs nothing (no idle tail)."""
         from dataclasses import replace
 
         from cloudtune.catalog import bundled_offers
@@ -248,7 +247,6 @@ class ModalProvider:
         return [
             replace(
                 o,
-                price_hr=round(o.price_hr + cpu_memory_usd_per_hour(o.gpu_count), 4),
                 vcpus=int(CPU_PER_GPU * o.gpu_count),
                 ram_gb=float(MEMORY_GIB_PER_GPU * o.gpu_count),
                 billing_granularity_s=1,

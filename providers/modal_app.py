@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudtune.providers.base import InvalidRequestError, LaunchRequest, machine_tags
+from cloudtune.providers.modal_pricing import CPU_PER_GPU, MEMORY_GIB_PER_GPU, cpu_memory_usd_per_hour  # noqa: F401
 
 from cloudtune.errors import UserError
 
@@ -51,11 +52,7 @@ MODAL_GPU: dict[str, str] = {
 MAX_GPU_COUNT: dict[str, int] = {"A10": 4, "RTXPRO6000": 1}
 DEFAULT_MAX_GPU_COUNT = 8
 
-# Requested per GPU; Modal bills max(request, usage) for CPU and memory on top of the GPU.
-CPU_PER_GPU = 4.0
-MEMORY_GIB_PER_GPU = 32
-CPU_CORE_S_USD = 0.0000131
-MEMORY_GIB_S_USD = 0.00000222
+# CPU and memory requested per GPU, and their price: providers/modal_pricing.py (stdlib only, for the catalog).
 
 
 class ModalConfigError(InvalidRequestError, UserError):
@@ -74,12 +71,6 @@ def modal_gpu(gpu: str, count: int) -> str:
     if not 1 <= count <= cap:
         raise ModalConfigError(f"modal: {count}x {gpu} is not possible; Modal allows 1..{cap}", provider="modal")
     return base if count == 1 else f"{base}:{count}"
-
-
-def cpu_memory_usd_per_hour(gpu_count: int) -> float:
-    """What the CPU and memory this adapter requests add to the GPU price, per hour."""
-    per_s = gpu_count * (CPU_PER_GPU * CPU_CORE_S_USD + MEMORY_GIB_PER_GPU * MEMORY_GIB_S_USD)
-    return per_s * 3600.0
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,15 @@ def test_bundled_offers_match_the_snapshot_rows():
     for row, offer in zip(rows, offers, strict=True):
         assert offer.gpu == row["gpu"] and offer.gpu in specs
         assert offer.gpu_count == int(row["gpu_count"])
-        assert offer.price_hr == float(row["price_hr"])
-        assert offer.spot_price_hr == (float(row["spot_price_hr"]) if row["spot_price_hr"] else None)
+        # Modal's rows are its GPU rate alone; Modal also bills the CPU and memory the sandbox requests
+        # (4 cores x $0.0000131/s + 32 GiB x $0.00000222/s per GPU, modal.com/pricing), so the plan's price adds it.
+        extra = 3600 * (4 * 0.0000131 + 32 * 0.00000222) * offer.gpu_count if row["provider"] == "modal" else 0.0
+        assert offer.price_hr == pytest.approx(float(row["price_hr"]) + extra, abs=1e-4)
+        assert offer.spot_price_hr == (pytest.approx(float(row["spot_price_hr"]) + extra, abs=1e-4)
+                                       if row["spot_price_hr"] else None)
+        if row["provider"] == "modal":
+            assert offer.price_hr > float(row["price_hr"]) + 0.4 * offer.gpu_count
+            assert (offer.vcpus, offer.ram_gb) == (4 * offer.gpu_count, 32.0 * offer.gpu_count)
         nominal = float(row["vram_gb_per_gpu"])
         # usable GiB: a little under the nominal figure, never above it, never far below
         assert 0.9 * nominal <= offer.vram_gib_per_gpu <= nominal
@@ -129,8 +136,26 @@ def test_catalog_show_json_and_filters():
                 "as_of", "fresh", "age"):
         assert key in rows[0]
     assert sorted(r["gpu_count"] for r in rows) == [1, 2, 4, 8]
+    assert all(r["price_includes"].startswith("GPU + CPU + memory") for r in rows)
     table = _cli("catalog", "show", "--provider", "modal", env={"COLUMNS": "200"})
     assert table.returncode == 0 and "H100-SXM x8" in table.stdout and "snapshot" in table.stdout
+    assert "Modal prices include the CPU and memory" in " ".join(table.stdout.split())
+
+
+def test_the_plan_prices_modal_with_its_cpu_and_memory_charge():
+    """A Modal option's $/h is GPU + CPU + memory, and the plan says so (notes and assumptions)."""
+    gpu_only = {(r["gpu"], int(r["gpu_count"])): float(r["price_hr"])
+                for r in _csv_rows("offers.csv") if r["provider"] == "modal"}
+    proc = _cli("plan", "--model", "8b", "--method", "qlora", "--provider", "modal", "--on-demand", "--top", "0",
+                "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert "Modal prices include the CPU and memory" in plan["assumptions"]["prices"]
+    assert plan["options"]
+    for o in plan["options"]:
+        gpu_rate = gpu_only[(o["gpu"], o["gpu_count"])]
+        assert o["price_hr"] == pytest.approx(gpu_rate + 0.4444 * o["gpu_count"], abs=2e-3)
+        assert o["est_cost_usd"] == pytest.approx(o["price_hr"] * o["est_hours"], rel=0.02, abs=0.01)
 
 
 def test_catalog_bad_input_is_one_line():

@@ -26,7 +26,7 @@ def show(
     """List the offers (bundled snapshot, or live rows from `catalog refresh`) with their age."""
     from dataclasses import asdict
 
-    from cloudtune.catalog import catalog_age, gpu_specs, load_offers, offer_age
+    from cloudtune.catalog import catalog_age, gpu_specs, load_offers, offer_age, price_includes
     from cloudtune.providers import check_provider_name
 
     for name in provider:
@@ -45,7 +45,8 @@ def show(
         offers = [o for o in offers if o.gpu.lower() in wanted]
     offers.sort(key=lambda o: (o.provider, o.gpu, o.gpu_count, o.price_hr if o.price_hr is not None else 1e9, o.region))
     if as_json:
-        sys.stdout.write(json.dumps([{**asdict(o), "age": offer_age(o)} for o in offers], indent=1) + "\n")
+        sys.stdout.write(json.dumps([{**asdict(o), "age": offer_age(o), "price_includes": price_includes(o)}
+                                     for o in offers], indent=1) + "\n")
         return
     from rich.console import Console
     from rich.table import Table
@@ -61,6 +62,10 @@ def show(
     console = Console(highlight=False)
     console.print(t)
     console.print(f"[dim]{catalog_age(offers) if offers else 'no offers match'}[/]")
+    if any(o.provider == "modal" for o in offers):
+        from cloudtune.providers.modal_pricing import surcharge_note
+
+        console.print(f"[dim]{surcharge_note()}; other prices: the whole instance or pod per hour[/]")
 
 
 @catalog_app.command("refresh")

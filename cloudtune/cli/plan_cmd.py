@@ -208,6 +208,7 @@ def _render(result: Any, top: int) -> None:
     console.print(f"  fit: {a['fit']}; ranking: {a['ranking']}; {a['spot']}")
     console.print(f"  spot: {tm['spot_lost_work']}; interruptions/h {tm['spot_interruptions_per_hour']}")
     console.print(f"  billing: {a['billing']}")
+    console.print(f"  prices: {a['prices']}")
     console.print(f"[dim]catalog: {result.catalog_age}. `cloudtune catalog refresh` fetches live prices.[/]")
 
 

@@ -23,6 +23,8 @@ from cloudtune.planner import throughput
 from cloudtune.planner.throughput import TimeEstimate, Workload, billed_hours, estimate_time
 from cloudtune.planner.types import MemoryEstimate, ModelArch, TrainConfig
 from cloudtune.providers.base import Offer
+from cloudtune.providers.modal_pricing import cpu_memory_usd_per_hour as modal_cpu_memory
+from cloudtune.providers.modal_pricing import surcharge_note as modal_surcharge_note
 
 # Plan to at most this fraction of what the card exposes: the estimate's own error (median ~15%
 # on the calibration rows is the target), allocator fragmentation spikes and NCCL buffers that
@@ -288,6 +290,8 @@ def make_plan(
                 notes.append("no bf16: trains in fp16 mixed precision")
             if is_spot and t.expected_restarts:
                 notes.append(f"spot: ~{t.expected_restarts:.1f} expected interruptions included")
+            if offer.provider == "modal":
+                notes.append(f"price includes Modal CPU + memory (+${modal_cpu_memory(n):.2f}/h)")
             option = PlanOption(
                 offer=offer, spot=is_spot, price_hr=total_price, gpu_count=n, nodes=nodes,
                 est_hours=t.total_hours, est_cost_usd=hours * total_price,
@@ -326,6 +330,7 @@ def _assumptions(cfg: TrainConfig, workload: Workload, spot: bool | None, max_pr
         "max_price_hr": max_price,
         "billing": "per second (AWS: 60 s minimum; Lambda: per minute); hours include boot, model download, "
         "training, the idle tail before teardown and, for spot, expected interruptions",
+        "prices": "$/h of the whole offer as listed (disk, egress and storage extra); " + modal_surcharge_note(),
         "time_model": throughput.assumptions(),
     }
 
