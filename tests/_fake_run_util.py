@@ -22,8 +22,8 @@ import yaml
 from tests._run_util import ROOT, QUICKSTART, cli_env, deep_update, wait_for
 
 # Short enough for < 30 s per run on 2 cores, long enough to interrupt between checkpoints.
-FAST_TRAINING = {"max_steps": 80, "logging_steps": 5}
-FAST_CHECKPOINT = {"every_steps": 20, "every_minutes": None, "keep": 2}
+FAST_TRAINING = {"max_steps": 40, "logging_steps": 5}
+FAST_CHECKPOINT = {"every_steps": 10, "every_minutes": None, "keep": 2}
 
 
 def machine_env(monkeypatch) -> None:
