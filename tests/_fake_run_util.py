@@ -13,13 +13,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests._run_util import ROOT, QUICKSTART, cli_env, deep_update, wait_for
+from tests._run_util import QUICKSTART, ROOT, cli_env, deep_update, wait_for
 
 # Short enough for < 30 s per run on 2 cores, long enough to interrupt between checkpoints.
 FAST_TRAINING = {"max_steps": 40, "logging_steps": 5}
@@ -123,7 +122,3 @@ def wait_job_id(home: Path, timeout: float = 60) -> str:
 
     rows = wait_for(lambda: jobs_rows(home), timeout, "the job row")
     return rows[0]["id"]
-
-
-def elapsed(t0: float) -> str:
-    return f"{time.time() - t0:.1f}s"

@@ -145,3 +145,47 @@ def test_create_500_after_the_pod_exists_is_adopted_by_name(tmp_path, aws_env, m
         assert ledger["attempt"] == 1 and ledger["ended_at"] and ledger["price_hr"] == pytest.approx(pod["_price"])
         assert_nothing_left(job)
     print(f"adopt-after-500 run: {time.time() - t0:.1f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_vast_failed_create_that_names_a_contract_leaves_no_instance(tmp_path, aws_env, monkeypatch):
+    """Vast can answer an error that still carries `new_contract` (a billing instance): it is destroyed,
+    the orchestrator's lookup by label finds nothing left, and the retry is the only live instance."""
+    from tests.fakes.vast_fake import VastFake
+
+    t0 = time.time()
+    bucket = "ct-failover-vast-contract"
+    boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1").create_bucket(Bucket=bucket)
+    spec = s3_job_spec(tmp_path, aws_env, bucket)
+    home = tmp_path / "home"
+    machine_env(monkeypatch)
+    key = "vast-failover-key-6021"
+    with VastFake(api_key=key, run_commands=False) as fake:
+        env = fake_cli_env(home, VAST_API_KEY=key, CLOUDTUNE_STOP_GRACE_S="1",
+                           CLOUDTUNE_PROVIDER_CONFIG=json.dumps({"vast": {"base_url": fake.url}}))
+        r = cli_run({**env, "CLOUDTUNE_VAST_API_URL": fake.url}, "catalog", "refresh", "--provider", "vast")
+        assert r.returncode == 0, r.stderr
+        fake.contract_on_failure = True  # the next create answers 500 with a new_contract that exists
+
+        run = cli_run(env, "run", str(spec), "--provider", "vast", "--yes", "--detach", "--json")
+        assert run.returncode == 0, run.stderr
+        job = last_json(run.stdout)["job_id"]
+        wait_for(lambda: any(e["kind"] == "running" for e in _events(home, job)), 60, "the retried instance to run")
+
+        creates = fake.calls("PUT", r"^/api/v0/asks/\d+/$")
+        assert [c.json["label"] for c in creates] == [f"cloudtune-{job}-1", f"cloudtune-{job}-2"]
+        (inst,) = fake.alive()  # the orphan of the failed create was destroyed, not adopted or leaked
+        assert inst["label"] == f"cloudtune-{job}-2" and inst["id"] != 9001
+        assert fake.calls("DELETE", r"^/api/v0/instances/9001/$")
+        attempts = db_rows(home, "SELECT * FROM attempts WHERE job_id=? ORDER BY n", job)
+        assert [(a["n"], a["state"], a["machine_id"]) for a in attempts] == [
+            (1, "launch_failed", None), (2, "running", str(inst["id"]))]
+        assert [e["kind"] for e in _events(home, job) if e["attempt"] == 1] == ["launch", "launch_retry"]
+
+        stop = cli_run(env, "stop", job, "--json", timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert last_json(stop.stdout)["state"] == "stopped" and fake.alive() == []
+        assert [r["attempt"] for r in db_rows(home, "SELECT * FROM ledger WHERE job_id=?", job)] == [2]
+        assert_nothing_left(job)
+    print(f"vast new_contract cleanup run: {time.time() - t0:.1f}s")
