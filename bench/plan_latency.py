@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS: dict[str, list[str]] = {
+COMMANDS: dict[str, list[str] | None] = {
+    "python -c pass (interpreter + site floor)": None,
     "cloudtune --help (baseline)": ["--help"],
     "cloudtune plan --model 70b --method qlora": ["plan", "--model", "70b", "--method", "qlora"],
     "cloudtune plan --model 70b --method qlora --json": ["plan", "--model", "70b", "--method", "qlora", "--json"],
@@ -31,17 +32,18 @@ COMMANDS: dict[str, list[str]] = {
 }
 
 
-def _run(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+def _run(args: list[str] | None, env: dict[str, str]) -> tuple[float, float]:
     """(wall seconds, CPU seconds user+sys) of one fresh process. CPU time is what the process itself
     costs; wall time also holds waiting for the cores when other work shares the machine."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cloudtune", *args], stdout=subprocess.DEVNULL,
+    argv = [sys.executable, "-c", "pass"] if args is None else [sys.executable, "-m", "cloudtune", *args]
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, env=env)
     elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise SystemExit(f"`cloudtune {' '.join(args)}` failed ({proc.returncode}): {proc.stderr.decode()[-300:]}")
+        raise SystemExit(f"`{' '.join(argv[1:])}` failed ({proc.returncode}): {proc.stderr.decode()[-300:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return elapsed, cpu
 
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default=f"bench/results/plan_latency-{dt.date.today().isoformat()}.md")
     args = parser.parse_args()
     env = {**os.environ, "COLUMNS": "120"}
+    load_start = os.getloadavg()
     for argv in COMMANDS.values():  # one untimed run each: .pyc files written, page cache warm
         _run(argv, env)
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
@@ -68,7 +71,8 @@ def main() -> None:
         f"# cloudtune plan latency ({dt.date.today().isoformat()})",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}; load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+        f"Python {platform.python_version()}; load average (1/5/15 min) at the start {load_start[0]:.2f} / "
+        f"{load_start[1]:.2f} / {load_start[2]:.2f}, at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
         "(other work shares these cores).",
         f"Method: `python bench/plan_latency.py --runs {args.runs}`: each command is a fresh process, {args.runs} "
         "runs interleaved after one warm-up run each; wall time from spawn to exit.",

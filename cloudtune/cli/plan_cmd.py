@@ -152,6 +152,7 @@ def _render(result: Any, top: int) -> None:
     from rich.table import Table
 
     console = Console(highlight=False, emoji=False)
+    console.width = console.width  # detect the terminal once, not on every measure (~100 ioctl calls)
     arch, cfg, mem = result.model, result.config, result.memory
     bits = f" {cfg.quant_bits}-bit" if cfg.method == "qlora" else ""
     console.print(
