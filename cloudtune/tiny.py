@@ -57,10 +57,19 @@ DIMS: dict[str, Any] = {
     "tied_embeddings": False,
 }
 
-# Init std of the random weights. HF's default (0.02) gives a 64-wide model near-uniform logits that
-# LoRA (which leaves embeddings and lm_head frozen) cannot sharpen; 0.2 lets a LoRA run visibly
-# learn the task's output alphabet and format within a few dozen CPU steps (loss ~4.4 -> ~2.5).
-INIT_RANGE = 0.2
+# Init std of the random weights. LoRA leaves embeddings and lm_head frozen, so the base must make
+# both possible for a low-rank update: quiet layers (HF's default 0.02, so the random blocks do not
+# drown what the adapter writes into the residual stream) and a loud lm_head (0.5, so a hidden state
+# the adapter aligns with one row gives a sharp distribution; at 0.02 the logits cannot exceed ~1.3
+# and no adapter can make the model confident). With 0.2 everywhere (the earlier setting) a LoRA run
+# learned only the output alphabet; with these it learns to reverse unseen strings (docs/trainer.md).
+INIT_RANGE = 0.02
+HEAD_INIT_RANGE = 0.5
+
+# The reverse task: short strings over a small alphabet, so a 2-layer model learns the
+# position-dependent copy in a few hundred CPU steps (and 3-6 letters still make 37k distinct inputs).
+REVERSE_ALPHABET = string.ascii_lowercase[:8]
+REVERSE_LENGTHS = (3, 6)
 
 INSTRUCTIONS = {
     "reverse": "Reverse the string.",
@@ -135,8 +144,8 @@ def make_records(task: str, n: int, seed: int = 0) -> list[dict[str, str]]:
     out = []
     for _ in range(n):
         if task == "reverse":
-            length = rng.randint(3, 8)
-            s = "".join(rng.choice(string.ascii_lowercase[:12]) for _ in range(length))
+            length = rng.randint(*REVERSE_LENGTHS)
+            s = "".join(rng.choice(REVERSE_ALPHABET) for _ in range(length))
             out.append({"instruction": INSTRUCTIONS[task], "input": s, "output": s[::-1]})
         else:
             a, b = rng.randint(0, 49), rng.randint(0, 49)
@@ -215,6 +224,9 @@ def build_model(seed: int = SEED) -> Any:
     try:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+        if HEAD_INIT_RANGE != INIT_RANGE:
+            with torch.no_grad():
+                model.lm_head.weight.normal_(0.0, HEAD_INIT_RANGE)
     finally:
         torch.random.set_rng_state(state)
     return model
@@ -222,7 +234,7 @@ def build_model(seed: int = SEED) -> Any:
 
 def _stamp(seed: int = SEED) -> str:
     """What a cached tiny model was built from; a different stamp means rebuild."""
-    return json.dumps({"seed": seed, "dims": DIMS, "init_range": INIT_RANGE, "vocab": vocab_size()}, sort_keys=True)
+    return json.dumps({"seed": seed, "dims": DIMS, "init_range": INIT_RANGE, "head_init_range": HEAD_INIT_RANGE, "vocab": vocab_size()}, sort_keys=True)
 
 
 def save_tiny(dest: str | Path, seed: int = SEED) -> Path:

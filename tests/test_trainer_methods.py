@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _trainer_util import ROOT, tiny_spec, write_spec
+from _trainer_util import DATA, ROOT, tiny_spec, write_spec
 
 from cloudtune.trainer import contract
 from cloudtune.trainer.cli import main
@@ -45,21 +45,35 @@ def _logits(model_dir: str, adapter: Path | None = None):
 def test_lora_learns_and_changes_outputs(tmp_path: Path, monkeypatch):
     from cloudtune.tiny import ensure_tiny_model
 
-    spec = tiny_spec(tmp_path, training={"max_steps": 20, "learning_rate": 0.03},
-                     data={"val_split": 0.1}, merge=True)
+    # The quickstart's hyper-parameters, fewer steps: enough to reverse unseen strings half right.
+    spec = tiny_spec(tmp_path, training={"max_steps": 120, "learning_rate": 0.003, "micro_batch": 16,
+                                         "logging_steps": 5, "lr_scheduler": "constant"},
+                     lora={"rank": 32, "alpha": 64, "dropout": 0.0},
+                     data={"val_split": 0.1}, checkpoint={"every_steps": 60}, merge=True)
     job = _run(tmp_path, "lora", spec, monkeypatch)
     summary = json.loads((job / "final" / "summary.json").read_text())
-    _losses_fall(summary, 0.3)
-    assert summary["steps"] == 20 and summary["eval_loss"] is not None
+    _losses_fall(summary, 3.0)
+    assert summary["steps"] == 120 and summary["eval_loss"] is not None
+    # held-out generation: the validation records (never trained on), greedy, without and with the adapter
+    gen = summary["generation_eval"]
+    assert gen["source"] == "validation" and gen["examples"] == 16 and gen["decoding"] == "greedy"
+    assert gen["before"]["exact_match"] == 0 and gen["before"]["char_accuracy"] < 0.1
+    assert gen["after"]["char_accuracy"] > 0.5, gen
+    assert gen["after"]["char_accuracy"] - gen["before"]["char_accuracy"] > 0.4, gen
+    val_inputs = {json.loads(x)["input"] for x in DATA.read_text().splitlines()}
+    assert len(gen["samples"]) == 3
+    for s in gen["samples"]:
+        assert s["prompt"] in val_inputs and s["expected"] == s["prompt"][::-1]
+        assert s["correct"] == (s["after"] == s["expected"]) and s["after"] != s["before"]
     assert summary["peak_mem_kind"] == "rss" and summary["peak_mem_bytes"] > 10_000_000
     assert summary["tokens_per_s"] > 0
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "summary.json"):
         assert (job / "final" / name).is_file(), name
     assert (job / "final" / "merged" / "model.safetensors").is_file()
     done = json.loads((job / "DONE.json").read_text())
-    assert done["steps"] == 20
+    assert done["steps"] == 120
     hb = json.loads((job / "heartbeat.json").read_text())
-    assert hb["phase"] == "done" and hb["step"] == 20 and hb["attempt"] == 1
+    assert hb["phase"] == "done" and hb["step"] == 120 and hb["attempt"] == 1
     base = str(ensure_tiny_model("tiny:reverse"))
     before, after = _logits(base), _logits(base, job / "final")
     assert (before - after).abs().max() > 0.1
@@ -87,6 +101,9 @@ def test_full_finetune(tmp_path: Path, monkeypatch):
     assert (job / "final" / "model.safetensors").is_file()
     assert not (job / "final" / "adapter_config.json").exists()
     assert summary["quantized_linears"] == 0 and summary["trainable_params"] > 80_000
+    gen = summary["generation_eval"]  # no validation split: fresh tiny:reverse strings; no cheap "before"
+    assert gen["source"] == "tiny:reverse held-out" and gen["before"] is None
+    assert 0 <= gen["after"]["char_accuracy"] <= 1 and len(gen["samples"]) == 3
 
 
 def test_dpo_stage_from_sft_adapter(tmp_path: Path, monkeypatch):
@@ -102,6 +119,10 @@ def test_dpo_stage_from_sft_adapter(tmp_path: Path, monkeypatch):
     assert summary["stage"] == "dpo" and summary["steps"] == 8
     assert summary["train_loss"] == pytest.approx(summary["train_loss"])  # finite, not NaN
     assert summary["first_loss"] == pytest.approx(0.6931, abs=0.01)  # policy == reference at step 0
+    gen = summary["generation_eval"]  # preference records: prompt -> chosen
+    assert gen["examples"] == 16 and gen["source"] == "tiny:reverse held-out"
+    assert all(s["instruction"] == "Reverse the string." and s["expected"] == s["prompt"][::-1]
+               for s in gen["samples"])
     from safetensors.torch import load_file
 
     a = load_file(sft / "final" / "adapter_model.safetensors")

@@ -120,18 +120,17 @@ def _dry_run(console, draft, json_out: bool) -> None:
 
 
 def _print_learning(console, job) -> None:
-    """First and last training loss from final/summary.json: did the adapter learn anything?"""
+    """Loss and held-out generations from final/summary.json: did the adapter learn anything?"""
     from cloudtune.run.orchestrator import store_for
+    from cloudtune.run.progress import learning_lines
     from cloudtune.store import layout
 
     try:
         summary = store_for(job.spec).read_json(layout.summary_key(job.id)) or {}
     except Exception:  # noqa: BLE001 - the summary is a nicety; the job is done either way
         return
-    first, last = summary.get("first_loss"), summary.get("final_loss")
-    if first is not None and last is not None:
-        console.print(f"training loss {first:.3f} -> {last:.3f} over {summary.get('steps')} steps "
-                      f"({summary.get('tokens_per_s') or 0:,.0f} tokens/s)", markup=False)
+    for line in learning_lines(summary):
+        console.print(line, markup=False, highlight=False)
 
 
 def run_cmd(

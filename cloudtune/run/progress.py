@@ -77,3 +77,35 @@ def follow(db: S.StateDB, job_id: str, console, *, poll_s: float = 0.5, on_tick=
         if live:
             live.stop()
             sys.stdout.flush()
+
+
+def _clip(text: str | None, width: int = 40) -> str:
+    text = "" if text is None else text
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def learning_lines(summary: dict[str, Any]) -> list[str]:
+    """What the finished job learned, from final/summary.json: the training loss, then held-out
+    exact-match accuracy before and after the adapter and a few prompt → completion samples."""
+    lines = []
+    first, last = summary.get("first_loss"), summary.get("final_loss")
+    if first is not None and last is not None:
+        lines.append(f"training loss {first:.3f} -> {last:.3f} over {summary.get('steps')} steps "
+                     f"({summary.get('tokens_per_s') or 0:,.0f} tokens/s)")
+    gen = summary.get("generation_eval")
+    if not gen or not gen.get("after"):
+        return lines
+    after, before = gen["after"], gen.get("before")
+
+    def pct(score: dict[str, float] | None, key: str) -> str:
+        return f"{score[key]:.0%}" if score else "n/a"
+
+    lines.append(f"held-out prompts ({gen['examples']}, {gen.get('source') or 'validation'}, greedy), without -> with "
+                 f"the adapter: exact match {pct(before, 'exact_match')} -> {pct(after, 'exact_match')}, "
+                 f"per character {pct(before, 'char_accuracy')} -> {pct(after, 'char_accuracy')}")
+    for s in gen.get("samples") or []:
+        mark = "✓" if s.get("correct") else f"✗ (expected {_clip(s.get('expected'))})"
+        base = f"  [base model: {_clip(s.get('before'))}]" if s.get("before") is not None else ""
+        head = f"{s['instruction']} " if s.get("instruction") and s["instruction"] != s.get("prompt") else ""
+        lines.append(f"  {head}{_clip(s.get('prompt'))} → {_clip(s.get('after'))} {mark}{base}")
+    return lines

@@ -243,6 +243,7 @@ def make_callback(att: Attempt, monitor: Monitor, ckpts: CheckpointStore, req: S
             local = Path(args.output_dir) / f"checkpoint-{step}"
             monitor.beat(phase="checkpointing", step=step)
             t = time.monotonic()
+            canonical_adapter_config(local)
             manifest = ckpts.commit(local, step, {"attempt": att.attempt, "reason": req.reason or "interval"})
             log.info("checkpoint %d committed (%d files, %.1f MB, %.1fs)", step, len(manifest["files"]),
                      manifest["bytes"] / 1e6, time.monotonic() - t)
@@ -407,12 +408,15 @@ def run(att: Attempt) -> int:
             eval_loss = float(trainer.evaluate().get("eval_loss", float("nan")))
         final_dir = att.work_dir / "final"
         trainer.save_model(str(final_dir))
+        canonical_adapter_config(final_dir)
         tokenizer.save_pretrained(str(final_dir))
         if spec.merge:
             if spec.method == "full":
                 log.info("merge: true has no effect for a full fine-tune (the weights are already whole)")
             else:
                 merge_adapter(path, final_dir, final_dir / "merged", tokenizer)
+        # 6. did it learn? Only now, with every final byte written: evaluation cannot touch them.
+        generation = evaluate_final(spec, trainer, tokenizer, train_recs, val_recs, fmt, chat, monitor)
         mem, kind = peak_memory()
         wall = time.time() - started
         tokens = int(trainer.state.num_input_tokens_seen or 0) - callback.start_tokens
@@ -442,6 +446,7 @@ def run(att: Attempt) -> int:
             "wall_s": round(wall, 2),
             "train_s": round(train_s, 2),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "generation_eval": generation,
         }
         (final_dir / "summary.json").write_text(__import__("json").dumps(summary, indent=2, sort_keys=True))
         upload_final(store, job, final_dir)
@@ -453,6 +458,44 @@ def run(att: Attempt) -> int:
     finally:
         monitor.close()
         restore_signal_handlers(previous_handlers)
+
+
+def canonical_adapter_config(folder: Path) -> None:
+    """Sort adapter_config.json's target_modules: PEFT writes that list from a set, in an order that
+    follows the process's hash seed, so an interrupted and an uninterrupted run would differ there."""
+    import json
+
+    cfg_path = Path(folder) / "adapter_config.json"
+    if not cfg_path.is_file():
+        return
+    raw = cfg_path.read_text()
+    cfg = json.loads(raw)
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def evaluate_final(spec: JobSpec, trainer: Any, tokenizer: Any, train_recs: list, val_recs: list, fmt: str,
+                   chat: bool, monitor: Monitor) -> dict[str, Any] | None:
+    """Greedy generation on held-out prompts, before and after the adapter; None when there are none."""
+    from cloudtune.trainer.evaluate import generation_eval, heldout_cases
+
+    cases, source = heldout_cases(spec.model, train_recs, val_recs, fmt, chat)
+    if not cases:
+        return None
+    monitor.beat(phase="evaluating")
+    t = time.monotonic()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    try:
+        result = generation_eval(model, tokenizer, cases, source, chat)
+    except Exception as err:  # noqa: BLE001 - a failed demo evaluation must not fail a finished training
+        log.warning("held-out generation failed (%s: %s); the summary has no generation_eval", type(err).__name__, err)
+        return None
+    result["eval_s"] = round(time.monotonic() - t, 2)
+    before = result["before"]["exact_match"] if result["before"] else None
+    log.info("held-out exact match: before %s, after %s (%d examples, %.1fs)", before,
+             result["after"]["exact_match"], result["examples"], result["eval_s"])
+    return result
 
 
 def merge_adapter(base_path: str, adapter_dir: Path, dest: Path, tokenizer: Any) -> None:
