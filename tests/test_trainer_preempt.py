@@ -84,7 +84,14 @@ def test_interrupted_run_ends_bitwise_identical(tmp_path: Path):
     assert f"skipping checkpoint {committed[-1]}" in text and f"resuming from checkpoint {committed[0]}" in text
 
     assert base.wait(timeout=180) == contract.EXIT_DONE, (tmp_path / "base.log").read_text()[-3000:]
-    final = lambda job: store_dir / job / "final" / "adapter_model.safetensors"  # noqa: E731
-    assert _sha(final("res")) == _sha(final("base"))
+    # The whole final adapter folder is byte-identical (summary.json, with wall times, aside):
+    # weights, adapter_config.json (target_modules sorted), tokenizer files, model card.
+    final = lambda job: {p.relative_to(store_dir / job / "final").as_posix(): _sha(p)  # noqa: E731
+                         for p in sorted((store_dir / job / "final").rglob("*"))
+                         if p.is_file() and p.name != "summary.json"}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(final("res"))
+    assert final("res") == final("base")
+    cfg = json.loads((store_dir / "res" / "final" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(cfg["target_modules"]) and len(cfg["target_modules"]) == 14
     summary = json.loads((store_dir / "res" / "final" / "summary.json").read_text())
     assert summary["steps"] == 16 and summary["attempt"] == 4

@@ -408,6 +408,10 @@ def run(att: Attempt) -> int:
             eval_loss = float(trainer.evaluate().get("eval_loss", float("nan")))
         final_dir = att.work_dir / "final"
         trainer.save_model(str(final_dir))
+        # HF's pickled TrainingArguments hold this attempt's paths (so they differ between an
+        # interrupted and an uninterrupted run) and a pickle is no artifact to hand out: the spec is
+        # in the store. What stays is the adapter/weights, tokenizer, model card and summary.
+        (final_dir / "training_args.bin").unlink(missing_ok=True)
         canonical_adapter_config(final_dir)
         tokenizer.save_pretrained(str(final_dir))
         if spec.merge:
