@@ -57,6 +57,7 @@ def test_runpod_run_survives_an_interruption(tmp_path, aws_env, monkeypatch):
             (pod1,) = fake.alive()
             assert pod1["name"] == f"cloudtune-{job}-1" and pod1["status"] == "RUNNING"
             t_ckpt = time.time() - t0
+            assert fake.workloads.returncode(pod1["id"]) is None, "attempt 1 ended before it could be interrupted"
             fake.interrupt(pod1["id"])  # SIGTERM, 5 s, SIGKILL; the pod reads EXITED
             t_int = time.time() - t0
             code, out, err = run.wait(timeout=150)

@@ -54,6 +54,7 @@ def test_vast_bid_run_survives_being_outbid(tmp_path, aws_env, monkeypatch):
             ckpt = wait_committed_checkpoint(s3, bucket, job, attempt=1, min_step=10, timeout=90)
             (inst1,) = fake.alive()
             assert inst1["label"] == f"cloudtune-{job}-1" and inst1["is_bid"] is True
+            assert fake.workloads.returncode(str(inst1["id"])) is None, "attempt 1 ended before being outbid"
             fake.outbid(inst1["id"])  # SIGKILL, no notice; the instance reads stopped
             t_int = time.time() - t0
             code, out, err = run.wait(timeout=150)
