@@ -381,14 +381,14 @@ class RefreshResult:
 def refresh(providers: list[str]) -> list[RefreshResult]:
     """Fetch live offers from each provider's adapter and cache them. Never raises for one provider's
     failure: missing credentials are 'skipped', other errors 'failed', each with one line."""
-    from cloudtune.providers import get_provider
     from cloudtune.providers.base import AuthError, ProviderError
+    from cloudtune.run.providers_config import make_provider  # same config as run, gc and dry-run
 
     results: list[RefreshResult] = []
     for name in providers:
         start = time.perf_counter()
         try:
-            adapter = get_provider(name)
+            adapter = make_provider(name)
             offers = list(adapter.offers())
         except AuthError as err:
             results.append(RefreshResult(name, "skipped", f"no usable credentials: {err}"))

@@ -122,6 +122,19 @@ def test_refresh_skips_missing_credentials_and_writes_live_offers(monkeypatch, t
     assert "k-123" not in catalog.cache_file("lambda").read_text()
 
 
+def test_refresh_reads_the_same_provider_config_as_run(monkeypatch, tmp_path):
+    """`catalog refresh` must build adapters from providers.yaml / $CLOUDTUNE_PROVIDER_CONFIG, as
+    run, gc and --dry-run do; otherwise it would price one endpoint and launch on another."""
+    from tests.fakes.lambda_fake import LambdaFake
+
+    monkeypatch.delenv("CLOUDTUNE_LAMBDA_API_URL", raising=False)
+    with LambdaFake(api_key="k-456") as fake:
+        monkeypatch.setenv("LAMBDA_API_KEY", "k-456")
+        monkeypatch.setenv("CLOUDTUNE_PROVIDER_CONFIG", json.dumps({"lambda": {"base_url": fake.url + "/api/v1"}}))
+        (result,) = catalog.refresh(["lambda"])
+    assert result.status == "ok" and result.offers > 0, result.message
+
+
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cloudtune", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=60)
