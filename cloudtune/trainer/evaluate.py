@@ -86,27 +86,32 @@ def _char_accuracy(pred: str, expected: str) -> float:
     return 1.0 if width == 0 else sum(a == b for a, b in zip(pred, expected)) / width
 
 
+def _prompt_ids(tokenizer: Any, case: dict[str, Any], chat: bool) -> list[int]:
+    if chat:
+        ids = tokenizer.apply_chat_template(case["messages"], add_generation_prompt=True, tokenize=True,
+                                            return_dict=False)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(case["text"])["input_ids"])
+
+
 def _generate(model: Any, tokenizer: Any, cases: list[dict[str, Any]], chat: bool) -> list[str]:
+    """Greedy completions of all cases in one left-padded batch (one decode loop, not one per prompt)."""
     import torch
 
     device = next(model.parameters()).device
-    outs = []
-    for c in cases:
-        if chat:
-            ids = tokenizer.apply_chat_template(c["messages"], add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(c["text"])["input_ids"]
-        budget = min(MAX_NEW_TOKENS, len(tokenizer(c["expected"], add_special_tokens=False)["input_ids"]) + 4)
-        x = torch.tensor([list(ids)], device=device)
-        with torch.no_grad():
-            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=budget,
-                               do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
-        outs.append(tokenizer.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip())
-    return outs
+    prompts = [_prompt_ids(tokenizer, c, chat) for c in cases]
+    budget = min(MAX_NEW_TOKENS, 4 + max(len(tokenizer(c["expected"], add_special_tokens=False)["input_ids"])
+                                         for c in cases))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        y = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                           num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in y]
 
 
 def _score(preds: list[str], cases: list[dict[str, Any]]) -> dict[str, float]:
