@@ -16,7 +16,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from cloudtune.trainer.data import ALPACA_TEMPLATE, ALPACA_TEMPLATE_INPUT, SHAREGPT_ROLES, Record, _alpaca_prompt
+from cloudtune.trainer.data import (
+    ALPACA_TEMPLATE,
+    ALPACA_TEMPLATE_INPUT,
+    SHAREGPT_ROLES,
+    Record,
+    _alpaca_prompt,
+)
 
 log = logging.getLogger("cloudtune.trainer")
 
@@ -83,7 +89,7 @@ def heldout_cases(model_ref: str, train: list[Record], val: list[Record], fmt: s
 def _char_accuracy(pred: str, expected: str) -> float:
     """Position-wise matching characters over the longer string: partial credit for a near miss."""
     width = max(len(pred), len(expected))
-    return 1.0 if width == 0 else sum(a == b for a, b in zip(pred, expected)) / width
+    return 1.0 if width == 0 else sum(a == b for a, b in zip(pred, expected, strict=False)) / width
 
 
 def _prompt_ids(tokenizer: Any, case: dict[str, Any], chat: bool) -> list[int]:
@@ -116,8 +122,8 @@ def _generate(model: Any, tokenizer: Any, cases: list[dict[str, Any]], chat: boo
 
 def _score(preds: list[str], cases: list[dict[str, Any]]) -> dict[str, float]:
     exp = [c["expected"].strip() for c in cases]
-    return {"exact_match": round(sum(p == e for p, e in zip(preds, exp)) / len(cases), 4),
-            "char_accuracy": round(sum(_char_accuracy(p, e) for p, e in zip(preds, exp)) / len(cases), 4)}
+    return {"exact_match": round(sum(p == e for p, e in zip(preds, exp, strict=True)) / len(cases), 4),
+            "char_accuracy": round(sum(_char_accuracy(p, e) for p, e in zip(preds, exp, strict=True)) / len(cases), 4)}
 
 
 def generation_eval(model: Any, tokenizer: Any, cases: list[dict[str, Any]], source: str, chat: bool) -> dict[str, Any]:
