@@ -126,6 +126,8 @@ def test_random_preemptions_resume_to_identical_adapter(world, reference, notice
     assert out.returncode == 0, out.stderr[-3000:]
     res = last_json(out.stdout)
     assert res["state"] == "done"
+    # the end-of-run report (stderr with --json): loss, then the held-out generations before/after
+    assert "training loss" in out.stderr and "held-out prompts (16" in out.stderr, out.stderr[-2000:]
     job_id = res["job_id"]
     ledger = _check_db_and_store(tmp, home, job_id)
     preempted = [r for r in ledger if r["end_reason"].startswith("preempted")]
