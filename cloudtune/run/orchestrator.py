@@ -119,20 +119,37 @@ def provider_names(spec: JobSpec, override: str | None) -> list[str]:
     return [check_provider_name(n) for n in names]
 
 
+# How many GPUs the trainer can use today: one process, one device (see docs/operations.md).
+TRAINER_MAX_GPUS = 1
+
+
 def plan_job(spec: JobSpec, providers: list[str]) -> Draft:
     """Ask the planner for ranked options; the chosen one first, then the rest as failover."""
     from cloudtune.errors import NothingFits
     from cloudtune.planner.plan import plan_for_spec
 
+    if (spec.resources.gpus or 1) > TRAINER_MAX_GPUS:
+        raise NothingFits(
+            f"resources.gpus is {spec.resources.gpus}, but the trainer trains on {TRAINER_MAX_GPUS} GPU for now "
+            f"(multi-GPU FSDP is not built yet); remove resources.gpus or use `cloudtune plan --gpus N` to price it"
+        )
     plan = plan_for_spec(spec, providers=providers, spot=spec.resources.spot)
-    options = [
-        Option(o.offer, bool(o.spot), float(o.price_hr), o.est_hours, o.est_cost_usd) for o in plan.options
-    ]
+    # The planner prices multi-GPU and multi-node options too, but launching one would run the
+    # single-process trainer on one card of a machine sized for a sharded job: an OOM that bills.
+    runnable = [o for o in plan.options if o.gpu_count <= TRAINER_MAX_GPUS and o.nodes == 1]
+    if plan.options and not runnable:
+        need = min(plan.options, key=lambda o: o.gpu_count)
+        raise NothingFits(
+            f"this job needs {need.gpu_count} GPUs (no single GPU of {', '.join(providers)} holds it), but the "
+            f"trainer trains on one GPU for now; try method qlora, a shorter data.max_seq_len or a smaller model "
+            f"(`cloudtune plan` shows the multi-GPU options)"
+        )
+    options = [Option(o.offer, bool(o.spot), float(o.price_hr), o.est_hours, o.est_cost_usd) for o in runnable]
     if not options:
         raise NothingFits(f"no offer of {', '.join(providers)} fits this job; run `cloudtune plan` to see why")
     chosen = plan.choice
-    if chosen is not None:
-        idx = next((i for i, o in enumerate(plan.options) if o is chosen), 0)
+    if chosen is not None and chosen in runnable:
+        idx = next((i for i, o in enumerate(runnable) if o is chosen), 0)
         options.insert(0, options.pop(idx))
     return Draft(spec=spec, provider=options[0].offer.provider, options=options)
 
