@@ -93,7 +93,7 @@ class InvalidRequestError(ProviderError):
 # ---------------------------------------------------------------- data
 
 
-class MachineState(str, enum.Enum):
+class MachineState(str, enum.Enum):  # noqa: UP042 - keep str() as today; code uses .value
     PENDING = "pending"  # requested, booting, pulling the image
     RUNNING = "running"
     PREEMPTED = "preempted"  # taken back by the provider (spot interruption, outbid, host lost)
