@@ -14,17 +14,10 @@ from typing import Any
 import psutil
 import yaml
 
+from tests._trainer_util import deep_update  # noqa: F401 - re-exported for the run tests
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
-
-
-def deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            deep_update(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 def quickstart_spec(tmp: Path, name: str, **over: Any) -> Path:
