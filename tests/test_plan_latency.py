@@ -34,7 +34,8 @@ def test_plan_registers_only_its_own_command_and_imports_nothing_heavy():
         other_commands = {"cloudtune.cli.jobs_cmd", "cloudtune.cli.catalog_cmd", "cloudtune.cli.models_cmd",
                           "cloudtune.cli.commands", "cloudtune.run.orchestrator", "cloudtune.spec"}
         assert not mods & other_commands, mods & other_commands
-        assert not {m for m in mods if m.split(".")[0] in ("torch", "boto3", "botocore", "httpx", "transformers")}
+        assert not {m for m in mods if m.split(".")[0] in ("torch", "boto3", "botocore", "httpx", "transformers",
+                                                                    "pydantic")}
     assert "rich.table" not in mods  # --json renders no table
 
 
