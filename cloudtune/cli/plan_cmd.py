@@ -161,8 +161,10 @@ def _render(result: Any, top: int) -> None:
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}"
     )
     if mem is not None:
-        t = Table(title=f"Memory per GPU: {mem.per_gpu_gib:.1f} GiB on {mem.gpus} GPU{'s' if mem.gpus > 1 else ''}"
-                        f" ({mem.sharding})", title_justify="left")
+        # The heading is its own line: as a table title it would wrap to the narrow table's width.
+        console.print(f"[italic]Memory per GPU: {mem.per_gpu_gib:.1f} GiB on {mem.gpus} "
+                      f"GPU{'s' if mem.gpus > 1 else ''}{f' ({mem.sharding})' if mem.gpus > 1 else ''}[/]")
+        t = Table()
         t.add_column("component")
         t.add_column("GiB", justify="right")
         for key, value in mem.breakdown_gib.items():
