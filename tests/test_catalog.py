@@ -67,7 +67,8 @@ def test_gpu_specs_types_and_precision():
     assert h100.bf16 and h100.peak_tflops == pytest.approx(989.4) and h100.has_nvlink
     assert h100.nvlink_gbs == 900 and h100.compute_capability == 9.0
     assert not a6000.has_nvlink  # a 2-way bridge is not a fabric for FSDP over 4-8 cards
-    assert a10g.peak_tflops is None  # blank in the source: not guessed
+    assert a10g.peak_tflops == pytest.approx(70.0)  # derived in its source column, see below
+    assert specs["RTX5880-Ada"].peak_tflops is None  # blank in the source: not guessed
     assert specs["MI300X"].vendor == "amd"
 
 
@@ -186,3 +187,64 @@ def test_catalog_refresh_exit_code_when_everything_fails(tmp_path):
     proc = _cli("catalog", "refresh", "--provider", "lambda", env=env)
     assert proc.returncode == 1
     assert proc.stdout.startswith("lambda: skipped: ")
+
+
+# ---------------------------------------------------------------- GPU specs filled from cited sources
+
+
+def test_filled_tflops_match_the_derivation_in_their_source_column():
+    """Each figure equals the arithmetic its `source` cell states (SMs x clock x per-SM rate, or a board
+    figure divided per GPU and halved), so a typo in the number or the text fails here."""
+    specs = catalog.gpu_specs()
+    rows = {r["gpu"]: r for r in _csv_rows("gpus.csv")}
+    derived = {
+        "A10G": 80 * 1.71 * 512 / 1000,  # GA102 GeForce half rate with FP32 accumulate
+        "RTX5090": 170 * 2.407 * 512 / 1000,  # whitepaper: 209.5 dense with FP32 accumulate
+        "RTXPRO6000": 188 * 2.617 * 1024 / 1000,  # full-rate FP32 accumulate (workstation card)
+        "B300": 36_000 / 8 / 2,  # HGX B300: 36 PFLOPS sparse per 8-GPU board
+    }
+    for gpu, value in derived.items():
+        spec = specs[gpu]
+        assert spec.bf16 and spec.peak_tflops == pytest.approx(value, rel=0.002), gpu
+        assert spec.fp16_tflops == spec.bf16_tflops, gpu
+        assert any(word in rows[gpu]["source"] for word in ("NVIDIA", "Derived")), gpu
+    # the A10G is the half-rate GA102 (about 56% of the full-rate A10), not a copy of the A10's figure
+    assert specs["A10G"].peak_tflops < 0.6 * specs["A10"].peak_tflops
+    assert "Derived" in rows["A10G"]["source"] and "issue #126" in rows["A10G"]["source"]
+    # the RTX PRO 6000 (full rate) is the 5090's die with 10% more SMs, so a bit over twice its figure
+    assert 2.0 < specs["RTXPRO6000"].peak_tflops / specs["RTX5090"].peak_tflops < 2.6
+    assert specs["B300"].peak_tflops == specs["B200"].peak_tflops  # same BF16 figure on the HGX sheet
+    assert specs["A10G"].tdp_w == 300 and specs["B300"].tdp_w is None  # B300 board power not confirmed
+
+
+def test_the_plan_ranks_a10g_and_blackwell_offers_instead_of_skipping_them():
+    proc = _cli("plan", "--model", "8b", "--method", "qlora", "--top", "0", "--json", env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    skipped = {s["gpu"]: s["reason"] for s in plan["skipped"]}
+    for gpu in ("A10G", "B300", "RTXPRO6000", "RTX5090"):
+        assert gpu not in skipped, (gpu, skipped.get(gpu))
+    assert "RTX5880-Ada" in skipped and "TFLOPS" in skipped["RTX5880-Ada"]  # still blank, still said so
+    options = plan["options"]
+    gpus = {o["gpu"] for o in options}
+    assert {"A10G", "B300", "RTXPRO6000", "RTX5090"} <= gpus
+
+    def best_aws_spot(gpu: str, count: int = 1) -> dict:
+        rows = [o for o in options if o["gpu"] == gpu and o["gpu_count"] == count and o["provider"] == "aws"
+                and o["spot"]]
+        assert rows, gpu
+        return min(rows, key=lambda o: o["est_cost_usd"])
+
+    a10g, l4 = best_aws_spot("A10G"), best_aws_spot("L4")
+    assert a10g["offer_id"].startswith("g5.")
+    a100 = min((o for o in options if o["gpu"].startswith("A100") and o["gpu_count"] == 1),
+               key=lambda o: o["est_hours"])
+    # Same job: the A10G (70 TFLOPS at the GeForce HFU, 600 GB/s for the NF4 dequant) lands between the
+    # L4 (121 TFLOPS at 45%, 300 GB/s) and a single A100.
+    assert a100["est_hours"] < a10g["est_hours"] < l4["est_hours"]
+    assert a10g["tokens_per_sec"] > l4["tokens_per_sec"]
+    # a Blackwell GeForce card outruns the 4090 it replaces (209.5 vs 165.2 TFLOPS, same HFU class)
+    fastest = {g: max(o["tokens_per_sec"] for o in options if o["gpu"] == g and o["gpu_count"] == 1)
+               for g in ("RTX5090", "RTX4090")}
+    assert fastest["RTX5090"] > fastest["RTX4090"]
+

@@ -66,8 +66,32 @@ def test_time_scales_with_tokens_and_gpu_speed():
 
 
 def test_gpu_without_tflops_is_not_guessed():
-    est = _est(gpu="A10G")
+    est = _est(gpu="RTX5880-Ada")  # gpus.csv has no tensor figure for it
     assert not est.ok and "TFLOPS" in est.reason
+
+
+def test_hfu_class_of_the_newly_filled_gpus():
+    """The HFU class must match what the gpus.csv peak means: the A10G's 70 TFLOPS is the GeForce-style
+    half-rate FP32-accumulate figure (like the 3090's 71), the RTX PRO 6000's 503.8 is full rate."""
+    specs = gpu_specs()
+    assert tp.gpu_class(specs["A10G"]) == tp.gpu_class(specs["RTX3090"]) == "geforce"
+    assert tp.gpu_class(specs["A10"]) == "ampere"  # full-rate datasheet figure, datacenter HFU
+    assert tp.gpu_class(specs["RTX5090"]) == "geforce"
+    assert tp.gpu_class(specs["RTXPRO6000"]) == tp.gpu_class(specs["B300"]) == "blackwell"
+    assert tp.gpu_class(specs["RTX6000-Ada"]) == "ada"  # workstation, not GeForce
+
+
+def test_a10g_time_sits_between_l4_and_a100_for_8b_qlora():
+    q = TrainConfig(method="qlora", quant_bits=4, seq_len=2048, micro_batch=1)
+    work = tp.Workload(10_000, 1024)
+    hours = {g: _est(gpu=g, cfg=q, work=work).train_hours for g in ("L4", "A10G", "A10", "A100-40GB", "RTX3090")}
+    assert hours["A100-40GB"] < hours["A10"] < hours["A10G"] < hours["L4"]
+    # same GA102 die and rate as the 3090, fewer SMs and less bandwidth: a little slower, not a lot
+    assert 1.0 < hours["A10G"] / hours["RTX3090"] < 1.3
+    a10g = _est(gpu="A10G", cfg=q, work=work)
+    assert a10g.ok and a10g.hfu == pytest.approx(tp.HFU_BY_CLASS["geforce"])
+    # QLoRA's dequant is bandwidth-bound: 600 GB/s on the A10G against 300 on the L4
+    assert a10g.dequant_s_per_step == pytest.approx(_est(gpu="L4", cfg=q, work=work).dequant_s_per_step / 2)
 
 
 def test_qlora_dequant_is_a_fixed_cost_per_step():

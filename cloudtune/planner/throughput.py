@@ -33,12 +33,18 @@ from cloudtune.planner.types import ModelArch, TrainConfig
 HFU_BY_CLASS: dict[str, float] = {
     "ampere": 0.50,  # A100 (AAI-26/27 ~52-55%, QW LoRA ~48-56%), A10, A6000, A5000
     "ada": 0.45,  # L4/L40/L40S/RTX 6000 Ada (datacenter and workstation clocks, power-capped)
-    "geforce": 0.65,  # RTX 3090/4090/5090: AAI-10/14/17 DDP rows run at 65-75% of the listed peak
+    # RTX 3090/4090/5090: AAI-10/14/17 DDP rows run at 65-75% of the listed peak. That peak is the
+    # half-rate FP32-accumulate figure, which bf16 GEMMs reach almost fully; the A10G is a GA102 with
+    # the same half rate (gpus.csv), so it belongs here and not with the full-rate A10.
+    "geforce": 0.65,
     "hopper": 0.35,  # H100/H200/GH200 (AAI-28 ~33%)
-    "blackwell": 0.30,  # B200/B300/RTX 50: no HF-stack measurements; assume below Hopper
+    "blackwell": 0.30,  # B200/B300/RTX PRO 6000: no HF-stack measurements; assume below Hopper
     "older": 0.35,  # Turing/Volta, fp16 tensor cores
     "amd": 0.25,  # MI300X under ROCm builds of the same stack; no measurements
 }
+# Datacenter cards whose tensor cores run bf16 with FP32 accumulate at the GeForce half rate, so their
+# gpus.csv peak means what a GeForce peak means (see the A10G row's derivation).
+HALF_RATE_DATACENTER = frozenset({"A10G"})
 # Per-method correction of HFU. The QW full-FT rows (QW-19..21) show no penalty beyond the optimizer
 # step modelled below, so all are 1.0; kept as a knob.
 METHOD_FACTOR: dict[str, float] = {"full": 1.0, "lora": 1.0, "qlora": 1.0}
@@ -120,6 +126,8 @@ def gpu_class(gpu: GpuSpec) -> str:
         return "amd"
     if gpu.name.startswith("RTX") and gpu.name[3:4].isdigit() and gpu.name[3:5] != "60":
         return "geforce"  # RTX3090/4090/5090..., not the RTX6000 workstation cards
+    if gpu.name in HALF_RATE_DATACENTER:
+        return "geforce"
     for name in ("hopper", "blackwell", "ada", "ampere"):
         if name in arch:
             return name
