@@ -8,6 +8,10 @@ Why these choices:
 - Machine ids are `<region>:<instance-id>`: an instance id is only meaningful within its region,
   and the watchdog and `gc` run in other processes that must find it again.
 - boto3 is imported inside methods: `cloudtune --help` and `cloudtune plan` must not pay for it.
+- Secret env values (HF_TOKEN...) go to one SSM SecureString parameter per machine,
+  `/cloudtune/<machine name>/env`, written just before RunInstances and read by the boot script with
+  the instance profile; user-data holds only the name. The parameter is deleted when a launch fails
+  for sure, when we terminate the machine, and by `cloudtune gc` once its instance is gone.
 
 Configuration (constructor argument, else environment variable):
   regions / region  CLOUDTUNE_AWS_REGIONS          comma list; default: aws_types.DEFAULT_REGIONS
@@ -17,6 +21,9 @@ Configuration (constructor argument, else environment variable):
   instance_profile  CLOUDTUNE_AWS_INSTANCE_PROFILE instance profile name or ARN (store access)
   key_name          CLOUDTUNE_AWS_KEY_NAME         EC2 key pair, only to let you ssh in and debug
   security_group_ids CLOUDTUNE_AWS_SECURITY_GROUP_IDS comma list (default: the VPC's default group)
+  ssm_kms_key       CLOUDTUNE_AWS_SSM_KMS_KEY      KMS key for the secrets parameter (default: alias/aws/ssm)
+  secret_grace_s    CLOUDTUNE_AWS_SECRET_GRACE_S   gc leaves a secrets parameter with no instance alone
+                                                   this long (default 900 s: a launch may be in flight)
   profile_name      AWS_PROFILE                    boto3 profile
 """
 
@@ -28,6 +35,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -39,7 +47,15 @@ from cloudtune.providers.aws_errors import (
     translate,
 )
 from cloudtune.providers.aws_types import DEFAULT_REGIONS, DLAMI_PARAMETER, INSTANCE_TYPES, OPT_IN_REGIONS
-from cloudtune.providers.aws_userdata import REDACTED, build_user_data, strip_aws_credentials
+from cloudtune.providers.aws_userdata import (
+    REDACTED,
+    SECRETS_PREFIX,
+    build_user_data,
+    machine_name_of_parameter,
+    secrets_parameter_name,
+    secrets_value,
+    strip_aws_credentials,
+)
 from cloudtune.providers.base import (
     TAG_ATTEMPT,
     TAG_JOB,
@@ -79,6 +95,43 @@ _STATE_MAP = {
     "shutting-down": MachineState.TERMINATING,
     "terminated": MachineState.TERMINATED,
 }
+
+
+DEFAULT_SECRET_GRACE_S = 900.0
+SSM_DEFAULT_KEY = "alias/aws/ssm"  # what SSM uses for a SecureString when no KeyId is given
+
+
+class _DropSecretRequestBodies(logging.Filter):
+    """botocore logs each request's params at DEBUG ("Making request for ... with params"); for
+    PutParameter those hold the secret values. Drop exactly those records so turning on botocore
+    debug logging can never write a secret to a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            return True
+        return "PutParameter" not in str(record.msg) and not any("PutParameter" in str(a) for a in
+                                                                  (record.args if isinstance(record.args, tuple) else ()))
+
+
+_SECRET_LOG_FILTER = _DropSecretRequestBodies()
+
+
+def _guard_botocore_logs() -> None:
+    for name in ("botocore.endpoint", "botocore.parsers", "botocore.hooks", "botocore.awsrequest"):
+        logger = logging.getLogger(name)
+        if _SECRET_LOG_FILTER not in logger.filters:
+            logger.addFilter(_SECRET_LOG_FILTER)
+
+
+@dataclass(frozen=True)
+class SecretParameter:
+    """A cloudtune secrets parameter found by `orphan_secrets` (for `cloudtune gc`)."""
+
+    region: str
+    name: str
+    machine_name: str
+    age_s: float
+    why: str
 
 
 def _env_list(name: str) -> list[str] | None:
@@ -172,6 +225,8 @@ class AWSProvider:
         key_name: str | None = None,
         security_group_ids: list[str] | None = None,
         profile_name: str | None = None,
+        ssm_kms_key: str | None = None,
+        secret_grace_s: float | None = None,
         max_workers: int = 8,
     ) -> None:
         if isinstance(regions, str):
@@ -185,6 +240,13 @@ class AWSProvider:
         self.key_name = key_name or os.environ.get("CLOUDTUNE_AWS_KEY_NAME") or None
         self.security_group_ids = security_group_ids or _env_list("CLOUDTUNE_AWS_SECURITY_GROUP_IDS")
         self.profile_name = profile_name
+        self.ssm_kms_key = ssm_kms_key or os.environ.get("CLOUDTUNE_AWS_SSM_KMS_KEY") or None
+        grace = secret_grace_s if secret_grace_s is not None else os.environ.get("CLOUDTUNE_AWS_SECRET_GRACE_S")
+        try:
+            self.secret_grace_s = float(grace) if grace not in (None, "") else DEFAULT_SECRET_GRACE_S
+        except ValueError:
+            raise AWSConfigError(f"CLOUDTUNE_AWS_SECRET_GRACE_S={grace!r} is not a number of seconds; "
+                                 "set it to e.g. 900 or unset it", provider=NAME) from None
         self.max_workers = max_workers
         self._session: Any = None
         self._clients: dict[tuple[str, str, bool], Any] = {}
@@ -226,6 +288,8 @@ class AWSProvider:
                 retries = {"mode": "standard", "total_max_attempts": 1 if launch else 5}
                 config = Config(retries=retries, connect_timeout=10, read_timeout=60,
                                 user_agent_extra="cloudtune")
+                if service == "ssm":
+                    _guard_botocore_logs()
                 self._clients[key] = self._boto_session().client(
                     service, region_name=region, endpoint_url=self.endpoint_url, config=config
                 )
@@ -347,7 +411,8 @@ class AWSProvider:
                 provider=NAME,
             )
 
-    def _machine_env(self, req: LaunchRequest, *, redact: bool) -> dict[str, str]:
+    def _machine_env(self, req: LaunchRequest) -> tuple[dict[str, str], dict[str, str]]:
+        """(plain env for user-data, secret env for the SSM parameter). A key in both is a secret."""
         secrets, _ = strip_aws_credentials(req.secret_env)
         store = req.env.get("CLOUDTUNE_STORE", "")
         if store and not store.startswith("s3://"):
@@ -362,16 +427,21 @@ class AWSProvider:
                 "instance profile whose role may read and write that bucket (docs/providers/aws.md)",
                 provider=NAME,
             )
-        secrets = {k: REDACTED for k in secrets} if redact else secrets
-        return {**req.env, **secrets}
+        plain = {k: v for k, v in req.env.items() if k not in secrets}
+        return plain, secrets
 
-    def _run_params(self, req: LaunchRequest, *, image_id: str, root_device: str, root_size_gb: int,
-                    redact: bool) -> dict[str, Any]:
-        """RunInstances arguments, without Placement and ClientToken (set per zone)."""
-        tags = [{"Key": "Name", "Value": req.name}] + [{"Key": k, "Value": v} for k, v in req.tags.items()]
+    def _tags(self, req: LaunchRequest) -> list[dict[str, str]]:
+        return [{"Key": "Name", "Value": req.name}] + [{"Key": k, "Value": v} for k, v in req.tags.items()]
+
+    def _run_params(self, req: LaunchRequest, plain: dict[str, str], *, image_id: str, root_device: str,
+                    root_size_gb: int, secrets_parameter: str | None) -> dict[str, Any]:
+        """RunInstances arguments, without Placement and ClientToken (set per zone). `plain` is the
+        non-secret env (user-data); the secrets are only named, through `secrets_parameter`."""
+        tags = self._tags(req)
         user_data = build_user_data(
             job_id=req.job_id, attempt=req.attempt, image=req.image, command=list(req.command),
-            env=self._machine_env(req, redact=redact), max_lifetime_s=req.max_lifetime_s, workdir=req.workdir,
+            env=plain, max_lifetime_s=req.max_lifetime_s, workdir=req.workdir,
+            secrets_parameter=secrets_parameter, region=req.offer.region,
         )
         params: dict[str, Any] = {
             "ImageId": image_id,
@@ -463,15 +533,110 @@ class AWSProvider:
                 provider=NAME,
             ) from None
 
+    # ------------------------------------------------------------ secrets parameter
+
+    def _put_params(self, req: LaunchRequest, secrets: dict[str, str], *, redact: bool) -> dict[str, Any]:
+        """PutParameter arguments for the machine's secrets (Value `***` when `redact`, for --dry-run)."""
+        params: dict[str, Any] = {
+            "Name": secrets_parameter_name(req.name, validate=not redact),
+            "Description": f"cloudtune job {req.job_id} attempt {req.attempt}: the trainer's secret environment "
+                           "(deleted with the machine)",
+            "Value": REDACTED if redact else secrets_value(secrets),
+            "Type": "SecureString",
+            "KeyId": self.ssm_kms_key or SSM_DEFAULT_KEY,
+            "Tier": "Standard",
+            "Tags": self._tags(req),
+        }
+        return params
+
+    def _put_secrets(self, req: LaunchRequest, secrets: dict[str, str]) -> str:
+        """Write the secrets parameter; a leftover of the same name (an earlier try of this attempt) is
+        overwritten (Tags cannot go with Overwrite; the old ones are the same)."""
+        from botocore import exceptions as bx
+
+        region = req.offer.region
+        params = self._put_params(req, secrets, redact=False)
+        name = params["Name"]
+        ssm = self._client("ssm", region)
+        action = f"PutParameter {name} in {region}"
+        try:
+            try:
+                ssm.put_parameter(**params)
+            except bx.ClientError as err:
+                if error_code(err) != "ParameterAlreadyExists":
+                    raise
+                ssm.put_parameter(**{k: v for k, v in params.items() if k != "Tags"}, Overwrite=True)
+        except bx.ParamValidationError:
+            # botocore's validation text can quote the parameter values: never pass it on.
+            raise AWSConfigError(f"{action}: botocore refused the request as malformed", provider=NAME) from None
+        except (bx.BotoCoreError, bx.ClientError) as err:
+            typed = translate(err, action)
+            if isinstance(typed, AuthError):
+                typed = AuthError(
+                    f"{typed}. The job has secrets ({', '.join(sorted(secrets))}) that go to the machine through "
+                    f"SSM: allow ssm:PutParameter and ssm:AddTagsToResource on arn:aws:ssm:*:*:parameter/cloudtune/* "
+                    f"(and kms:Encrypt on a customer-managed key), see docs/providers/aws.md",
+                    provider=NAME)
+            raise typed from None
+        log.info("wrote %d secret variable(s) to SSM parameter %s in %s", len(secrets), name, region)
+        return name
+
+    def _delete_parameter(self, region: str, name: str) -> bool:
+        """Delete one secrets parameter. True if it existed; raises typed errors."""
+        ssm = self._client("ssm", region)
+        try:
+            ssm.delete_parameter(Name=name)
+        except Exception as err:  # noqa: BLE001 - translated below
+            if error_code(err) == "ParameterNotFound":
+                return False
+            raise translate(err, f"DeleteParameter {name} in {region}") from None
+        return True
+
+    def _discard_secrets(self, region: str, names: Iterable[str], why: str) -> None:
+        """Best-effort delete of the secrets parameters of machines that are gone or never started.
+
+        Why it never raises: it runs after a terminate or a failed launch, whose own outcome matters
+        more; a parameter left behind is reported here and swept by `cloudtune gc`."""
+        for machine in names:
+            parameter = secrets_parameter_name(machine)
+            try:
+                if self._delete_parameter(region, parameter):
+                    log.info("deleted SSM parameter %s in %s (%s)", parameter, region, why)
+            except ProviderError as err:
+                log.warning("could not delete SSM parameter %s in %s (%s): %s; `cloudtune gc --yes` deletes it "
+                            "once allowed ssm:DeleteParameter on arn:aws:ssm:*:*:parameter/cloudtune/*",
+                            parameter, region, why, err)
+
     def _launch(self, req: LaunchRequest) -> Machine:
         region, itype = req.offer.region, req.offer.offer_id
         image_id = self.resolve_ami(region)
         device, size = self._root_volume(region, image_id, req.disk_gb)
-        params = self._run_params(req, image_id=image_id, root_device=device, root_size_gb=size, redact=False)
+        plain, secrets = self._machine_env(req)
+        parameter = secrets_parameter_name(req.name) if secrets else None
+        if secrets:
+            secrets_value(secrets)  # size and format checks before anything is written
+        params = self._run_params(req, plain, image_id=image_id, root_device=device, root_size_gb=size,
+                                  secrets_parameter=parameter)
         zones = self._zones(region, itype, req.spot)
         if not zones:
             raise CapacityError(f"{itype} is not offered in any availability zone of {region}", provider=NAME)
         ec2 = self._client("ec2", region, launch=True)
+        if not secrets:
+            return self._launch_in_zones(req, ec2, params, zones)
+        self._put_secrets(req, secrets)
+        try:
+            return self._launch_in_zones(req, ec2, params, zones)
+        except TransientError:
+            # The create's outcome is unknown: the orchestrator may find and adopt the machine, which
+            # needs the parameter. If it finds none, `cloudtune gc` deletes the parameter after the grace.
+            log.info("kept SSM parameter %s: RunInstances ended with an unknown outcome", parameter)
+            raise
+        except BaseException:
+            self._discard_secrets(region, [req.name], "the launch failed")
+            raise
+
+    def _launch_in_zones(self, req: LaunchRequest, ec2: Any, params: dict[str, Any], zones: list[str]) -> Machine:
+        region, itype = req.offer.region, req.offer.offer_id
         failures: list[str] = []
         for zone in zones:
             call = {**params, "Placement": {"AvailabilityZone": zone},
@@ -516,8 +681,15 @@ class AWSProvider:
             image_id = f"resolve:ssm:{self.ami_parameter}"
             out.append({"service": "ssm", "region": region, "operation": "GetParameter",
                         "params": {"Name": self.ami_parameter}})
-        params = self._run_params(req, image_id=image_id, root_device="/dev/sda1 (the AMI's root device)",
-                                  root_size_gb=req.disk_gb, redact=True)
+        plain, secrets = self._machine_env(req)
+        parameter = None
+        if secrets:
+            secrets_value(secrets)  # the same checks as a launch
+            put = self._put_params(req, secrets, redact=True)
+            parameter = put["Name"]
+            out.append({"service": "ssm", "region": region, "operation": "PutParameter", "params": put})
+        params = self._run_params(req, plain, image_id=image_id, root_device="/dev/sda1 (the AMI's root device)",
+                                  root_size_gb=req.disk_gb, secrets_parameter=parameter)
         params["Placement"] = {"AvailabilityZone": f"each zone of {region} offering {req.offer.offer_id}, "
                                                    + ("cheapest spot price first" if req.spot else "in order")}
         params["ClientToken"] = client_token(req.job_id, req.attempt, "<zone>")
@@ -576,7 +748,10 @@ class AWSProvider:
         self.terminate_many([machine_id])
 
     def terminate_many(self, machine_ids: list[str]) -> None:
-        """Terminate in one call per region; if one unknown id fails the batch, go one by one."""
+        """Terminate in one call per region; if one unknown id fails the batch, go one by one.
+
+        Then delete the machines' secrets parameters (found through their Name tags), best effort:
+        the terminate is what must not fail."""
         by_region: dict[str, list[str]] = {}
         for machine_id in machine_ids:
             region, instance_id = self._split_id(machine_id)
@@ -597,6 +772,76 @@ class AWSProvider:
                                    lambda c=ec2, i=instance_id: c.terminate_instances(InstanceIds=[i]))
                     except NotFoundError:
                         pass  # already gone: done
+            self._discard_secrets(region, self._names_of(region, ids), "machine terminated")
+
+    def _names_of(self, region: str, instance_ids: list[str]) -> list[str]:
+        """Name tags of these instances (an id filter, unlike InstanceIds=, tolerates unknown ids)."""
+        ec2 = self._client("ec2", region)
+        names: list[str] = []
+        try:
+            pages = ec2.get_paginator("describe_instances").paginate(
+                Filters=[{"Name": "instance-id", "Values": instance_ids}])
+            for page in pages:
+                for res in page.get("Reservations", []):
+                    for inst in res.get("Instances", []):
+                        tags = {t["Key"]: t["Value"] for t in inst.get("Tags") or []}
+                        if parse_machine_name(tags.get("Name", "")):
+                            names.append(tags["Name"])
+        except Exception as err:  # noqa: BLE001 - best effort, see _discard_secrets
+            log.warning("could not read the names of %s in %s to delete their SSM secrets: %s; "
+                        "`cloudtune gc` deletes them later", ", ".join(instance_ids), region,
+                        translate(err, "DescribeInstances") if not isinstance(err, ProviderError) else err)
+        return names
+
+    # ------------------------------------------------------------ orphaned secrets (for gc)
+
+    def orphan_secrets(self) -> list[SecretParameter]:
+        """Secrets parameters (/cloudtune/<machine>/env) whose machine no longer exists, every region.
+
+        A parameter with no live instance of its name is an orphan once it is older than
+        `secret_grace_s`: a younger one may belong to a launch in flight (written just before
+        RunInstances). Reads metadata only (DescribeParameters), never a value.
+        """
+        return self._sweep("secret parameters", self._orphan_secrets_in)
+
+    def _orphan_secrets_in(self, region: str) -> list[SecretParameter]:
+        ssm = self._client("ssm", region)
+
+        def fetch() -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            pages = ssm.get_paginator("describe_parameters").paginate(
+                ParameterFilters=[{"Key": "Name", "Option": "BeginsWith", "Values": [SECRETS_PREFIX]}])
+            for page in pages:
+                out.extend(page.get("Parameters", []))
+            return out
+
+        found = self._call(f"DescribeParameters {SECRETS_PREFIX}* in {region}", fetch)
+        ours = [(p, machine_name_of_parameter(p["Name"])) for p in found]
+        ours = [(p, m) for p, m in ours if m]
+        if not ours:
+            return []
+        live: set[str] = set()
+        names = sorted({m for _, m in ours})
+        for i in range(0, len(names), 100):  # a filter takes at most 200 values
+            filters = [{"Name": "tag:Name", "Values": names[i:i + 100]},
+                       {"Name": "instance-state-name", "Values": LIVE_STATES}]
+            live.update(m.name for m in self._describe_filtered(region, filters))
+        now = datetime.now(UTC)
+        orphans: list[SecretParameter] = []
+        for p, machine in ours:
+            if machine in live:
+                continue
+            modified = p.get("LastModifiedDate")
+            age = (now - modified).total_seconds() if isinstance(modified, datetime) else float("inf")
+            if age < self.secret_grace_s:
+                continue
+            orphans.append(SecretParameter(region=region, name=p["Name"], machine_name=machine, age_s=age,
+                                           why=f"no live instance named {machine} in {region}"))
+        return orphans
+
+    def delete_secret(self, secret: SecretParameter) -> bool:
+        """Delete an orphaned secrets parameter (True if it existed). Typed errors on failure."""
+        return self._delete_parameter(secret.region, secret.name)
 
     def _describe_filtered(self, region: str, filters: list[dict[str, Any]]) -> list[Machine]:
         ec2 = self._client("ec2", region)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -39,13 +40,20 @@ def test_dry_run_prints_run_instances_with_secrets_redacted(tmp_path):
         assert secret not in proc.stdout and secret not in proc.stderr
     out = json.loads(proc.stdout)
     assert out["plan"][0]["offer"]["provider"] == "aws"
-    ssm, run = out["launch"]
+    ssm, put, run = out["launch"]
     assert ssm["operation"] == "GetParameter" and run["operation"] == "RunInstances"
+    # The secrets go to an SSM SecureString, printed with the value redacted.
+    assert put["operation"] == "PutParameter" and put["region"] == "us-east-1"
+    name = put["params"]["Name"]
+    assert name.startswith("/cloudtune/cloudtune-") and name.endswith("/env")
+    assert put["params"]["Value"] == "***" and put["params"]["Type"] == "SecureString"
+    assert put["params"]["KeyId"] == "alias/aws/ssm"
     params = run["params"]
     assert run["region"] == "us-east-1" and params["InstanceType"] == out["plan"][0]["offer"]["offer_id"]
     assert params["InstanceMarketOptions"]["MarketType"] == "spot"
     assert params["IamInstanceProfile"] == {"Name": "cloudtune-trainer"}
-    assert "HF_TOKEN=***" in params["UserData"]
+    assert "HF_TOKEN" not in params["UserData"]  # not even the name: only the parameter's
+    assert f"aws ssm get-parameter --region us-east-1 --name {shlex.quote(name)} --with-decryption" in params["UserData"]
     assert "AWS_SECRET_ACCESS_KEY" not in params["UserData"]
     assert "AWS_SECRET_ACCESS_KEY" in proc.stderr  # the warning names what was dropped
 

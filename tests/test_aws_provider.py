@@ -76,8 +76,10 @@ def test_launch_spot_sets_market_tags_volume_metadata_and_user_data(provider, ec
             "--env-file /run/cloudtune/job.env ghcr.io/cloudtune/trainer:0.1 python -m cloudtune.trainer") in script
     env_block = script.split("<<'CLOUDTUNE_ENV_EOF'\n", 1)[1].split("\nCLOUDTUNE_ENV_EOF\n", 1)[0].splitlines()
     assert f"CLOUDTUNE_JOB_ID={job}" in env_block and "CLOUDTUNE_ATTEMPT=2" in env_block
-    assert "HF_TOKEN=hf_secretvalue123" in env_block  # the machine needs it...
-    assert not any(line.startswith("AWS_") for line in env_block)  # ...but never long-lived AWS keys
+    # Secrets come from SSM at boot (tests/test_aws_secrets.py): user-data names only the parameter.
+    assert "hf_secretvalue123" not in script and "HF_TOKEN" not in script
+    assert f"--name /cloudtune/cloudtune-{job}-2/env --with-decryption" in script
+    assert not any(line.startswith("AWS_") for line in env_block)  # never long-lived AWS keys
     assert "AKIAlongterm" not in script
     assert "AWS_SECRET_ACCESS_KEY" in caplog.text and "AKIAlongterm" not in caplog.text
 
@@ -240,9 +242,10 @@ def test_describe_launch_redacts_secrets_without_network(monkeypatch, tmp_path):
     job = new_job_id()
     calls = p.describe_launch(request(job, max_lifetime_s=3 * 3600))
     text = json.dumps(calls)
-    assert "hf_secretvalue123" not in text and "HF_TOKEN=***" in text
-    assert [c["operation"] for c in calls] == ["GetParameter", "RunInstances"]
-    run = calls[1]["params"]
+    assert "hf_secretvalue123" not in text
+    assert [c["operation"] for c in calls] == ["GetParameter", "PutParameter", "RunInstances"]
+    assert calls[1]["params"]["Value"] == "***" and calls[1]["params"]["Type"] == "SecureString"
+    run = calls[2]["params"]
     assert run["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/")
     assert run["InstanceMarketOptions"]["SpotOptions"] == {"SpotInstanceType": "one-time",
                                                            "InstanceInterruptionBehavior": "terminate"}
