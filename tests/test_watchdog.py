@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from cloudtune.planner.plan import plan_for_spec
+from cloudtune.spec import load_spec
 from cloudtune.store import layout, open_store
 from tests._run_util import assert_nothing_left, cli, cli_env, db_rows, last_json, quickstart_spec, wait_for
 
 pytestmark = pytest.mark.slow
 
-LONG = {"training": {"max_steps": 100000}, "checkpoint": {"every_steps": 10}}
+# Long enough to be stopped mid-run, short enough that the estimate stays under the quickstart's limits.max_hours.
+LONG = {"training": {"max_steps": 20000}, "checkpoint": {"every_steps": 10}}
 
 
 def _start(tmp: Path, env, name: str, **over) -> str:
@@ -92,15 +95,41 @@ def test_hung_machine_is_replaced_then_budget_stops_it(tmp_path):
     assert_nothing_left(job_id)
 
 
-def test_budget_reached_checkpoints_and_stops(tmp_path):
+def test_budget_reached_mid_run_checkpoints_and_stops(tmp_path):
+    """A job planned under its budget whose trainer then runs slower than estimated (it stalls: alive,
+    billing, heartbeat within the timeout) is stopped by the watchdog when the spending reaches the
+    budget, and the trainer checkpoints before it goes."""
     env = cli_env(tmp_path / "home")
     home = tmp_path / "home"
-    # $3600/h is $1/s: a $15 budget runs out 15 s after launch.
-    job_id = _start(tmp_path, env, "budget", local={"price_hr": 3600.0}, limits={"max_cost_usd": 15})
+    # $3600/h is $1/s; the budget is the plan's own estimate plus 8 s, so check_budget lets it start.
+    over = {"training": {"max_steps": 100}, "checkpoint": {"every_steps": 1000}, "local": {"price_hr": 3600.0}}
+    est = plan_for_spec(load_spec(quickstart_spec(tmp_path, "estimate", **over))).choice.est_cost_usd
+    budget = round(est + 8, 2)
+    job_id = _start(tmp_path, env, "budget", **over, limits={"max_cost_usd": budget})
+    assert _job(home, job_id)["est_cost_usd"] == pytest.approx(est, abs=0.01) and est < budget
+    # Stall the trainer once it trains (if the budget has not already stopped a slow start-up).
+    job = wait_for(lambda: (lambda j: j if (j["state"] == "running" and (j["step"] or 0) >= 1)
+                            or j["state"] in ("stopping", "stopped") else None)(_job(home, job_id)),
+                   240, "training or the budget stop")
+    mdir = next((home / "local" / "machines").glob(f"cloudtune-{job_id}-1-*"))
+    trainer = json.loads((mdir / "status.json").read_text())["trainer_pid"]
+    stalled = job["state"] == "running" and _pid_alive(trainer)
+    if stalled:
+        os.kill(trainer, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "stopping" in _kinds(home, job_id), 120, "the watchdog to stop the job on its budget")
+    finally:
+        if stalled:
+            os.kill(trainer, signal.SIGCONT)  # it reads control.json, checkpoints and exits 76
     final = wait_for(lambda: (lambda j: j if j["state"] in ("stopped", "done", "failed") else None)(
-        _job(home, job_id)), 240, "the budget stop")
+        _job(home, job_id)), 120, "the budget stop")
     assert final["state"] == "stopped" and final["reason"].startswith("budget reached"), final["reason"]
-    assert "stopping" in _kinds(home, job_id)
+    assert final["step"] < 100  # stopped mid-run, not at the end
+    att = db_rows(home, "SELECT * FROM attempts WHERE job_id = ?", job_id)
+    assert len(att) == 1 and att[0]["exit_code"] == 76  # checkpointed and stopped on the controller's request
+    store = open_store(f"file://{tmp_path / 'store'}")
+    latest = store.read_json(layout.latest_key(job_id))
+    assert latest is not None and 1 <= latest["step"] < 100, latest
     cost = json.loads(cli(env, "cost", job_id, "--json").stdout)["jobs"][0]
-    assert 15 <= cost["cost_usd"] < 15 + 70  # the budget, plus at most the stop grace and a poll
+    assert budget <= cost["cost_usd"] < budget + 70  # the budget, plus at most the stop grace and a poll
     assert_nothing_left(job_id)

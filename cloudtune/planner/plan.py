@@ -33,8 +33,6 @@ SAFETY_FRACTION = 0.92
 NODE_COUNTS = (2, 4, 8, 16)  # multi-node sizes tried (x 8 GPUs) when no single node holds the job
 # Providers where a multi-node cluster can be launched (through SkyPilot); Vast and Modal are not.
 MULTI_NODE_PROVIDERS = ("aws", "lambda", "runpod")
-# Rough sustained fp32 matmul rate of one CPU core under torch, for the local provider's estimate.
-CPU_GFLOPS_PER_CORE = 20.0
 
 
 @dataclass
@@ -390,7 +388,11 @@ def _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_h
 
 
 def workload_for_spec(spec: Any) -> Workload:
-    """Samples and tokens from the spec's training file when it is local, else defaults."""
+    """Samples and tokens from the spec's training file when it is local, else defaults.
+
+    With training.max_steps the Trainer runs exactly max_steps optimizer steps, cycling through the
+    data as often as needed (or stopping inside the first pass), so the workload is max_steps x the
+    samples of one step, not one pass of the file."""
     from pathlib import Path
 
     from cloudtune.planner.dataset_stats import dataset_stats
@@ -405,8 +407,9 @@ def workload_for_spec(spec: Any) -> Workload:
         workload = Workload(base.samples, base.avg_tokens, epochs, base.source)
     if spec.training.max_steps:
         per_step = spec.training.micro_batch * spec.training.grad_accum * (spec.resources.gpus or 1)
-        samples = min(workload.samples * epochs, spec.training.max_steps * per_step)
-        workload = Workload(int(samples), workload.avg_tokens, 1.0, workload.source + ", capped by max_steps")
+        samples = spec.training.max_steps * per_step
+        workload = Workload(samples, workload.avg_tokens, 1.0,
+                            f"{workload.source}, training.max_steps {spec.training.max_steps} x {per_step} samples/step")
     return workload
 
 
@@ -461,11 +464,8 @@ def _local_plan(arch: ModelArch, cfg: TrainConfig, workload: Workload, spec: Any
     """One option: this machine. Nothing to fit against (it runs on whatever is here)."""
     price = float(spec.local.price_hr)
     cores = os.cpu_count() or 1
-    tokens = workload.total_tokens(cfg.seq_len)
-    fpt = throughput.flops_per_token(arch, cfg.method, cfg.gradient_checkpointing, workload.tokens_per_sample(cfg.seq_len))
-    steps = max(1, int(workload.samples * workload.epochs / cfg.micro_batch))
-    seconds = tokens * fpt / (cores * CPU_GFLOPS_PER_CORE * 1e9) + steps * 0.05
-    hours = seconds / 3600
+    t = throughput.estimate_local_time(arch, cfg, workload, cores)
+    hours = t.total_hours
     offer = Offer(provider="local", offer_id="local", gpu="local", gpu_count=0, vram_gib_per_gpu=0.0,
                   region="local", price_hr=price, as_of="now", fresh=True)
     try:
@@ -475,7 +475,9 @@ def _local_plan(arch: ModelArch, cfg: TrainConfig, workload: Workload, spec: Any
     option = PlanOption(
         offer=offer, spot=False, price_hr=price, gpu_count=0, est_hours=hours, est_cost_usd=hours * price,
         headroom_gib=None, memory=memory,
-        notes=[f"local machine: rough CPU estimate ({cores} cores x {CPU_GFLOPS_PER_CORE:g} GFLOP/s), no fit check"],
+        notes=[f"local machine: rough CPU estimate ({throughput.TRAINER_STARTUP_S:g} s start-up + {t.micro_steps} steps x "
+               f"{throughput.LOCAL_MICRO_STEP_OVERHEAD_S * 1000:g} ms + FLOPs at {cores} cores x "
+               f"{throughput.LOCAL_CPU_GFLOPS_PER_CORE:g} GFLOP/s), no fit check"],
     )
     assumptions = _assumptions(cfg, workload, False, None)
     assumptions["local"] = option.notes[0]

@@ -68,9 +68,20 @@ PCIE_GBS = 4.0  # no NVLink: FSDP over PCIe without P2P, as fitted on AAI-03/04 
 INTER_NODE_GBS = 12.5  # 100 Gb/s per GPU (EFA/InfiniBand class); worse on marketplace clouds
 MULTI_GPU_SYNC_EFFICIENCY = 0.95  # stragglers, barriers: AAI-26 -> AAI-27 (4 -> 8 A100) kept 94%
 
-# Boot (machine + image) and model load, in seconds. Billing covers both.
+# Boot (machine + image, until our command starts), in seconds. Billing covers it.
 BOOT_S: dict[str, float] = {"modal": 30, "runpod": 90, "vast": 180, "lambda": 240, "aws": 240, "local": 0}
 DOWNLOAD_GBS = 0.5  # weights from the hub / S3 into the machine
+# The trainer process's own fixed cost, on every provider and again on every restart: importing
+# torch/transformers/peft/trl, building the model and trainer, tokenizing, and at the end the final
+# save and held-out generation. Neither BOOT_S (machine) nor the download (bytes) covers it. Measured
+# with the quickstart on a 2-core CPU (docs/planner.md, "Start-up and the local estimate"): 12-14 s
+# from launch to the first step plus 1-2 s after the last; used for clouds too (faster CPUs, but
+# larger weights to move into GPU memory).
+TRAINER_STARTUP_S = 14.0
+# The local provider (CPU): FLOPs at a rough per-core rate, plus a fixed cost per micro-step
+# (Python, autograd, optimizer, logging) measured on the quickstart's tiny model, where it dominates.
+LOCAL_CPU_GFLOPS_PER_CORE = 20.0
+LOCAL_MICRO_STEP_OVERHEAD_S = 0.033
 # After DONE a VM bills until it is terminated (watchdog poll + terminate); Modal stops at exit.
 IDLE_TAIL_S: dict[str, float] = {"modal": 0, "runpod": 60, "vast": 60, "lambda": 60, "aws": 60, "local": 0}
 
@@ -280,7 +291,7 @@ def estimate_time(
     est.train_hours = train_s / 3600
     est.tokens_per_sec = est.tokens / train_s if train_s > 0 else 0.0
 
-    startup_s = BOOT_S.get(provider, 180) + arch.params_b * 2 / DOWNLOAD_GBS
+    startup_s = BOOT_S.get(provider, 180) + arch.params_b * 2 / DOWNLOAD_GBS + TRAINER_STARTUP_S
     est.startup_hours = startup_s / 3600
     est.idle_tail_hours = IDLE_TAIL_S.get(provider, 60) / 3600
 
@@ -292,6 +303,24 @@ def estimate_time(
         loss = min(0.9, hazard * lost_h)
         est.preemption_hours = run_h / (1 - loss) - run_h
         est.expected_restarts = hazard * (run_h + est.preemption_hours)
+    return est
+
+
+def estimate_local_time(arch: ModelArch, cfg: TrainConfig, workload: Workload, cores: int) -> TimeEstimate:
+    """Time on this machine's CPU. Small models (the quickstart) are bound by the per-step cost of the
+    Python training loop, not by FLOPs, so a FLOP rate alone would predict a fraction of the wall time."""
+    est = TimeEstimate(True)
+    seq = workload.tokens_per_sample(cfg.seq_len)
+    est.tokens = workload.total_tokens(cfg.seq_len)
+    est.flops_per_token = flops_per_token(arch, cfg.method, cfg.gradient_checkpointing, seq)
+    est.micro_steps = max(1, math.ceil(workload.samples * workload.epochs / max(1, cfg.micro_batch)))
+    est.optimizer_steps = max(1, math.ceil(est.micro_steps / max(1, cfg.grad_accum)))
+    compute_s = est.tokens * est.flops_per_token / (max(1, cores) * LOCAL_CPU_GFLOPS_PER_CORE * 1e9)
+    train_s = compute_s + est.micro_steps * LOCAL_MICRO_STEP_OVERHEAD_S
+    est.train_hours = train_s / 3600
+    est.tokens_per_sec = est.tokens / train_s if train_s > 0 else 0.0
+    est.startup_hours = (BOOT_S["local"] + TRAINER_STARTUP_S) / 3600
+    est.idle_tail_hours = IDLE_TAIL_S["local"] / 3600
     return est
 
 
@@ -321,7 +350,8 @@ def assumptions() -> dict[str, Any]:
         "multi_gpu_sync_efficiency": MULTI_GPU_SYNC_EFFICIENCY,
         "boot_s": dict(BOOT_S),
         "download_gbs": DOWNLOAD_GBS,
+        "trainer_startup_s": TRAINER_STARTUP_S,
         "idle_tail_s": dict(IDLE_TAIL_S),
         "spot_interruptions_per_hour": dict(SPOT_HAZARD_PER_H),
-        "spot_lost_work": "half a checkpoint interval + a restart (boot + model load) per interruption",
+        "spot_lost_work": "half a checkpoint interval + a restart (boot + download + trainer start-up) per interruption",
     }
