@@ -348,9 +348,11 @@ def gc_cmd(
     provider: str = typer.Option(None, "--provider", "-p", help="Only these provider(s), comma-separated."),
     json_out: bool = typer.Option(False, "--json", help="Print the scan as JSON."),
 ) -> None:
-    """List machines carrying cloudtune names/tags that no live job owns; terminate them with --yes."""
+    """List machines carrying cloudtune names/tags that no live job owns; terminate them with --yes.
+
+    Also lists (and with --yes deletes) machine secrets left in the cloud (AWS SSM parameters)."""
     from cloudtune.providers import check_provider_name
-    from cloudtune.run.gc import scan, terminate_orphans
+    from cloudtune.run.gc import delete_orphan_secrets, scan, terminate_orphans
 
     only = [check_provider_name(p.strip()) for p in provider.split(",")] if provider else None
     db = _db()
@@ -360,6 +362,10 @@ def gc_cmd(
     if yes and result.orphans:
         for o, gone in terminate_orphans(result.orphans):
             done[o.machine.machine_id] = gone
+    secret_errors: dict[str, str | None] = {}
+    if yes and result.orphan_secrets:
+        for s, error in delete_orphan_secrets(result.orphan_secrets):
+            secret_errors[f"{s.region}:{s.name}"] = error
     if json_out:
         print(json.dumps({
             "orphans": [{"provider": o.machine.provider, "machine_id": o.machine.machine_id, "name": o.machine.name,
@@ -367,6 +373,11 @@ def gc_cmd(
                          "terminated": done.get(o.machine.machine_id)} for o in result.orphans],
             "owned": [{"provider": m.provider, "machine_id": m.machine_id, "job_id": m.job_id} for m in result.owned],
             "skipped": result.skipped,
+            "orphan_secrets": [{"provider": s.provider, "region": s.region, "name": s.name, "why": s.why,
+                                "deleted": (secret_errors[f"{s.region}:{s.name}"] is None)
+                                if f"{s.region}:{s.name}" in secret_errors else None,
+                                "error": secret_errors.get(f"{s.region}:{s.name}")}
+                               for s in result.orphan_secrets],
         }, indent=2))
     else:
         for name, why in result.skipped.items():
@@ -377,9 +388,14 @@ def gc_cmd(
             m = o.machine
             tail = {True: "terminated", False: "STILL RUNNING after terminate"}.get(done.get(m.machine_id), "orphan")
             console.print(f"{m.provider} {m.machine_id} ({m.name}, {m.state.value}): {o.why} -> {tail}", markup=False)
-        if result.orphans and not yes:
-            console.print("run `cloudtune gc --yes` to terminate them")
-    if yes and not all(done.values()):
+        for s in result.orphan_secrets:
+            key = f"{s.region}:{s.name}"
+            tail = "orphan" if key not in secret_errors else (
+                "deleted" if secret_errors[key] is None else f"NOT deleted: {secret_errors[key]}")
+            console.print(f"{s.provider} secret {s.name} in {s.region}: {s.why} -> {tail}", markup=False)
+        if (result.orphans or result.orphan_secrets) and not yes:
+            console.print("run `cloudtune gc --yes` to terminate (and delete) them")
+    if yes and (not all(done.values()) or any(e is not None for e in secret_errors.values())):
         raise typer.Exit(1)
 
 

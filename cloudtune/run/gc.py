@@ -5,11 +5,16 @@ its laptop, an API error on terminate). gc asks every provider that has credenti
 machines carrying `cloudtune-` names or `cloudtune:job` tags, and compares them with the state db:
 a machine is owned only when its job is unfinished and the machine is that job's current,
 recorded attempt. Everything else is an orphan and still bills.
+
+Providers that keep a machine's secrets outside the machine (AWS: an SSM SecureString parameter per
+machine) also list the secrets whose machine is gone (`orphan_secrets`): those do not bill, but
+they are live credentials, so `gc --yes` deletes them too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from cloudtune.providers.base import Machine, MachineState, ProviderError
 from cloudtune.run import state as S
@@ -22,10 +27,22 @@ class Orphan:
 
 
 @dataclass
+class OrphanSecret:
+    """A provider-side copy of a machine's secrets whose machine no longer exists."""
+
+    provider: str
+    region: str
+    name: str  # e.g. the SSM parameter name
+    why: str
+    handle: Any = None  # the provider's own record, passed back to its delete_secret
+
+
+@dataclass
 class Scan:
     orphans: list[Orphan]
     owned: list[Machine]
-    skipped: dict[str, str]  # provider -> why it was not scanned
+    skipped: dict[str, str]  # provider -> why it was not scanned ("<provider> secrets" for the secrets sweep)
+    orphan_secrets: list[OrphanSecret] = field(default_factory=list)
 
 
 def _providers_to_scan(only: list[str] | None) -> list[str]:
@@ -42,6 +59,7 @@ def scan(db: S.StateDB, only: list[str] | None = None) -> Scan:
     orphans: list[Orphan] = []
     owned: list[Machine] = []
     skipped: dict[str, str] = {}
+    secrets: list[OrphanSecret] = []
     for name in _providers_to_scan(only):
         try:
             provider = make_provider(name)
@@ -65,7 +83,33 @@ def scan(db: S.StateDB, only: list[str] | None = None) -> Scan:
                 orphans.append(Orphan(m, f"not the current machine of job {job.id} (attempt {m.attempt})"))
             else:
                 owned.append(m)
-    return Scan(orphans=orphans, owned=owned, skipped=skipped)
+        lister = getattr(provider, "orphan_secrets", None)
+        if lister is not None:
+            try:
+                found = lister()
+            except (UserError, ProviderError) as err:
+                skipped[f"{name} secrets"] = f"{type(err).__name__}: {err}"
+                continue
+            secrets.extend(OrphanSecret(provider=name, region=s.region, name=s.name, why=s.why, handle=s)
+                           for s in found)
+    return Scan(orphans=orphans, owned=owned, skipped=skipped, orphan_secrets=secrets)
+
+
+def delete_orphan_secrets(secrets: list[OrphanSecret]) -> list[tuple[OrphanSecret, str | None]]:
+    """Delete each orphaned secret. Returns (secret, None) when deleted or already gone, else
+    (secret, the error) so the CLI can say which one is left and why."""
+    from cloudtune.run.providers_config import make_provider
+
+    results: list[tuple[OrphanSecret, str | None]] = []
+    providers: dict[str, Any] = {}
+    for s in secrets:
+        try:
+            provider = providers.setdefault(s.provider, make_provider(s.provider))
+            provider.delete_secret(s.handle)
+            results.append((s, None))
+        except ProviderError as err:
+            results.append((s, f"{type(err).__name__}: {err}"))
+    return results
 
 
 def terminate_orphans(orphans: list[Orphan], timeout_s: float = 120.0) -> list[tuple[Orphan, bool]]:
