@@ -34,8 +34,10 @@ CAPACITY_CODES = frozenset({
     "SpotMaxPriceTooLow",
     "MaxSpotInstanceCountExceeded",
 })
-QUOTA_CODES = frozenset({"VcpuLimitExceeded", "InstanceLimitExceeded", "PendingVerification"})
-RATE_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException"})
+QUOTA_CODES = frozenset({"VcpuLimitExceeded", "InstanceLimitExceeded", "PendingVerification",
+                         "ParameterLimitExceeded"})  # SSM: 10,000 standard parameters per account and region
+RATE_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException",
+                        "TooManyUpdates"})  # SSM: concurrent updates of one parameter
 AUTH_CODES = frozenset({
     "AuthFailure",
     "UnauthorizedOperation",
@@ -48,7 +50,10 @@ AUTH_CODES = frozenset({
     "RequestExpired",
     "Blocked",
 })
-NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound"})
+NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "ParameterNotFound"})
+# SSM PutParameter with a KMS key that does not exist, is disabled, or is not usable by the caller.
+KMS_KEY_CODES = frozenset({"InvalidKeyId", "KMSInvalidStateException", "KMSNotFoundException",
+                           "KMSDisabledException", "KMSAccessDeniedException"})
 TRANSIENT_CODES = frozenset({"InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable"})
 
 
@@ -84,6 +89,8 @@ def translate(err: Exception, action: str) -> ProviderError:
         text = f"{action}: {code}: {message}" if message else f"{action}: {code}"
         if code in CAPACITY_CODES:
             return CapacityError(text, provider=PROVIDER)
+        if code == "ParameterLimitExceeded":
+            return QuotaError(text + " (delete unused SSM parameters, e.g. with `cloudtune gc --yes`)", provider=PROVIDER)
         if code in QUOTA_CODES:
             return QuotaError(text + " (request a higher EC2 quota in the Service Quotas console)", provider=PROVIDER)
         if code == "OptInRequired":
@@ -95,6 +102,9 @@ def translate(err: Exception, action: str) -> ProviderError:
             return AuthError(text, provider=PROVIDER)
         if code in NOT_FOUND_CODES:
             return NotFoundError(text, provider=PROVIDER)
+        if code in KMS_KEY_CODES:
+            return InvalidRequestError(text + " (check CLOUDTUNE_AWS_SSM_KMS_KEY, or unset it to use alias/aws/ssm)",
+                                       provider=PROVIDER)
         if code in TRANSIENT_CODES or status >= 500:
             return TransientError(text, provider=PROVIDER)
         return InvalidRequestError(text, provider=PROVIDER)

@@ -28,6 +28,7 @@ from cloudtune.providers.base import (
     AuthError,
     CapacityError,
     InvalidRequestError,
+    QuotaError,
     TransientError,
 )
 
@@ -127,7 +128,7 @@ class SSMFaultProxy(EC2CapacityProxy):
 
     def __init__(self, upstream: str) -> None:
         super().__init__(upstream)
-        self.ssm_faults: dict[str, str] = {}  # action -> error code
+        self.ssm_faults: dict[str, tuple[str, str]] = {}  # action -> (error code, message)
         self.ssm_calls: list[str] = []
 
     @route("POST", r"/.*")
@@ -139,12 +140,16 @@ class SSMFaultProxy(EC2CapacityProxy):
                 self.ssm_calls.append(action)
                 code = self.ssm_faults.get(action)
             if code:
-                name = (req.json or {}).get("Name", "")
-                message = (f"User: arn:aws:iam::123456789012:user/ci is not authorized to perform: ssm:{action} on "
-                           f"resource: arn:aws:ssm:us-east-1:123456789012:parameter{name} because no "
-                           f"identity-based policy allows the ssm:{action} action")
-                return Response(400, {"__type": code, "message": message}, content_type="application/x-amz-json-1.1")
+                return Response(400, {"__type": code[0], "message": code[1]}, content_type="application/x-amz-json-1.1")
         return super().post(req)
+
+    def deny(self, action: str, name: str) -> None:
+        """Answer `action` on parameter `name` as SSM does for a principal without the permission."""
+        self.ssm_faults[action] = (
+            "AccessDeniedException",
+            f"User: arn:aws:iam::123456789012:user/ci is not authorized to perform: ssm:{action} on resource: "
+            f"arn:aws:ssm:us-east-1:123456789012:parameter{name} because no identity-based policy allows the "
+            f"ssm:{action} action")
 
 
 @pytest.fixture
@@ -183,9 +188,9 @@ def test_unknown_create_outcome_keeps_the_parameter_for_adoption(proxy, proxied,
 
 
 def test_access_denied_on_put_parameter_is_an_auth_error_and_nothing_launches(proxy, proxied):
-    proxy.ssm_faults["PutParameter"] = "AccessDeniedException"
     secret = _secret()
     job = new_job_id()
+    proxy.deny("PutParameter", f"/cloudtune/cloudtune-{job}-0/env")
     with pytest.raises(AuthError) as info:
         proxied.launch(request(job, secret_env={"HF_TOKEN": secret}))
     text = str(info.value)
@@ -195,10 +200,27 @@ def test_access_denied_on_put_parameter_is_an_auth_error_and_nothing_launches(pr
     assert proxy.run_instances_calls == []  # no machine without its secrets
 
 
+@pytest.mark.parametrize(
+    ("code", "message", "error", "hint"),
+    [
+        ("ParameterLimitExceeded", "You have exceeded the number of parameters for this AWS account. Delete "
+         "unused parameters and try again.", QuotaError, "cloudtune gc --yes"),
+        ("InvalidKeyId", "Invalid KeyId alias/cloudtune-missing", InvalidRequestError, "CLOUDTUNE_AWS_SSM_KMS_KEY"),
+    ],
+)
+def test_put_parameter_errors_are_typed(proxy, proxied, code, message, error, hint):
+    secret = _secret()
+    proxy.ssm_faults["PutParameter"] = (code, message)
+    with pytest.raises(error, match=code) as info:
+        proxied.launch(request(new_job_id(), secret_env={"HF_TOKEN": secret}))
+    assert hint in str(info.value) and secret not in str(info.value)
+    assert proxy.run_instances_calls == []
+
+
 def test_terminate_survives_a_denied_delete_and_says_what_is_left(proxy, proxied, aws_env, caplog):
     job = new_job_id()
     m = proxied.launch(request(job, secret_env={"HF_TOKEN": _secret()}))
-    proxy.ssm_faults["DeleteParameter"] = "AccessDeniedException"
+    proxy.deny("DeleteParameter", f"/cloudtune/cloudtune-{job}-0/env")
     proxied.terminate(m.machine_id)  # the terminate itself must not fail
     assert proxied.status(m.machine_id).state.is_gone
     name = f"/cloudtune/cloudtune-{job}-0/env"
