@@ -109,8 +109,8 @@ class _DropSecretRequestBodies(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG:
             return True
-        return "PutParameter" not in str(record.msg) and not any("PutParameter" in str(a) for a in
-                                                                  (record.args if isinstance(record.args, tuple) else ()))
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not any("PutParameter" in str(part) for part in (record.msg, *args))
 
 
 _SECRET_LOG_FILTER = _DropSecretRequestBodies()
