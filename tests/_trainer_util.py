@@ -46,11 +46,13 @@ def write_spec(tmp: Path, spec: dict[str, Any], name: str = "job.json") -> Path:
     return p
 
 
+# What a test trainer runs with on top of the test's environment: fast heartbeats, no IMDS.
+TRAINER_ENV = {"CLOUDTUNE_HEARTBEAT_S": "0.2", "CLOUDTUNE_CONTROL_POLL_S": "0.2", "CLOUDTUNE_IMDS_ENDPOINT": "",
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def trainer_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "CLOUDTUNE_HEARTBEAT_S": "0.2", "CLOUDTUNE_CONTROL_POLL_S": "0.2",
-           "CLOUDTUNE_IMDS_ENDPOINT": "", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.update(extra)
-    return env
+    return {**os.environ, **TRAINER_ENV, **extra}
 
 
 def start_trainer(spec_path: Path, job: str, attempt: int, log: Path, **env: str) -> subprocess.Popen:
