@@ -74,8 +74,8 @@ DOWNLOAD_GBS = 0.5  # weights from the hub / S3 into the machine
 # The trainer process's own fixed cost, on every provider and again on every restart: importing
 # torch/transformers/peft/trl, building the model and trainer, tokenizing, and at the end the final
 # save and held-out generation. Neither BOOT_S (machine) nor the download (bytes) covers it. Measured
-# with the quickstart on a 2-core CPU (docs/planner.md, "Start-up and the local estimate"): 12-14 s
-# from launch to the first step plus 1-2 s after the last; used for clouds too (faster CPUs, but
+# with the quickstart on a 2-core CPU (docs/planner.md, "Start-up", "The local estimate"): 10-16 s
+# from launch to the first step plus 1-2.5 s after the last; used for clouds too (faster CPUs, but
 # larger weights to move into GPU memory).
 TRAINER_STARTUP_S = 14.0
 # The local provider (CPU): FLOPs at a rough per-core rate, plus a fixed cost per micro-step
