@@ -63,8 +63,8 @@ def cli_run(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess
 class RunProcess:
     """`cloudtune run ...` in the background, its output in files (no pipe can fill up and block it)."""
 
-    def __init__(self, env: dict[str, str], tmp: Path, *args: str) -> None:
-        self.out_path, self.err_path = tmp / "run.out", tmp / "run.err"
+    def __init__(self, env: dict[str, str], tmp: Path, *args: str, tag: str = "run") -> None:
+        self.out_path, self.err_path = tmp / f"{tag}.out", tmp / f"{tag}.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "cloudtune", "run", *args], stdout=out, stderr=err,
                                          env=env, cwd=ROOT)

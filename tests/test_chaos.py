@@ -5,6 +5,9 @@
 2. Seeded random preemptions, with a notice window (SIGTERM, emergency checkpoint) and without
    (SIGKILL): the job completes, the final adapter is bit-identical to the reference, the ledger
    has one row per launch, nothing is left running, and the state db agrees with the store.
+
+The three jobs run at the same time, in one home (as a user's jobs do): each trainer is one thread
+(tests/conftest.py), so on two cores they overlap instead of queueing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cloudtune.store import layout, open_store
+from tests._fake_run_util import RunProcess
 from tests._run_util import (
     ROOT,
     assert_nothing_left,
@@ -40,6 +44,7 @@ CHAOS = {
     "limits": {"max_restarts": 4, "heartbeat_timeout_s": 120},
 }
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+SCENARIOS = {"with-notice": (3.0, 11), "sigkill-no-notice": (0.0, 5)}  # notice_s, seed
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,25 @@ def _check_db_and_store(tmp: Path, home: Path, job_id: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(world):
+def preempted_runs(world):
+    """`cloudtune run` of each preemption scenario, started at once in the background; the tests
+    below wait for theirs."""
+    tmp, env = world
+    runs = {}
+    for name, (notice_s, seed) in SCENARIOS.items():
+        # With notice, two preemptions: the second resumes from a checkpoint that a resumed attempt
+        # took. Without notice one SIGKILL proves the point (a second costs one more trainer start).
+        local = {"preempt_random": True, "preempt_every_s": 1.0, "preempt_clock": "training",
+                 "preempt_max": 2 if notice_s else 1, "notice_s": notice_s, "seed": seed, "price_hr": 0.36}
+        spec = quickstart_spec(tmp, f"chaos-{seed}", local=local, **CHAOS)
+        runs[name] = RunProcess(env, tmp, str(spec), "--yes", "--json", tag=f"chaos-{seed}")
+    yield runs
+    for run in runs.values():
+        run.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(world, preempted_runs):
     """Uninterrupted training, with the CLI killed mid-job: the watchdog finishes and tears down."""
     tmp, env = world
     home = Path(env["CLOUDTUNE_HOME"])
@@ -117,21 +140,17 @@ def test_cli_killed_mid_job_watchdog_finishes(reference):
     assert set(reference) == set(ADAPTER_FILES) and len(reference["adapter_model.safetensors"]) > 1000
 
 
-@pytest.mark.parametrize("notice_s,seed", [(3.0, 11), (0.0, 5)], ids=["with-notice", "sigkill-no-notice"])
-def test_random_preemptions_resume_to_identical_adapter(world, reference, notice_s, seed):
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_random_preemptions_resume_to_identical_adapter(world, reference, preempted_runs, scenario):
     tmp, env = world
     home = Path(env["CLOUDTUNE_HOME"])
-    # With notice, two preemptions: the second resumes from a checkpoint that a resumed attempt took.
-    # Without notice one SIGKILL proves the point (a second costs one more trainer start, ~10 s CPU).
-    local = {"preempt_random": True, "preempt_every_s": 1.0, "preempt_clock": "training",
-             "preempt_max": 2 if notice_s else 1, "notice_s": notice_s, "seed": seed, "price_hr": 0.36}
-    spec = quickstart_spec(tmp, f"chaos-{seed}", local=local, **CHAOS)
-    out = cli(env, "run", str(spec), "--yes", "--json", timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = last_json(out.stdout)
+    notice_s, _ = SCENARIOS[scenario]
+    code, stdout, stderr = preempted_runs[scenario].wait(timeout=300)
+    assert code == 0, stderr[-3000:]
+    res = last_json(stdout)
     assert res["state"] == "done"
     # the end-of-run report (stderr with --json): loss, then the held-out generations before/after
-    assert "training loss" in out.stderr and "held-out prompts (16" in out.stderr, out.stderr[-2000:]
+    assert "training loss" in stderr and "held-out prompts (16" in stderr, stderr[-2000:]
     job_id = res["job_id"]
     ledger = _check_db_and_store(tmp, home, job_id)
     preempted = [r for r in ledger if r["end_reason"].startswith("preempted")]
