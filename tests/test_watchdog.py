@@ -1,5 +1,5 @@
 """The watchdog's rules with the real trainer on the local provider: stop, a dead watchdog restarted
-by `status`, a hung machine (stale heartbeat) replaced, and a dollar budget enforced."""
+by `status`, a hung machine (stale heartbeat) replaced, and a dollar budget enforced mid-run."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def test_hung_machine_is_replaced_then_budget_stops_it(tmp_path):
+def test_hung_machine_is_replaced_then_stopped(tmp_path):
     env = cli_env(tmp_path / "home")
     home = tmp_path / "home"
     job_id = _start(tmp_path, env, "hang", limits={"heartbeat_timeout_s": 8, "max_restarts": 2})
