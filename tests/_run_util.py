@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
-def quickstart_spec(tmp: Path, name: str, **over: Any) -> Path:
-    """The quickstart job with a store under `tmp` and the given overrides, written as YAML."""
+def quickstart_spec(tmp: Path, file_stem: str, /, **over: Any) -> Path:
+    """The quickstart job with a store under `tmp` and the given overrides (`name=` too), written as YAML."""
     spec = yaml.safe_load(QUICKSTART.read_text())
     spec["data"]["train"] = str(ROOT / "examples" / "data" / "reverse.jsonl")
     spec["store"] = {"url": f"file://{tmp / 'store'}"}
     deep_update(spec, over)
-    path = tmp / f"{name}.yaml"
+    path = tmp / f"{file_stem}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 

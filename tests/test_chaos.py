@@ -98,7 +98,7 @@ def preempted_runs(world):
         # took. Without notice one SIGKILL proves the point (a second costs one more trainer start).
         local = {"preempt_random": True, "preempt_every_s": 1.0, "preempt_clock": "training",
                  "preempt_max": 2 if notice_s else 1, "notice_s": notice_s, "seed": seed, "price_hr": 0.36}
-        spec = quickstart_spec(tmp, f"chaos-{seed}", local=local, **CHAOS)
+        spec = quickstart_spec(tmp, f"chaos-{seed}", name=f"chaos-{seed}", local=local, **CHAOS)
         runs[name] = RunProcess(env, tmp, str(spec), "--yes", "--json", tag=f"chaos-{seed}")
     yield runs
     for run in runs.values():
@@ -110,12 +110,13 @@ def reference(world, preempted_runs):
     """Uninterrupted training, with the CLI killed mid-job: the watchdog finishes and tears down."""
     tmp, env = world
     home = Path(env["CLOUDTUNE_HOME"])
-    spec = quickstart_spec(tmp, "reference", **CHAOS)
+    spec = quickstart_spec(tmp, "reference", name="chaos-reference", **CHAOS)  # told apart by name
     proc = subprocess.Popen([sys.executable, "-m", "cloudtune", "run", str(spec), "--yes", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     try:
         job = wait_for(lambda: [
-            r for r in jobs_rows(home) if r["state"] == "running" and (r["step"] or 0) >= 1
+            r for r in jobs_rows(home)
+            if r["name"] == "chaos-reference" and r["state"] == "running" and (r["step"] or 0) >= 1
         ], 180, "the reference job to start training")[0]
         assert job["state"] == "running"
         proc.send_signal(signal.SIGKILL)
