@@ -13,22 +13,19 @@ from cloudtune.providers.base import (
     TransientError,
 )
 
-from tests.fakes.aws_setup import AMI_PARAMETER, ensure_instance_profile, new_job_id, request, seed_region
+from tests.fakes.aws_setup import new_job_id, provider_via, proxy_in_front, request
 from tests.fakes.ec2_proxy import EC2CapacityProxy
 
 
 @pytest.fixture
 def proxy(aws_env):
-    seed_region(aws_env, "us-east-1")
-    ensure_instance_profile(aws_env)
-    with EC2CapacityProxy(aws_env) as fake:
+    with proxy_in_front(EC2CapacityProxy, aws_env) as fake:
         yield fake
 
 
 @pytest.fixture
 def provider(proxy) -> AWSProvider:
-    return AWSProvider(regions=["us-east-1"], endpoint_url=proxy.url, ami_parameter=AMI_PARAMETER,
-                       instance_profile="cloudtune-test-profile")
+    return provider_via(proxy.url)
 
 
 def test_capacity_error_in_one_zone_fails_over_to_the_next(proxy, provider):

@@ -33,7 +33,15 @@ from cloudtune.providers.base import (
 )
 
 from tests._run_util import cli, cli_env
-from tests.fakes.aws_setup import AMI_PARAMETER, ensure_instance_profile, new_job_id, request, seed_region
+from tests.fakes.aws_setup import (
+    AMI_PARAMETER,
+    ensure_instance_profile,
+    new_job_id,
+    provider_via,
+    proxy_in_front,
+    request,
+    seed_region,
+)
 from tests.fakes.ec2_proxy import EC2CapacityProxy
 from tests.fakes.server import Request, Response, route
 
@@ -154,16 +162,13 @@ class SSMFaultProxy(EC2CapacityProxy):
 
 @pytest.fixture
 def proxy(aws_env):
-    seed_region(aws_env, "us-east-1")
-    ensure_instance_profile(aws_env)
-    with SSMFaultProxy(aws_env) as fake:
+    with proxy_in_front(SSMFaultProxy, aws_env) as fake:
         yield fake
 
 
 @pytest.fixture
 def proxied(proxy) -> AWSProvider:
-    return AWSProvider(regions=["us-east-1"], endpoint_url=proxy.url, ami_parameter=AMI_PARAMETER,
-                       instance_profile="cloudtune-test-profile")
+    return provider_via(proxy.url)
 
 
 def test_failed_launch_deletes_its_parameter(proxy, proxied, aws_env):

@@ -9,6 +9,8 @@ because moto checks it on RunInstances, as EC2 does.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 from cloudtune.providers.base import LaunchRequest, Offer
@@ -42,6 +44,24 @@ def ensure_instance_profile(endpoint: str) -> str:
     except iam.exceptions.EntityAlreadyExistsException:
         pass
     return INSTANCE_PROFILE
+
+
+@contextmanager
+def proxy_in_front(proxy_cls, endpoint: str) -> Iterator:
+    """A fault proxy (tests/fakes) in front of moto, with us-east-1 seeded: the fixtures of the tests
+    that inject AWS errors moto cannot produce."""
+    seed_region(endpoint, "us-east-1")
+    ensure_instance_profile(endpoint)
+    with proxy_cls(endpoint) as fake:
+        yield fake
+
+
+def provider_via(url: str):
+    """An AWSProvider for us-east-1 whose calls go to `url` (moto, or a proxy in front of it)."""
+    from cloudtune.providers.aws import AWSProvider
+
+    return AWSProvider(regions=["us-east-1"], endpoint_url=url, ami_parameter=AMI_PARAMETER,
+                       instance_profile=INSTANCE_PROFILE)
 
 
 def new_job_id() -> str:
