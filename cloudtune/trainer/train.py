@@ -412,6 +412,11 @@ def run(att: Attempt) -> int:
         # interrupted and an uninterrupted run) and a pickle is no artifact to hand out: the spec is
         # in the store. What stays is the adapter/weights, tokenizer, model card and summary.
         (final_dir / "training_args.bin").unlink(missing_ok=True)
+        # DPO on a PEFT model: TRL trains against a frozen copy of the starting adapter named "ref", and
+        # save_model writes it to final/ref/ (its adapter_config.json in hash-seed order). It is the
+        # SFT adapter the job started from, not a result: keep only the trained adapter.
+        if spec.stage == "dpo":
+            shutil.rmtree(final_dir / "ref", ignore_errors=True)
         canonical_adapter_config(final_dir)
         tokenizer.save_pretrained(str(final_dir))
         if spec.merge:
