@@ -279,6 +279,9 @@ def load_checked(spec: Any) -> tuple[list[Record], list[Record], DataSummary]:
         raise DataError(f"{shown}: stage dpo needs preference records (prompt/chosen/rejected), found {fmt}")
     if stage == "sft" and fmt == "preference":
         raise DataError(f"{shown}: preference records (prompt/chosen/rejected) need stage: dpo, or use an SFT format")
+    if stage == "dpo" and data.packing:
+        raise DataError("data.packing applies to stage sft only: DPO scores whole prompt/chosen/rejected pairs, "
+                        "which cannot be packed; set data.packing: false")
     val: list[Record] = []
     summary = DataSummary(train=shown, format=fmt, records=len(train))
     if data.validation:
