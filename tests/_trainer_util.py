@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -86,3 +88,33 @@ def interrupt_at(proc: subprocess.Popen, store_dir: Path, job: str, step: int, s
     wait_for(lambda: (heartbeat(store_dir, job).get("step") or 0) >= step, proc=proc, what=f"step {step}")
     proc.send_signal(sig)
     return proc.wait(timeout=120)
+
+
+def sigterm_at(store: Path, job: str, step: int) -> threading.Thread:
+    """SIGTERM this process once `job`'s heartbeat reaches `step`, for a trainer run in process
+    (cli.main in the main thread). Sent only if the trainer's handler is installed: a default handler
+    would kill pytest instead. The thread's `error` says why it sent nothing."""
+
+    def send() -> None:
+        try:
+            wait_for(lambda: (heartbeat(store, job).get("step") or 0) >= step, timeout=120, what=f"step {step}")
+        except AssertionError as err:
+            t.error = str(err)  # type: ignore[attr-defined]
+            return
+        handler = signal.getsignal(signal.SIGTERM)
+        if "install_signal_handlers" not in getattr(handler, "__qualname__", ""):
+            t.error = f"SIGTERM handler is {handler!r}, not the trainer's"  # type: ignore[attr-defined]
+            return
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.error = None  # type: ignore[attr-defined]
+    t.start()
+    return t
+
+
+def final_files(job_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a job's final/ folder but summary.json (it holds wall times)."""
+    final = job_dir / "final"
+    return {p.relative_to(final).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(final.rglob("*")) if p.is_file() and p.name != "summary.json"}

@@ -11,13 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import signal
-import threading
 from pathlib import Path
 
 import pytest
-from _trainer_util import ROOT, TRAINER_ENV, heartbeat, tiny_spec, wait_for, write_spec
+from _trainer_util import ROOT, TRAINER_ENV, final_files, heartbeat, sigterm_at, tiny_spec, write_spec
 
 from cloudtune.trainer import contract
 from cloudtune.trainer.cli import main
@@ -25,34 +22,6 @@ from cloudtune.trainer.cli import main
 pytestmark = pytest.mark.slow
 
 STEPS = 20  # ~60 ms a step; the signal lands a few steps after step 3, far from the end
-
-
-def sigterm_at(store: Path, job: str, step: int) -> threading.Thread:
-    """SIGTERM this process once `job`'s heartbeat reaches `step`, if the trainer's handler is installed
-    (it is, while cli.main runs in the main thread); a default handler would kill pytest instead."""
-
-    def send() -> None:
-        try:
-            wait_for(lambda: (heartbeat(store, job).get("step") or 0) >= step, timeout=120, what=f"step {step}")
-        except AssertionError as err:
-            t.error = str(err)  # type: ignore[attr-defined]
-            return
-        handler = signal.getsignal(signal.SIGTERM)
-        if "install_signal_handlers" not in getattr(handler, "__qualname__", ""):
-            t.error = f"SIGTERM handler is {handler!r}, not the trainer's"  # type: ignore[attr-defined]
-            return
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    t = threading.Thread(target=send, daemon=True)
-    t.error = None  # type: ignore[attr-defined]
-    t.start()
-    return t
-
-
-def final_files(job_dir: Path) -> dict[str, str]:
-    final = job_dir / "final"
-    return {p.relative_to(final).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(final.rglob("*")) if p.is_file() and p.name != "summary.json"}
 
 
 def test_dpo_preempted_and_resumed_ends_bitwise_identical(tmp_path: Path, monkeypatch, caplog):

@@ -7,18 +7,14 @@ the same spec, records and tokenizer as a real attempt; the run itself goes thro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
-import signal
-import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from _trainer_util import ROOT, TRAINER_ENV, heartbeat, tiny_spec, wait_for, write_spec
+from _trainer_util import ROOT, TRAINER_ENV, final_files, sigterm_at, tiny_spec, write_spec
 
 from cloudtune.errors import DataError
 from cloudtune.spec import JobSpec
@@ -82,33 +78,6 @@ def test_packing_fills_rows_to_max_seq_len(tmp_path: Path):
     assert 0 < masked < tokens  # chat template and prompt masked (most of a record), the answer learned
 
 
-def _sigterm_at(store: Path, job: str, step: int) -> threading.Thread:
-    """SIGTERM this process once `job`'s heartbeat reaches `step`, if the trainer's handler is installed."""
-
-    def send() -> None:
-        try:
-            wait_for(lambda: (heartbeat(store, job).get("step") or 0) >= step, timeout=120, what=f"step {step}")
-        except AssertionError as err:
-            t.error = str(err)  # type: ignore[attr-defined]
-            return
-        handler = signal.getsignal(signal.SIGTERM)
-        if "install_signal_handlers" not in getattr(handler, "__qualname__", ""):
-            t.error = f"SIGTERM handler is {handler!r}, not the trainer's"  # type: ignore[attr-defined]
-            return
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    t = threading.Thread(target=send, daemon=True)
-    t.error = None  # type: ignore[attr-defined]
-    t.start()
-    return t
-
-
-def _final(job_dir: Path) -> dict[str, str]:
-    final = job_dir / "final"
-    return {p.relative_to(final).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(final.rglob("*")) if p.is_file() and p.name != "summary.json"}
-
-
 def test_packed_run_trains_evaluates_and_resumes_bitwise(tmp_path: Path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="cloudtune.trainer")
     for name, value in {**TRAINER_ENV, "CLOUDTUNE_HEARTBEAT_S": "0.05"}.items():
@@ -121,7 +90,7 @@ def test_packed_run_trains_evaluates_and_resumes_bitwise(tmp_path: Path, monkeyp
     assert math.ceil(len(packed) / BATCH) < math.ceil(270 / BATCH) / 3  # steps per epoch, unpacked: 34
 
     # preempted mid-run (SIGTERM -> emergency checkpoint, exit 75), then resumed to the end
-    killer = _sigterm_at(store, "res", 4)
+    killer = sigterm_at(store, "res", 4)
     rc = main(["--spec", str(spec_path), "--job-id", "res", "--attempt", "1"])
     killer.join(timeout=10)
     assert killer.error is None, killer.error
@@ -141,9 +110,9 @@ def test_packed_run_trains_evaluates_and_resumes_bitwise(tmp_path: Path, monkeyp
 
     # the uninterrupted reference
     assert main(["--spec", str(spec_path), "--job-id", "base"]) == contract.EXIT_DONE
-    res = _final(store / "res")
+    res = final_files(store / "res")
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(res)
-    assert res == _final(store / "base")
+    assert res == final_files(store / "base")
 
 
 def test_packing_is_refused_for_dpo(tmp_path: Path, capsys):
