@@ -50,6 +50,35 @@ def s3_job_spec(tmp: Path, endpoint: str, bucket: str, **over: Any) -> Path:
     return path
 
 
+def s3_bucket(endpoint: str, bucket: str):
+    """A fresh bucket on moto, and the client that made it (the tests read the job's store with it)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    return s3
+
+
+def runpod_env(home: Path, fake: Any, key: str, **extra: str) -> dict[str, str]:
+    """The CLI's environment for a run through the RunPod fake, with its catalog refreshed from it."""
+    env = fake_cli_env(home, RUNPOD_API_KEY=key, CLOUDTUNE_PROVIDER_CONFIG=json.dumps(
+        {"runpod": {"base_url": fake.url + "/v2", "graphql_url": fake.url + "/graphql"}}), **extra)
+    refresh = cli_run({**env, "CLOUDTUNE_RUNPOD_API_URL": fake.url + "/v2",
+                       "CLOUDTUNE_RUNPOD_GRAPHQL_URL": fake.url + "/graphql"},
+                      "catalog", "refresh", "--provider", "runpod")
+    assert refresh.returncode == 0, refresh.stderr
+    return env
+
+
+def vast_env(home: Path, fake: Any, key: str, **extra: str) -> dict[str, str]:
+    """The CLI's environment for a run through the Vast fake, with its catalog refreshed from it."""
+    env = fake_cli_env(home, VAST_API_KEY=key, CLOUDTUNE_PROVIDER_CONFIG=json.dumps({"vast": {"base_url": fake.url}}),
+                       **extra)
+    refresh = cli_run({**env, "CLOUDTUNE_VAST_API_URL": fake.url}, "catalog", "refresh", "--provider", "vast")
+    assert refresh.returncode == 0, refresh.stderr
+    return env
+
+
 def fake_cli_env(home: Path, **extra: str) -> dict[str, str]:
     return cli_env(home, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                    AWS_DEFAULT_REGION="us-east-1", **extra)

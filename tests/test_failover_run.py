@@ -14,33 +14,23 @@ from __future__ import annotations
 import json
 import time
 
-import boto3
 import pytest
 
 from tests._fake_run_util import (
     RunProcess,
     cli_run,
-    fake_cli_env,
     machine_env,
+    runpod_env,
+    s3_bucket,
     s3_job_spec,
     s3_keys,
+    vast_env,
 )
 from tests._run_util import assert_nothing_left, db_rows, last_json, wait_for
 from tests.fakes.runpod_fake import CAPACITY_MSG, RunPodFake, problem
 
 KEY = "rp-failover-key-2209"
 FAILOVER_STEPS = 10
-
-
-def _env(home, fake, **extra):
-    return fake_cli_env(home, RUNPOD_API_KEY=KEY, CLOUDTUNE_PROVIDER_CONFIG=json.dumps(
-        {"runpod": {"base_url": fake.url + "/v2", "graphql_url": fake.url + "/graphql"}}), **extra)
-
-
-def _refresh(env, fake):
-    r = cli_run({**env, "CLOUDTUNE_RUNPOD_API_URL": fake.url + "/v2",
-                 "CLOUDTUNE_RUNPOD_GRAPHQL_URL": fake.url + "/graphql"}, "catalog", "refresh", "--provider", "runpod")
-    assert r.returncode == 0, r.stderr
 
 
 def _events(home, job):
@@ -52,15 +42,13 @@ def _events(home, job):
 def test_capacity_error_fails_over_to_the_next_option(tmp_path, aws_env, monkeypatch):
     t0 = time.time()
     bucket = "ct-failover-capacity"
-    s3 = boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
+    s3 = s3_bucket(aws_env, bucket)
     # Failover is decided before the trainer starts; a few steps show the second option trains to the end.
     spec = s3_job_spec(tmp_path, aws_env, bucket, training={"max_steps": FAILOVER_STEPS})
     home = tmp_path / "home"
     machine_env(monkeypatch)
     with RunPodFake(api_key=KEY, run_commands=True, cwd=str(tmp_path), log_dir=str(tmp_path)) as fake:
-        env = _env(home, fake)
-        _refresh(env, fake)
+        env = runpod_env(home, fake, KEY)
         body = problem(500, "Internal Server Error", CAPACITY_MSG).body
         fake.inject("POST", r"^/v2/pods$", status=500, body=body, times=1, content_type="application/problem+json")
 
@@ -110,13 +98,12 @@ def test_capacity_error_fails_over_to_the_next_option(tmp_path, aws_env, monkeyp
 def test_create_500_after_the_pod_exists_is_adopted_by_name(tmp_path, aws_env, monkeypatch):
     t0 = time.time()
     bucket = "ct-failover-adopt"
-    boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1").create_bucket(Bucket=bucket)
+    s3_bucket(aws_env, bucket)
     spec = s3_job_spec(tmp_path, aws_env, bucket)
     home = tmp_path / "home"
     machine_env(monkeypatch)
     with RunPodFake(api_key=KEY, run_commands=False) as fake:
-        env = _env(home, fake, CLOUDTUNE_STOP_GRACE_S="1")
-        _refresh(env, fake)
+        env = runpod_env(home, fake, KEY, CLOUDTUNE_STOP_GRACE_S="1")
         fake.inject("POST", r"^/v2/pods$", status=500, body={"title": "Internal Server Error", "status": 500,
                                                               "detail": "upstream timeout"},
                     times=1, after_handler=True, content_type="application/problem+json")
@@ -157,16 +144,13 @@ def test_vast_failed_create_that_names_a_contract_leaves_no_instance(tmp_path, a
 
     t0 = time.time()
     bucket = "ct-failover-vast-contract"
-    boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1").create_bucket(Bucket=bucket)
+    s3_bucket(aws_env, bucket)
     spec = s3_job_spec(tmp_path, aws_env, bucket)
     home = tmp_path / "home"
     machine_env(monkeypatch)
     key = "vast-failover-key-6021"
     with VastFake(api_key=key, run_commands=False) as fake:
-        env = fake_cli_env(home, VAST_API_KEY=key, CLOUDTUNE_STOP_GRACE_S="1",
-                           CLOUDTUNE_PROVIDER_CONFIG=json.dumps({"vast": {"base_url": fake.url}}))
-        r = cli_run({**env, "CLOUDTUNE_VAST_API_URL": fake.url}, "catalog", "refresh", "--provider", "vast")
-        assert r.returncode == 0, r.stderr
+        env = vast_env(home, fake, key, CLOUDTUNE_STOP_GRACE_S="1")
         fake.contract_on_failure = True  # the next create answers 500 with a new_contract that exists
 
         run = cli_run(env, "run", str(spec), "--provider", "vast", "--yes", "--detach", "--json")

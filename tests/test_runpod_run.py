@@ -12,15 +12,15 @@ import json
 import math
 import time
 
-import boto3
 import pytest
 
 from tests._fake_run_util import (
     FAST_TRAINING,
     RunProcess,
     cli_run,
-    fake_cli_env,
     machine_env,
+    runpod_env,
+    s3_bucket,
     s3_job_spec,
     s3_keys,
     wait_committed_checkpoint,
@@ -37,18 +37,12 @@ KEY = "rp-full-run-key-8841"
 def test_runpod_run_survives_an_interruption(tmp_path, aws_env, monkeypatch):
     t0 = time.time()
     bucket = "ct-runpod-full-run"
-    s3 = boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
+    s3 = s3_bucket(aws_env, bucket)
     spec = s3_job_spec(tmp_path, aws_env, bucket)
     home = tmp_path / "home"
     machine_env(monkeypatch)
     with RunPodFake(api_key=KEY, run_commands=True, cwd=str(tmp_path), log_dir=str(tmp_path)) as fake:
-        env = fake_cli_env(home, RUNPOD_API_KEY=KEY, CLOUDTUNE_PROVIDER_CONFIG=json.dumps(
-            {"runpod": {"base_url": fake.url + "/v2", "graphql_url": fake.url + "/graphql"}}))
-        refresh = cli_run({**env, "CLOUDTUNE_RUNPOD_API_URL": fake.url + "/v2",
-                           "CLOUDTUNE_RUNPOD_GRAPHQL_URL": fake.url + "/graphql"},
-                          "catalog", "refresh", "--provider", "runpod")
-        assert refresh.returncode == 0, refresh.stderr
+        env = runpod_env(home, fake, KEY)
 
         run = RunProcess(env, tmp_path, str(spec), "--provider", "runpod", "--yes", "--json")
         try:

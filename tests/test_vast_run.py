@@ -13,17 +13,17 @@ import json
 import math
 import time
 
-import boto3
 import pytest
 
 from tests._fake_run_util import (
     FAST_TRAINING,
     RunProcess,
     cli_run,
-    fake_cli_env,
     machine_env,
+    s3_bucket,
     s3_job_spec,
     s3_keys,
+    vast_env,
     wait_committed_checkpoint,
     wait_job_id,
 )
@@ -38,15 +38,12 @@ KEY = "vast-full-run-key-3317"
 def test_vast_bid_run_survives_being_outbid(tmp_path, aws_env, monkeypatch):
     t0 = time.time()
     bucket = "ct-vast-full-run"
-    s3 = boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
+    s3 = s3_bucket(aws_env, bucket)
     spec = s3_job_spec(tmp_path, aws_env, bucket, resources={"spot": True})
     home = tmp_path / "home"
     machine_env(monkeypatch)
     with VastFake(api_key=KEY, run_commands=True, cwd=str(tmp_path), log_dir=str(tmp_path)) as fake:
-        env = fake_cli_env(home, VAST_API_KEY=KEY, CLOUDTUNE_PROVIDER_CONFIG=json.dumps({"vast": {"base_url": fake.url}}))
-        refresh = cli_run({**env, "CLOUDTUNE_VAST_API_URL": fake.url}, "catalog", "refresh", "--provider", "vast")
-        assert refresh.returncode == 0, refresh.stderr
+        env = vast_env(home, fake, KEY)
 
         run = RunProcess(env, tmp_path, str(spec), "--provider", "vast", "--yes", "--json")
         try:
