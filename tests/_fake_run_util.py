@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from tests._run_util import QUICKSTART, ROOT, cli_env, deep_update, wait_for
+from tests._run_util import QUICKSTART, ROOT, cli, cli_env, deep_update, wait_for
 
 # Short enough for < 30 s per run on 2 cores, long enough to interrupt between checkpoints.
 FAST_TRAINING = {"max_steps": 40, "logging_steps": 5}
@@ -48,6 +48,20 @@ def s3_job_spec(tmp: Path, endpoint: str, bucket: str, **over: Any) -> Path:
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def cli_over_environ(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`cloudtune ARGS` with `env` on top of this process's environment (conftest's isolated home)."""
+    return cli({**os.environ, **env}, *args, timeout=120)
+
+
+def s3_quickstart(tmp: Path) -> Path:
+    """The quickstart with an S3 store: a cloud machine cannot read a file:// store (a dry run talks to neither)."""
+    spec = yaml.safe_load(QUICKSTART.read_text())
+    spec["data"]["train"] = str(ROOT / "examples" / "data" / "reverse.jsonl")
+    spec["store"] = {"url": "s3://my-bucket/cloudtune"}
+    (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
+    return tmp / "job.yaml"
 
 
 def s3_bucket(endpoint: str, bucket: str):

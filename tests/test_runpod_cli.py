@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import yaml
-
+from tests._fake_run_util import cli_over_environ as cli
+from tests._fake_run_util import s3_quickstart
 from tests.fakes.runpod_fake import RunPodFake
 
 KEY = "rp-cli-secret-key-123"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cloudtune", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=ROOT, timeout=120)
-
-
-def s3_quickstart(tmp: Path) -> Path:
-    """The quickstart with an S3 store: a cloud machine cannot read a file:// store (a dry run talks to neither)."""
-    spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    spec["data"]["train"] = str(ROOT / "examples" / "data" / "reverse.jsonl")
-    spec["store"] = {"url": "s3://my-bucket/cloudtune"}
-    (tmp / "job.yaml").write_text(yaml.safe_dump(spec))
-    return tmp / "job.yaml"
 
 
 def test_catalog_refresh_and_dry_run_against_the_fake(tmp_path):
