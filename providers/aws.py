@@ -537,7 +537,7 @@ class AWSProvider:
 
     def _put_params(self, req: LaunchRequest, secrets: dict[str, str], *, redact: bool) -> dict[str, Any]:
         """PutParameter arguments for the machine's secrets (Value `***` when `redact`, for --dry-run)."""
-        params: dict[str, Any] = {
+        return {
             "Name": secrets_parameter_name(req.name, validate=not redact),
             "Description": f"cloudtune job {req.job_id} attempt {req.attempt}: the trainer's secret environment "
                            "(deleted with the machine)",
@@ -547,7 +547,6 @@ class AWSProvider:
             "Tier": "Standard",
             "Tags": self._tags(req),
         }
-        return params
 
     def _put_secrets(self, req: LaunchRequest, secrets: dict[str, str]) -> str:
         """Write the secrets parameter; a leftover of the same name (an earlier try of this attempt) is
@@ -613,8 +612,6 @@ class AWSProvider:
         device, size = self._root_volume(region, image_id, req.disk_gb)
         plain, secrets = self._machine_env(req)
         parameter = secrets_parameter_name(req.name) if secrets else None
-        if secrets:
-            secrets_value(secrets)  # size and format checks before anything is written
         params = self._run_params(req, plain, image_id=image_id, root_device=device, root_size_gb=size,
                                   secrets_parameter=parameter)
         zones = self._zones(region, itype, req.spot)

@@ -362,10 +362,9 @@ def gc_cmd(
     if yes and result.orphans:
         for o, gone in terminate_orphans(result.orphans):
             done[o.machine.machine_id] = gone
-    secret_errors: dict[str, str | None] = {}
-    if yes and result.orphan_secrets:
-        for s, error in delete_orphan_secrets(result.orphan_secrets):
-            secret_errors[f"{s.region}:{s.name}"] = error
+    # (secret, deleted: None when not asked to, error when the delete failed)
+    secret_rows = ([(s, err is None, err) for s, err in delete_orphan_secrets(result.orphan_secrets)] if yes
+                   else [(s, None, None) for s in result.orphan_secrets])
     if json_out:
         print(json.dumps({
             "orphans": [{"provider": o.machine.provider, "machine_id": o.machine.machine_id, "name": o.machine.name,
@@ -374,10 +373,7 @@ def gc_cmd(
             "owned": [{"provider": m.provider, "machine_id": m.machine_id, "job_id": m.job_id} for m in result.owned],
             "skipped": result.skipped,
             "orphan_secrets": [{"provider": s.provider, "region": s.region, "name": s.name, "why": s.why,
-                                "deleted": (secret_errors[f"{s.region}:{s.name}"] is None)
-                                if f"{s.region}:{s.name}" in secret_errors else None,
-                                "error": secret_errors.get(f"{s.region}:{s.name}")}
-                               for s in result.orphan_secrets],
+                                "deleted": deleted, "error": error} for s, deleted, error in secret_rows],
         }, indent=2))
     else:
         for name, why in result.skipped.items():
@@ -388,14 +384,12 @@ def gc_cmd(
             m = o.machine
             tail = {True: "terminated", False: "STILL RUNNING after terminate"}.get(done.get(m.machine_id), "orphan")
             console.print(f"{m.provider} {m.machine_id} ({m.name}, {m.state.value}): {o.why} -> {tail}", markup=False)
-        for s in result.orphan_secrets:
-            key = f"{s.region}:{s.name}"
-            tail = "orphan" if key not in secret_errors else (
-                "deleted" if secret_errors[key] is None else f"NOT deleted: {secret_errors[key]}")
+        for s, deleted, error in secret_rows:
+            tail = {None: "orphan", True: "deleted"}.get(deleted, f"NOT deleted: {error}")
             console.print(f"{s.provider} secret {s.name} in {s.region}: {s.why} -> {tail}", markup=False)
         if (result.orphans or result.orphan_secrets) and not yes:
             console.print("run `cloudtune gc --yes` to terminate (and delete) them")
-    if yes and (not all(done.values()) or any(e is not None for e in secret_errors.values())):
+    if yes and (not all(done.values()) or any(deleted is False for _, deleted, _ in secret_rows)):
         raise typer.Exit(1)
 
 

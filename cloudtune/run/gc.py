@@ -104,8 +104,9 @@ def delete_orphan_secrets(secrets: list[OrphanSecret]) -> list[tuple[OrphanSecre
     providers: dict[str, Any] = {}
     for s in secrets:
         try:
-            provider = providers.setdefault(s.provider, make_provider(s.provider))
-            provider.delete_secret(s.handle)
+            if s.provider not in providers:
+                providers[s.provider] = make_provider(s.provider)
+            providers[s.provider].delete_secret(s.handle)
             results.append((s, None))
         except ProviderError as err:
             results.append((s, f"{type(err).__name__}: {err}"))
