@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,13 +34,67 @@ OPTIMIZERS = (
 )
 
 
+# transformers' SchedulerType values (transformers 4.5x); spelled here so the CLI checks a spec without
+# importing transformers. tests/test_bad_input.py compares this with the installed transformers.
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay", "greedy",
+)
+# A job name becomes part of store keys, log file names and table cells: keep it to a safe charset.
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# S3 bucket naming rules (docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html).
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# How much of an offending value an error message echoes (a hostile spec must not print megabytes).
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A bounded repr of value: errors name the value without echoing a whole input (reprlib stops at a
+    few levels and items, so a YAML alias bomb's billion strings are never even visited)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = limit, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# A spec is a few KB; anything far larger is a mistake (or hostile) and is refused before parsing.
+MAX_SPEC_BYTES = 1 << 20
+# YAML aliases are legitimate, but a handful of nested ones expand exponentially ("billion laughs").
+MAX_YAML_ALIASES = 100
+
+
+def _yaml_load(text: str) -> Any:
+    """yaml.safe_load that refuses more than MAX_YAML_ALIASES alias uses."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                Loader.aliases += 1
+                if Loader.aliases > MAX_YAML_ALIASES:
+                    raise SpecError(f"uses more than {MAX_YAML_ALIASES} YAML aliases (*name); write the values out")
+            return super().compose_node(parent, index)
+
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class LoraSpec(_Strict):
     rank: int = Field(16, description="LoRA rank r")
-    alpha: int = Field(32, description="LoRA alpha (scaling = alpha / rank)")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scaling = alpha / rank)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     targets: str | list[str] = Field(
         "all-linear", description="'all-linear', 'attention', or module names such as q_proj,v_proj"
@@ -67,6 +122,13 @@ class DataSpec(_Strict):
     format: DataFormat = "auto"
     validation: str | None = None
     val_split: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("train")
+    @classmethod
+    def _train_given(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("data.train is empty; give a .jsonl/.json/.parquet path, s3:// URL or hub dataset id")
+        return v
     packing: bool = False
     max_seq_len: int = 2048
     text_field: str = "text"
@@ -80,23 +142,32 @@ class DataSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    epochs: float = 1.0
-    max_steps: int | None = None
+    epochs: float = Field(1.0, gt=0, description="passes over the data; > 0")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; wins over epochs")
     micro_batch: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
-    learning_rate: float = 2e-4
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = True
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     precision: Precision = "auto"
     seed: int = 42
-    logging_steps: int = 1
-    eval_steps: int | None = None
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _sched(cls, v: str) -> str:
+        if v not in LR_SCHEDULERS:
+            near = difflib.get_close_matches(v, LR_SCHEDULERS, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"unknown lr_scheduler {excerpt(v)}; {hint}choose one of {', '.join(LR_SCHEDULERS)}")
+        return v
 
     @field_validator("optimizer")
     @classmethod
@@ -109,13 +180,13 @@ class TrainingSpec(_Strict):
 
 
 class DpoSpec(_Strict):
-    beta: float = 0.1
+    beta: float = Field(0.1, gt=0)
     base_adapter: str | None = Field(None, description="SFT adapter to start from (path or store URL)")
 
 
 class CheckpointSpec(_Strict):
-    every_steps: int | None = 50
-    every_minutes: float | None = 10.0
+    every_steps: int | None = Field(50, ge=1, description="null: no step checkpoints")
+    every_minutes: float | None = Field(10.0, gt=0, description="null: no timed checkpoints")
     keep: int = Field(2, ge=1)
 
 
@@ -131,6 +202,11 @@ class StoreSpec(_Strict):
             raise ValueError(f"store url {v!r} must start with file:// or s3://")
         if v.startswith("/"):
             v = "file://" + v
+        if v.startswith("s3://"):
+            bucket = v[len("s3://"):].split("/", 1)[0]
+            if not BUCKET_RE.match(bucket) or ".." in bucket:
+                raise ValueError(f"S3 bucket name {excerpt(bucket)} is not valid: 3-63 characters of a-z, 0-9, "
+                                 f"'.' and '-', starting and ending with a letter or digit; e.g. s3://my-bucket/jobs")
         return v
 
 
@@ -139,32 +215,33 @@ class ResourcesSpec(_Strict):
     gpus: int | None = Field(None, ge=1, description="force N GPUs (data parallel, sharded)")
     gpu: str | None = Field(None, description="force a GPU model, e.g. H100-SXM")
     spot: bool | None = Field(None, description="None: consider both")
-    max_price_hr: float | None = None
+    max_price_hr: float | None = Field(None, gt=0)
     region: str | None = None
     image: str = "ghcr.io/cloudtune/trainer:0.1.0"
-    disk_gb: int | None = None
+    disk_gb: int | None = Field(None, ge=1)
 
 
 class LimitsSpec(_Strict):
-    max_hours: float | None = None
+    max_hours: float | None = Field(None, gt=0)
     max_cost_usd: float | None = None
-    heartbeat_timeout_s: float = 900.0
-    max_restarts: int = 5
+    # Below a few seconds every healthy machine looks hung (the trainer beats every <= 30 s by default).
+    heartbeat_timeout_s: float = Field(900.0, ge=5.0)
+    max_restarts: int = Field(5, ge=0)
 
 
 class LocalSpec(_Strict):
     """Knobs of the local provider, mainly to simulate spot preemption in tests and demos."""
 
-    preempt_after_s: float | None = None
-    preempt_every_s: float | None = None
+    preempt_after_s: float | None = Field(None, gt=0)
+    preempt_every_s: float | None = Field(None, gt=0)
     preempt_random: bool = False
     preempt_max: int | None = Field(None, ge=0, description="preempt only attempts 1..N (None: no limit)")
     preempt_clock: Literal["machine", "training"] = Field(
         "machine", description="count preemption time from machine start, or from the first training heartbeat"
     )
-    notice_s: float = 5.0
+    notice_s: float = Field(5.0, ge=0)
     seed: int = 0
-    price_hr: float = 0.0
+    price_hr: float = Field(0.0, ge=0)
 
 
 class JobSpec(_Strict):
@@ -183,6 +260,15 @@ class JobSpec(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     local: LocalSpec = Field(default_factory=LocalSpec)
     merge: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not JOB_NAME_RE.match(v):
+            raise ValueError(f"job name {excerpt(v)} may only use letters, digits, '.', '_' and '-' (at most 64, "
+                             f"starting with a letter or digit); e.g. name: my-job-1")
+        return v
+
 
     @model_validator(mode="after")
     def _method_bits(self) -> JobSpec:
@@ -226,7 +312,7 @@ def _explain(err: ValidationError, source: str) -> SpecError:
     if e["type"] == "missing":
         return SpecError(f"{source}: missing required key {where!r}")
     msg = e["msg"].removeprefix("Value error, ")
-    return SpecError(f"{source}: {where}: {msg} (got {e.get('input')!r})")
+    return SpecError(f"{source}: {where}: {msg} (got {excerpt(e.get('input'))})")
 
 
 def parse_spec(data: dict[str, Any], source: str = "spec") -> JobSpec:
@@ -246,14 +332,29 @@ def load_spec(path: str | Path) -> JobSpec:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"job spec {str(p)!r} not found; pass the path of a YAML file such as examples/quickstart.yaml")
-    text = p.read_text()
+    size = p.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"job spec {str(p)!r} is {size} bytes; a spec is a few KB (at most {MAX_SPEC_BYTES}), "
+                        f"check that this is the right file")
+    raw = p.read_bytes()
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise SpecError(f"{p}: not UTF-8 text (byte {err.start}, line {line}: {excerpt(raw[err.start:err.start + 4])}); "
+                        f"save the file as UTF-8") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else _yaml_load(text)
+    except SpecError as err:
+        raise SpecError(f"{p}: {err}") from None
+    except RecursionError:
+        raise SpecError(f"{p}: nested too deeply to be a job spec") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"{p}: malformed YAML at {where}: {problem}") from None
+        raise SpecError(f"{p}: malformed YAML at {where}: {str(problem)[:120]}") from None
+
     except json.JSONDecodeError as err:
         raise SpecError(f"{p}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     spec = parse_spec(data or {}, source=str(p))
