@@ -15,7 +15,9 @@ checkpoint when verification fails.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +41,26 @@ def sha256_file(path: Path) -> str:
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint failed verification (size or sha256 mismatch, missing file)."""
+    """A checkpoint failed verification (size or sha256 mismatch, missing file, damaged or unsafe manifest)."""
+
+
+def safe_relpath(path: Any, what: str) -> str:
+    """`path` if it is a relative '/'-separated path with no '..', '.', empty or backslash parts."""
+    if not isinstance(path, str) or not path:
+        raise CheckpointError(f"{what}: a file entry has no path")
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or "\x00" in path or any(p in ("", ".", "..") for p in parts) \
+            or (len(parts[0]) >= 2 and parts[0][1] == ":"):
+        raise CheckpointError(f"{what}: unsafe path {path[:80]!r} in MANIFEST.json (absolute or leaves the checkpoint)")
+    return path
+
+
+def confined(root: Path, rel: Any, what: str) -> Path:
+    """root/rel, refusing any rel that is unsafe or resolves (through a symlink too) outside root."""
+    target = (root / safe_relpath(rel, what)).resolve()
+    if root not in target.parents:
+        raise CheckpointError(f"{what}: path {str(rel)[:80]!r} resolves outside {root}")
+    return target
 
 
 class CheckpointStore:
@@ -113,6 +134,42 @@ class CheckpointStore:
     def manifest(self, step: int) -> dict[str, Any] | None:
         return self.store.read_json(layout.manifest_key(self.job_id, step))
 
+    def checked_manifest(self, step: int) -> dict[str, Any]:
+        """The manifest of `step`, or CheckpointError saying what is wrong with it.
+
+        Whoever can write the store could plant a manifest: every entry must be a relative path that
+        stays inside the checkpoint (no absolute path, no '..', no backslash), with an integer size
+        and a sha256, or the checkpoint is treated as if it did not exist.
+        """
+        key = layout.manifest_key(self.job_id, step)
+        try:
+            raw = self.store.get_bytes(key)
+        except StoreNotFound:
+            raise CheckpointError(f"checkpoint {step} has no manifest") from None
+        try:
+            manifest = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"checkpoint {step}: MANIFEST.json is not JSON ({len(raw)} bytes: {err})") from None
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"checkpoint {step}: MANIFEST.json is a {type(manifest).__name__}, not an object")
+        files = manifest.get("files")
+        if not isinstance(files, list) or not files:
+            raise CheckpointError(f"checkpoint {step}: MANIFEST.json has no list of files")
+        seen: set[str] = set()
+        for entry in files:
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"checkpoint {step}: a MANIFEST.json entry is not an object")
+            safe_relpath(entry.get("path"), f"checkpoint {step}")
+            if not isinstance(entry.get("size"), int) or isinstance(entry.get("size"), bool) or entry["size"] < 0:
+                raise CheckpointError(f"checkpoint {step}: {entry['path']} has no valid size in MANIFEST.json")
+            sha = entry.get("sha256")
+            if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+                raise CheckpointError(f"checkpoint {step}: {entry['path']} has no valid sha256 in MANIFEST.json")
+            if entry["path"] in seen:
+                raise CheckpointError(f"checkpoint {step}: {entry['path']} is listed twice in MANIFEST.json")
+            seen.add(entry["path"])
+        return manifest
+
     # ------------------------------------------------------------------ prune
 
     def prune(self, newest: int) -> None:
@@ -138,15 +195,14 @@ class CheckpointStore:
 
     def download(self, step: int, dest: Path) -> Path:
         """Download checkpoint `step` into dest and verify it against its manifest."""
-        manifest = self.manifest(step)
-        if manifest is None:
-            raise CheckpointError(f"checkpoint {step} has no manifest")
+        manifest = self.checked_manifest(step)
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
+        root = dest.resolve()
         prefix = layout.checkpoint_prefix(self.job_id, step)
         for entry in manifest["files"]:
-            target = dest / entry["path"]
+            target = confined(root, entry["path"], f"checkpoint {step}")
             try:
                 self.store.download_file(prefix + entry["path"], target)
             except StoreNotFound:
