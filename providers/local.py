@@ -491,8 +491,10 @@ class _Supervisor:
         if (self.mdir / "terminated.json").exists():
             return 0
         out = open(self.mdir / "output.log", "ab")
+        # Like PID 1 of the image, the entrypoint runs the workload: the on-machine guards (stall,
+        # budget, lifetime; cloudtune/trainer/guards.py) hold here too when no watchdog is left.
         self.proc = subprocess.Popen(
-            self.record["command"],
+            [sys.executable, "-m", "cloudtune.trainer.entrypoint", "--", *self.record["command"]],
             cwd=self.record.get("workdir") or None,
             env=os.environ.copy(),
             stdin=subprocess.DEVNULL,

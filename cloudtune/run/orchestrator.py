@@ -49,6 +49,7 @@ from cloudtune.providers.base import (
 )
 from cloudtune.run import state as S
 from cloudtune.run.cost import job_cost_usd
+from cloudtune.run.machine_limits import machine_limits
 from cloudtune.spec import JobSpec
 from cloudtune.store import layout
 from cloudtune.trainer import contract as C
@@ -58,7 +59,6 @@ log = logging.getLogger("cloudtune.orchestrator")
 STOP_GRACE_S = float(os.environ.get("CLOUDTUNE_STOP_GRACE_S", "60"))
 TERMINATE_VERIFY_S = 120.0
 LAUNCH_RETRIES = 3
-DEFAULT_LIFETIME_S = 72 * 3600.0
 
 
 # ---------------------------------------------------------------- planning a job
@@ -350,7 +350,9 @@ def create_job(db: S.StateDB, draft: Draft) -> str:
     return job_id
 
 
-def build_request(job: S.Job, spec: JobSpec, option: Option, attempt: int) -> LaunchRequest:
+def build_request(
+    job: S.Job, spec: JobSpec, option: Option, attempt: int, spent_usd: float = 0.0
+) -> LaunchRequest:
     """The launch request of one attempt: the trainer command, its environment and lifetime cap.
 
     A cloud machine gets the staged spec (local inputs replaced by their `<job>/inputs/` URLs); for a
@@ -373,12 +375,13 @@ def build_request(job: S.Job, spec: JobSpec, option: Option, attempt: int) -> La
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"):
             if os.environ.get(k):
                 secret_env[k] = os.environ[k]
-    if spec.limits.max_hours is not None:
-        lifetime = spec.limits.max_hours * 3600.0 + 900.0
-    elif job.est_hours:
-        lifetime = max(6 * 3600.0, job.est_hours * 3 * 3600.0)
-    else:
-        lifetime = DEFAULT_LIFETIME_S
+    limits = machine_limits(
+        max_hours=spec.limits.max_hours, max_cost_usd=spec.limits.max_cost_usd,
+        heartbeat_timeout_s=spec.limits.heartbeat_timeout_s, job_created_at=job.created_at,
+        est_hours=job.est_hours, price_hr=option.price_hr, spent_usd=spent_usd,
+    )
+    env.update(limits.env)  # the machine enforces these itself (cloudtune/trainer/guards.py)
+    lifetime = limits.lifetime_s
     return LaunchRequest(
         job_id=job.id,
         attempt=attempt,
@@ -530,7 +533,7 @@ class Orchestrator:
             self.db.update_job(self.job_id, option_index=idx)
             self.event("launch", f"launching attempt {n} ({name}) on {pname}/{option.offer.offer_id}"
                        f"{' spot' if option.spot else ''} at ${option.price_hr:.4f}/h: {reason}", n)
-            req = build_request(job, self.spec, option, n)
+            req = build_request(job, self.spec, option, n, spent_usd=job_cost_usd(self.db, self.job_id))
             try:
                 machine = self.provider(pname).launch(req)
             except Exception as exc:  # noqa: BLE001 - any failure leaves the create's outcome unknown

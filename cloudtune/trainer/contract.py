@@ -36,3 +36,27 @@ HEARTBEAT_INTERVAL_S = 30.0
 ENV_MAX_LIFETIME = "CLOUDTUNE_MAX_LIFETIME_S"  # hard cap on the trainer's lifetime (SIGTERM, then SIGKILL)
 ENV_STOP_GRACE = "CLOUDTUNE_STOP_GRACE_S"  # seconds between that SIGTERM and SIGKILL (default 90)
 ENV_SELF_TERMINATE = "CLOUDTUNE_SELF_TERMINATE"  # shell command run after the trainer exits (never logged)
+# On-machine guards (cloudtune/trainer/guards.py), read by the entrypoint; they hold with no controller:
+ENV_STALL_TIMEOUT_S = "CLOUDTUNE_STALL_TIMEOUT_S"  # no training progress for this long: stop the machine
+ENV_LOAD_ALLOWANCE_S = "CLOUDTUNE_LOAD_ALLOWANCE_S"  # extra time before the first training heartbeat
+ENV_PRICE_HR = "CLOUDTUNE_PRICE_HR"  # this machine's price, $/h (for the budget guard)
+ENV_BUDGET_USD = "CLOUDTUNE_BUDGET_USD"  # what this attempt may still spend, $
+ENV_BUDGET_GRACE_S = "CLOUDTUNE_BUDGET_GRACE_S"  # the budget guard waits this long for a controller (60 s)
+ENV_GUARD_POLL_S = "CLOUDTUNE_GUARD_POLL_S"  # how often the guards read the heartbeat (default 30 s)
+
+# Distributed shape (cloudtune/trainer/launch.py, the machine's entry command): set by the orchestrator
+# (orchestrator.build_request) or, on a SkyPilot cluster, mapped from SKYPILOT_* below. Unset = 1 process.
+ENV_NPROC_PER_NODE = "CLOUDTUNE_NPROC_PER_NODE"  # processes (GPUs) on this machine
+ENV_NNODES = "CLOUDTUNE_NNODES"  # machines in the job
+ENV_NODE_RANK = "CLOUDTUNE_NODE_RANK"  # this machine's index, 0 = the master
+ENV_MASTER_ADDR = "CLOUDTUNE_MASTER_ADDR"  # the master's address (rendezvous)
+ENV_MASTER_PORT = "CLOUDTUNE_MASTER_PORT"  # the master's rendezvous port (default 29500)
+ENV_SHARDING = "CLOUDTUNE_SHARDING"  # ddp | fsdp (accelerate launch config); default: the spec's
+DEFAULT_MASTER_PORT = 29500
+# SkyPilot's per-node environment (https://docs.skypilot.co/en/latest/running-jobs/environment-variables.html)
+SKYPILOT_NODE_RANK = "SKYPILOT_NODE_RANK"
+SKYPILOT_NODE_IPS = "SKYPILOT_NODE_IPS"  # newline-separated, first line = the head node (master)
+SKYPILOT_NUM_NODES = "SKYPILOT_NUM_NODES"
+SKYPILOT_NUM_GPUS_PER_NODE = "SKYPILOT_NUM_GPUS_PER_NODE"
+# The command every machine runs (the launcher runs the trainer directly when the world size is 1).
+LAUNCH_COMMAND = ("python", "-m", "cloudtune.trainer.launch")
