@@ -24,6 +24,13 @@ Configuration (constructor argument, else environment variable):
   ssm_kms_key       CLOUDTUNE_AWS_SSM_KMS_KEY      KMS key for the secrets parameter (default: alias/aws/ssm)
   secret_grace_s    CLOUDTUNE_AWS_SECRET_GRACE_S   gc leaves a secrets parameter with no instance alone
                                                    this long (default 900 s: a launch may be in flight)
+  subnets / subnet_id CLOUDTUNE_AWS_SUBNETS        subnets to launch into, for accounts without a default
+                                                   VPC: {region: [subnet-...]} (env: us-east-1=subnet-a,
+                                                   us-west-2=subnet-b); `subnet_id` is one subnet for the
+                                                   single configured region. Zones are those of the subnets.
+  consistency_grace_s CLOUDTUNE_AWS_CONSISTENCY_GRACE_S how long after RunInstances an
+                                                   InvalidInstanceID.NotFound means "not visible yet"
+                                                   (EC2 is eventually consistent), not "lost" (default 180 s)
   profile_name      AWS_PROFILE                    boto3 profile
 """
 
@@ -33,6 +40,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -98,6 +106,9 @@ _STATE_MAP = {
 
 
 DEFAULT_SECRET_GRACE_S = 900.0
+# EC2's API reference ("Eventual consistency in the Amazon EC2 API"): a resource just created may be
+# unknown to the describe calls "for up to a few minutes"; until then NotFound is not "machine lost".
+DEFAULT_CONSISTENCY_GRACE_S = 180.0
 SSM_DEFAULT_KEY = "alias/aws/ssm"  # what SSM uses for a SecureString when no KeyId is given
 
 
@@ -143,6 +154,41 @@ def client_token(job_id: str, attempt: int, zone: str) -> str:
     """RunInstances idempotency token (<= 64 ASCII chars): a retried call cannot start a second machine."""
     digest = hashlib.sha256(f"{job_id}/{attempt}/{zone}".encode()).hexdigest()[:40]
     return f"cloudtune-{digest}"
+
+
+def parse_subnets(raw: dict[str, list[str] | str] | str | None, subnet_id: str | None,
+                  regions: list[str]) -> dict[str, list[str]]:
+    """{region: [subnet ids]} from the `subnets` mapping, its env form
+    ("us-east-1=subnet-a,us-east-1=subnet-b"), or `subnet_id` (only with one configured region)."""
+    out: dict[str, list[str]] = {}
+    if isinstance(raw, str):
+        for item in (x.strip() for x in raw.split(",") if x.strip()):
+            region, sep, sub = item.partition("=")
+            if not sep or not sub.strip().startswith("subnet-"):
+                raise AWSConfigError(f"CLOUDTUNE_AWS_SUBNETS item {item!r} is not region=subnet-id; "
+                                     "e.g. CLOUDTUNE_AWS_SUBNETS=us-east-1=subnet-0abc,us-west-2=subnet-0def",
+                                     provider=NAME)
+            out.setdefault(region.strip(), []).append(sub.strip())
+    elif isinstance(raw, dict):
+        for region, subs in raw.items():
+            items = [subs] if isinstance(subs, str) else list(subs or [])
+            for sub in items:
+                if not isinstance(sub, str) or not sub.startswith("subnet-"):
+                    raise AWSConfigError(f"aws subnets[{region!r}]: {sub!r} is not a subnet id (subnet-...)",
+                                         provider=NAME)
+            out[str(region)] = items
+    elif raw is not None:
+        raise AWSConfigError(f"aws subnets must map region -> subnet ids, not {type(raw).__name__}", provider=NAME)
+    if subnet_id:
+        if len(regions) != 1:
+            raise AWSConfigError(f"aws subnet_id={subnet_id!r} names one subnet but {len(regions)} regions are "
+                                 "configured; use `subnets: {region: [subnet-...]}` instead", provider=NAME)
+        out.setdefault(regions[0], []).append(subnet_id)
+    unknown = sorted(set(out) - set(regions))
+    if unknown:
+        raise AWSConfigError(f"aws subnets name regions cloudtune does not use ({', '.join(unknown)}); add them to "
+                             "CLOUDTUNE_AWS_REGIONS or remove those subnets", provider=NAME)
+    return out
 
 
 def format_machine_id(region: str, instance_id: str) -> str:
@@ -227,6 +273,9 @@ class AWSProvider:
         profile_name: str | None = None,
         ssm_kms_key: str | None = None,
         secret_grace_s: float | None = None,
+        subnets: dict[str, list[str] | str] | str | None = None,
+        subnet_id: str | None = None,
+        consistency_grace_s: float | None = None,
         max_workers: int = 8,
     ) -> None:
         if isinstance(regions, str):
@@ -247,6 +296,17 @@ class AWSProvider:
         except ValueError:
             raise AWSConfigError(f"CLOUDTUNE_AWS_SECRET_GRACE_S={grace!r} is not a number of seconds; "
                                  "set it to e.g. 900 or unset it", provider=NAME) from None
+        self.subnets = parse_subnets(subnets if subnets is not None else os.environ.get("CLOUDTUNE_AWS_SUBNETS"),
+                                     subnet_id, self.regions)
+        grace = consistency_grace_s if consistency_grace_s is not None else os.environ.get(
+            "CLOUDTUNE_AWS_CONSISTENCY_GRACE_S")
+        try:
+            self.not_found_grace_s = float(grace) if grace not in (None, "") else DEFAULT_CONSISTENCY_GRACE_S
+        except ValueError:
+            raise AWSConfigError(f"CLOUDTUNE_AWS_CONSISTENCY_GRACE_S={grace!r} is not a number of seconds; "
+                                 "set it to e.g. 180 or unset it", provider=NAME) from None
+        # machine id -> when this process's RunInstances returned it (see status())
+        self._launched_at: dict[str, float] = {}
         self.max_workers = max_workers
         self._session: Any = None
         self._clients: dict[tuple[str, str, bool], Any] = {}
@@ -514,10 +574,30 @@ class AWSProvider:
             )["InstanceTypeOfferings"],
         )
         zones = sorted({o["Location"] for o in offerings})
+        subnet_zones = self._subnet_zones(region)
+        if subnet_zones is not None:
+            zones = [z for z in zones if z in subnet_zones]
         if spot and zones:
             prices = self.spot_prices(region, [itype])
             zones.sort(key=lambda z: (prices.get((itype, z), float("inf")), z))
         return zones
+
+    def _subnet_zones(self, region: str) -> dict[str, str] | None:
+        """{zone: subnet id} of the configured subnets of `region` (DescribeSubnets), None if none set."""
+        ids = self.subnets.get(region)
+        if not ids:
+            return None
+        ec2 = self._client("ec2", region)
+        try:
+            found = self._call(f"DescribeSubnets {', '.join(ids)} in {region}",
+                               lambda: ec2.describe_subnets(SubnetIds=list(ids))["Subnets"])
+        except InvalidRequestError as err:  # InvalidSubnetID.NotFound / .Malformed
+            raise AWSConfigError(f"{err}; fix the aws `subnets` setting (CLOUDTUNE_AWS_SUBNETS) for {region}",
+                                 provider=NAME) from None
+        by_zone: dict[str, str] = {}
+        for sub in found:
+            by_zone.setdefault(sub["AvailabilityZone"], sub["SubnetId"])
+        return by_zone
 
     def launch(self, req: LaunchRequest) -> Machine:
         self._check_request(req)
@@ -616,7 +696,9 @@ class AWSProvider:
                                   secrets_parameter=parameter)
         zones = self._zones(region, itype, req.spot)
         if not zones:
-            raise CapacityError(f"{itype} is not offered in any availability zone of {region}", provider=NAME)
+            where = (f"the zones of the configured subnets ({', '.join(self.subnets[region])})"
+                     if self.subnets.get(region) else "any availability zone")
+            raise CapacityError(f"{itype} is not offered in {where} of {region}", provider=NAME)
         ec2 = self._client("ec2", region, launch=True)
         if not secrets:
             return self._launch_in_zones(req, ec2, params, zones)
@@ -635,9 +717,12 @@ class AWSProvider:
     def _launch_in_zones(self, req: LaunchRequest, ec2: Any, params: dict[str, Any], zones: list[str]) -> Machine:
         region, itype = req.offer.region, req.offer.offer_id
         failures: list[str] = []
+        subnet_by_zone = self._subnet_zones(region) or {}
         for zone in zones:
             call = {**params, "Placement": {"AvailabilityZone": zone},
                     "ClientToken": client_token(req.job_id, req.attempt, zone)}
+            if zone in subnet_by_zone:
+                call["SubnetId"] = subnet_by_zone[zone]
             action = f"RunInstances {itype} ({'spot' if req.spot else 'on-demand'}) in {zone}"
             try:
                 inst = self._run_once(ec2, call, action)
@@ -646,6 +731,7 @@ class AWSProvider:
                 failures.append(str(err))
                 continue
             machine = machine_from_instance(inst, region)
+            self._launched_at[machine.machine_id] = time.time()
             machine.price_hr = req.offer.spot_price_hr if req.spot else req.offer.price_hr
             if machine.name != req.name:  # moto or an old API may omit tags in the reply
                 machine.name, machine.job_id, machine.attempt = req.name, req.job_id, req.attempt
@@ -690,6 +776,8 @@ class AWSProvider:
         params["Placement"] = {"AvailabilityZone": f"each zone of {region} offering {req.offer.offer_id}, "
                                                    + ("cheapest spot price first" if req.spot else "in order")}
         params["ClientToken"] = client_token(req.job_id, req.attempt, "<zone>")
+        if self.subnets.get(region):
+            params["SubnetId"] = f"the subnet of that zone among {', '.join(self.subnets[region])}"
         out.append({"service": "ec2", "region": region, "operation": "RunInstances", "params": params})
         return out
 
@@ -722,7 +810,19 @@ class AWSProvider:
         raise NotFoundError(f"instance {instance_id} not found in {', '.join(self.regions)}", provider=NAME)
 
     def status(self, machine_id: str) -> Machine:
-        region, inst = self._locate(machine_id)
+        """The instance's state. InvalidInstanceID.NotFound within `not_found_grace_s` of our own
+        RunInstances is PENDING, not lost: EC2's describe calls are eventually consistent, and reading
+        it as lost would launch a second trainer onto the same store while the first boots."""
+        try:
+            region, inst = self._locate(machine_id)
+        except NotFoundError:
+            launched = self._launched_at.get(machine_id)
+            if launched is None or time.time() - launched >= self.not_found_grace_s:
+                raise
+            region, instance_id = self._split_id(machine_id)
+            return Machine(provider=NAME, machine_id=machine_id, name="", state=MachineState.PENDING,
+                           region=region, detail=f"{instance_id} not yet visible to DescribeInstances "
+                           f"{time.time() - launched:.0f}s after RunInstances (EC2 is eventually consistent)")
         spot_code = ""
         reason = (inst.get("StateReason") or {}).get("Code") or ""
         request_id = inst.get("SpotInstanceRequestId")

@@ -32,9 +32,13 @@ CAPACITY_CODES = frozenset({
     "InsufficientHostCapacity",
     "UnfulfillableCapacity",
     "SpotMaxPriceTooLow",
-    "MaxSpotInstanceCountExceeded",
+    # "The specified request is unsupported", e.g. an instance type a zone does not offer (or no longer
+    # offers) although DescribeInstanceTypeOfferings listed it: the next zone or offer may run it.
+    "Unsupported",
 })
+# MaxSpotInstanceCountExceeded: the account's spot-instance (vCPU) limit, an account quota, not the market.
 QUOTA_CODES = frozenset({"VcpuLimitExceeded", "InstanceLimitExceeded", "PendingVerification",
+                         "MaxSpotInstanceCountExceeded",
                          "ParameterLimitExceeded"})  # SSM: 10,000 standard parameters per account and region
 RATE_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException",
                         "TooManyUpdates"})  # SSM: concurrent updates of one parameter

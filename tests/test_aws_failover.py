@@ -8,6 +8,7 @@ from cloudtune.providers.base import (
     AuthError,
     CapacityError,
     MachineState,
+    NotFoundError,
     QuotaError,
     RateLimitedError,
     TransientError,
@@ -52,7 +53,7 @@ def test_no_capacity_anywhere_is_a_capacity_error_and_leaves_nothing(proxy, prov
     ("code", "error"),
     [
         ("SpotMaxPriceTooLow", CapacityError),
-        ("MaxSpotInstanceCountExceeded", CapacityError),
+        ("MaxSpotInstanceCountExceeded", QuotaError),  # the account's spot limit: another zone cannot help
         ("UnfulfillableCapacity", CapacityError),
         ("VcpuLimitExceeded", QuotaError),
         ("UnauthorizedOperation", AuthError),
@@ -89,3 +90,44 @@ def test_spot_interruption_is_reported_as_preempted(proxy, provider):
     gone = provider.status(m.machine_id)
     assert gone.state is MachineState.TERMINATED and gone.state.is_gone and "preempted" in gone.detail
     provider.terminate(m.machine_id)
+
+
+def test_unsupported_in_one_zone_tries_the_next_zone(proxy, provider):
+    proxy.fail_run_instances("Unsupported", zone="us-east-1a")
+    m = provider.launch(request(new_job_id()))
+    zones = [c["Placement.AvailabilityZone"] for c in proxy.run_instances_calls]
+    assert zones[0] == "us-east-1a" and len(zones) == 2
+    provider.terminate(m.machine_id)
+
+
+def test_max_spot_count_stops_the_zone_loop_at_once(proxy, provider):
+    proxy.fail_run_instances("MaxSpotInstanceCountExceeded")
+    with pytest.raises(QuotaError, match="Service Quotas"):
+        provider.launch(request(new_job_id()))
+    assert len(proxy.run_instances_calls) == 1  # a quota is the account's: no point trying 5 zones
+
+
+def test_not_found_just_after_run_instances_is_pending_not_lost(proxy, provider):
+    proxy.hide_new_instances(3)
+    m = provider.launch(request(new_job_id()))
+    for _ in range(3):
+        s = provider.status(m.machine_id)
+        assert s.state is MachineState.PENDING and "eventually consistent" in s.detail
+    assert provider.status(m.machine_id).state.is_alive  # visible now: the real state
+    assert len(proxy.run_instances_calls) == 1
+    provider.terminate(m.machine_id)
+
+
+def test_not_found_after_the_grace_window_is_not_found(proxy):
+    from tests.fakes.aws_setup import AMI_PARAMETER, INSTANCE_PROFILE
+
+    provider = AWSProvider(regions=["us-east-1"], endpoint_url=proxy.url, ami_parameter=AMI_PARAMETER,
+                           instance_profile=INSTANCE_PROFILE, consistency_grace_s=0)
+    proxy.hide_new_instances(1)
+    m = provider.launch(request(new_job_id()))
+    with pytest.raises(NotFoundError):
+        provider.status(m.machine_id)
+    provider.terminate(m.machine_id)
+    # an instance this process never launched gets no grace either
+    with pytest.raises(NotFoundError):
+        provider_via(proxy.url).status("us-east-1:i-0123456789abcdef0")

@@ -5,6 +5,9 @@ moto unchanged, except:
 - `RunInstances` matching a capacity rule (zone and/or instance type) is answered with EC2's real
   error: HTTP 500 and the `<Response><Errors><Error><Code>InsufficientInstanceCapacity</Code>...`
   XML body EC2 sends (the shape botocore parses; seen verbatim in public bug reports);
+- `DescribeInstances` naming an instance RunInstances just returned can be answered with
+  `InvalidInstanceID.NotFound` (HTTP 400) for its first N calls (`hide_new_instances`): EC2's
+  eventual consistency ("Eventual consistency in the Amazon EC2 API" in the EC2 API reference);
 - `DescribeInstances` replies for a "preempted" instance are rewritten to what EC2 shows after a
   spot interruption: state shutting-down/terminated with StateReason Server.SpotInstanceTermination.
 
@@ -41,9 +44,12 @@ _MESSAGES = {
     "RequestLimitExceeded": "Request limit exceeded.",
     "UnauthorizedOperation": "You are not authorized to perform this operation.",
     "InternalError": "An internal error has occurred",
+    "Unsupported": "The requested configuration is currently not supported. Please check the documentation for "
+                   "supported configurations.",
+    "InvalidInstanceID.NotFound": "The instance ID '{iid}' does not exist",
 }
 _CLIENT_SIDE = {"VcpuLimitExceeded", "MaxSpotInstanceCountExceeded", "SpotMaxPriceTooLow", "UnauthorizedOperation",
-                "RequestLimitExceeded"}
+                "RequestLimitExceeded", "Unsupported"}
 
 
 @dataclass
@@ -69,6 +75,9 @@ class EC2CapacityProxy(FakeServer):
         self.rules: list[CapacityRule] = []
         self.preempted: dict[str, str] = {}  # instance id -> state to show
         self.run_instances_calls: list[dict[str, str]] = []
+        self.describe_calls: list[dict[str, str]] = []
+        self._hide_new = 0  # DescribeInstances NotFound answers per newly launched instance
+        self._hidden: dict[str, int] = {}  # instance id -> NotFound answers left
         self._http = httpx.Client(timeout=30)
 
     def on_stop(self) -> None:
@@ -80,6 +89,12 @@ class EC2CapacityProxy(FakeServer):
                            instance_type: str | None = None, times: int = -1) -> None:
         with self.lock:
             self.rules.append(CapacityRule(code, zone, instance_type, times))
+
+    def hide_new_instances(self, times: int) -> None:
+        """Answer the first `times` DescribeInstances naming each instance launched from now on with
+        InvalidInstanceID.NotFound, as EC2 may for a while after RunInstances."""
+        with self.lock:
+            self._hide_new = times
 
     def preempt(self, instance_id: str, state: str = "shutting-down") -> None:
         """Show `instance_id` as reclaimed by EC2 (moto itself keeps it running)."""
@@ -105,7 +120,22 @@ class EC2CapacityProxy(FakeServer):
                 status = 400 if rule.code in _CLIENT_SIDE else (503 if rule.code == "RequestLimitExceeded" else 500)
                 message = _MESSAGES.get(rule.code, rule.code).format(itype=itype, zone=zone)
                 return Response(status, ec2_error_xml(rule.code, message), content_type="text/xml;charset=UTF-8")
+        if action == "DescribeInstances":
+            ids = [v for k, v in form.items() if k.startswith("InstanceId.")]
+            with self.lock:
+                self.describe_calls.append(form)
+                hidden = next((i for i in ids if self._hidden.get(i, 0) > 0), None)
+                if hidden is not None:
+                    self._hidden[hidden] -= 1
+            if hidden is not None:
+                message = _MESSAGES["InvalidInstanceID.NotFound"].format(iid=hidden)
+                return Response(400, ec2_error_xml("InvalidInstanceID.NotFound", message),
+                                content_type="text/xml;charset=UTF-8")
         resp = self._forward(req)
+        if action == "RunInstances" and resp.status == 200 and self._hide_new:
+            with self.lock:
+                for iid in re.findall(rb"<instanceId>(i-[0-9a-f]+)</instanceId>", resp.body):
+                    self._hidden[iid.decode()] = self._hide_new
         if action == "DescribeInstances" and self.preempted and resp.status == 200:
             resp.body = self._rewrite_preempted(resp.body)
         return resp
