@@ -128,7 +128,9 @@ def test_shapes_for_trl(tmp_path: Path):
     assert sg == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     pref = to_trl_rows([Record(PREF, "x:1")], "preference", chat=True)[0]
     assert pref["chosen"] == [{"role": "assistant", "content": "4"}]
-    assert to_trl_rows([Record(PREF, "x:1")], "preference", chat=False)[0] == PREF
+    # without a chat template, a DPO prompt gets the SFT stage's Alpaca frame (not glued to the answer)
+    assert to_trl_rows([Record(PREF, "x:1")], "preference", chat=False)[0] == {
+        "prompt": "### Instruction:\n2+2?\n\n### Response:\n", "chosen": "4", "rejected": "5"}
     assert to_trl_rows([Record({"body": "t"}, "x:1")], "text", chat=True, text_field="body") == [{"text": "t"}]
 
 

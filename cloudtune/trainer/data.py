@@ -10,9 +10,15 @@ for DPO.
 Formats (data.format, or `auto` to detect from the first record's keys):
   alpaca      {"instruction": str, "input": str (optional), "output": str}
   sharegpt    {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
-  messages    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  messages    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}; OpenAI
+              shapes too: content parts ([{"type": "text", "text": str}]), an assistant turn with
+              "content": null and "tool_calls", tool results ({"role": "tool", "tool_call_id", ...})
+  prompt_completion  TRL's {"prompt": str|messages, "completion": str|messages} (loss on the completion)
   text        {"<data.text_field>": str}
-  preference  {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
+  preference  {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}; without a
+              prompt, chosen/rejected are whole conversations and their shared start is the prompt
+
+Files may start with a UTF-8 byte-order mark (Windows editors write one).
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from typing import Any
 
 from cloudtune.errors import DataError
 
-FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference")
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference")
 SUFFIXES = (".jsonl", ".json", ".parquet")
+# Suffixes that say "a file" (so a missing dir/x.csv is "not found", never a hub dataset id)
+FILE_SUFFIXES = SUFFIXES + (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".yaml", ".yml")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
@@ -64,7 +72,7 @@ class DataSummary:
 
 def _is_hub_id(ref: str) -> bool:
     return "://" not in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1 and \
-        Path(ref).suffix.lower() not in SUFFIXES
+        Path(ref).suffix.lower() not in FILE_SUFFIXES
 
 
 def _fetch_s3(url: str, store: dict[str, Any] | None) -> Path:
@@ -132,7 +140,7 @@ def _read_file(path: Path, shown: str) -> list[Record]:
         return _read_jsonl(path, shown)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as err:
             raise DataError(f"{shown}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -152,13 +160,13 @@ def _read_file(path: Path, shown: str) -> list[Record]:
 
 def _looks_like_jsonl(path: Path) -> bool:
     with path.open("rb") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith(b"{")
+        head = f.read(4096)
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{")
 
 
 def _read_jsonl(path: Path, shown: str) -> list[Record]:
     out = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is not data
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -187,13 +195,16 @@ def detect_format(rec: Record, text_field: str = "text") -> str:
         return "sharegpt"
     if {"chosen", "rejected"} <= keys:
         return "preference"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
     if text_field in keys:
         return "text"
     raise DataError(
         f"{rec.where}: cannot tell the data format from fields {sorted(keys)}; expected alpaca "
-        f"(instruction/output), sharegpt (conversations), messages, preference (prompt/chosen/rejected) "
+        f"(instruction/output), sharegpt (conversations), messages, prompt_completion (prompt/completion), "
+        f"preference (prompt/chosen/rejected) "
         f"or text ({text_field!r}); or set data.format"
     )
 
@@ -224,8 +235,62 @@ def _turns(rec: Record, name: str, role_key: str, text_key: str, roles: Any) -> 
             raise DataError(
                 f"{rec.where}: field '{name}[{i}].{role_key}' is {role!r}; expected one of {', '.join(roles)}"
             )
-        if not isinstance(turn.get(text_key), str):
-            raise DataError(f"{rec.where}: field '{name}[{i}].{text_key}' must be a string")
+        _turn_text(rec, f"{name}[{i}]", turn, text_key)
+
+
+def _turn_text(rec: Record, at: str, turn: dict[str, Any], text_key: str) -> None:
+    """A turn's text: a string, OpenAI content parts of type text, or null beside tool_calls."""
+    value = turn.get(text_key)
+    if isinstance(value, str):
+        return
+    if value is None and isinstance(turn.get("tool_calls"), list) and turn["tool_calls"]:
+        for j, call in enumerate(turn["tool_calls"]):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise DataError(f"{rec.where}: field '{at}.tool_calls[{j}].function.name' must be a string")
+        return
+    if isinstance(value, list):
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(f"{rec.where}: field '{at}.{text_key}[{j}]' is a {kind!r} part; only text parts "
+                                f"({{\"type\": \"text\", \"text\": ...}}) can be trained on a text model")
+        return
+    raise DataError(f"{rec.where}: field '{at}.{text_key}' must be a string, a list of text parts, or null "
+                    f"beside tool_calls")
+
+
+def _part_text(value: Any) -> str:
+    if isinstance(value, list):
+        return "".join(p["text"] for p in value)
+    return "" if value is None else value
+
+
+def normalize_messages(turns: list[dict[str, Any]], role_key: str = "role", text_key: str = "content") -> list[dict[str, Any]]:
+    """Checked turns as chat-template messages: roles mapped, text parts joined, tool calls kept.
+
+    Tool-call arguments given as a JSON string (OpenAI's wire format) become a mapping, which is what
+    the families' templates render (`tojson`)."""
+    out = []
+    for t in turns:
+        role = SHAREGPT_ROLES.get(t[role_key], t[role_key]) if role_key == "from" else t[role_key]
+        m: dict[str, Any] = {"role": role, "content": _part_text(t.get(text_key))}
+        if t.get("tool_calls"):
+            calls = []
+            for call in t["tool_calls"]:
+                fn = dict(call["function"])
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except json.JSONDecodeError:
+                        pass
+                calls.append({**call, "type": call.get("type", "function"), "function": fn})
+            m["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if key in t:
+                m[key] = t[key]
+        out.append(m)
+    return out
 
 
 def check_record(rec: Record, fmt: str, text_field: str = "text") -> None:
@@ -240,6 +305,15 @@ def check_record(rec: Record, fmt: str, text_field: str = "text") -> None:
         _turns(rec, "messages", "role", "content", MESSAGE_ROLES)
     elif fmt == "text":
         _str_field(rec, text_field)
+    elif fmt == "prompt_completion":
+        for name in ("prompt", "completion"):
+            if isinstance(rec.data.get(name), list):
+                _turns(rec, name, "role", "content", MESSAGE_ROLES)
+            else:
+                _str_field(rec, name)
+        if isinstance(rec.data["completion"], list) and not any(
+                t["role"] == "assistant" for t in rec.data["completion"]):
+            raise DataError(f"{rec.where}: field 'completion' has no assistant turn to train on")
     elif fmt == "preference":
         for name in ("prompt", "chosen", "rejected"):
             value = rec.data.get(name)
@@ -247,6 +321,11 @@ def check_record(rec: Record, fmt: str, text_field: str = "text") -> None:
                 _turns(rec, name, "role", "content", MESSAGE_ROLES)
             else:
                 _str_field(rec, name, required=name != "prompt" or "prompt" in rec.data)
+        if rec.data.get("prompt") is None:
+            prompt, chosen, _ = split_implicit_prompt(rec.data["chosen"], rec.data["rejected"])
+            if not prompt or (isinstance(chosen, list) and (not chosen or chosen[0]["role"] != "assistant")):
+                raise DataError(f"{rec.where}: field 'prompt' is missing and 'chosen'/'rejected' do not start with "
+                                f"the same turns up to an assistant reply; add a 'prompt' field")
     else:
         raise DataError(f"data.format {fmt!r} is unknown; use auto or one of {', '.join(FORMATS)}")
 
@@ -300,8 +379,35 @@ def load_checked(spec: Any) -> tuple[list[Record], list[Record], DataSummary]:
 
 
 def validate_data(spec: Any) -> DataSummary:
-    """Check a JobSpec's data before anything is rented or loaded. Raises DataError (file, line, field)."""
-    return load_checked(spec)[2]
+    """Check a JobSpec's data before anything is rented or loaded. Raises DataError (file, line, field).
+
+    When the model's tokenizer is on this machine (tiny:, a local folder, the HF cache), the records
+    also go through its chat template and the length check (render_check), so a refused
+    conversation or data that is all too long is exit 2 here; the trainer repeats that check on the
+    machine before it loads the model, for tokenizers only the machine can download."""
+    train, val, summary = load_checked(spec)
+    if summary.checked:
+        from cloudtune.trainer.chat import local_tokenizer
+
+        tokenizer = local_tokenizer(spec.model)
+        if tokenizer is not None:
+            summary.notes.extend(render_check(spec, tokenizer, train, val, summary.format))
+    return summary
+
+
+def render_check(spec: Any, tokenizer: Any, train: list[Record], val: list[Record], fmt: str) -> list[str]:
+    """Render the SFT records through the chat template and measure them; returns the notes
+    (rows cut at max_seq_len). Raises DataError on a refused conversation or all-too-long data."""
+    from cloudtune.trainer.chat import encode_records, uses_chat
+
+    if spec.stage != "sft" or fmt == "text" or not uses_chat(tokenizer):
+        return []
+    notes = []
+    for recs in (train, val):
+        if recs:
+            enc = encode_records(tokenizer, recs, fmt, spec.data.max_seq_len, model=spec.model)
+            notes += enc.notes(spec.data.max_seq_len, recs[0].where.rsplit(":", 1)[0])
+    return notes
 
 
 def split_validation(train: list[Record], val_split: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -328,8 +434,10 @@ def to_trl_rows(records: list[Record], fmt: str, *, chat: bool, text_field: str 
                 eos: str = "") -> list[dict[str, Any]]:
     """Shape checked records into the dataset rows TRL's SFTTrainer/DPOTrainer expect.
 
-    chat=True (tokenizer has a chat template): conversational rows, so TRL applies the template and
-    masks the prompt. chat=False: plain-text prompt/completion with an Alpaca-style prompt.
+    chat=True (tokenizer has a chat template): conversational rows. The trainer tokenizes SFT chat
+    rows itself (cloudtune/trainer/chat.py: loss on assistant turns only); these rows serve DPO and
+    the held-out evaluation. chat=False: plain-text prompt/completion with an Alpaca-style prompt
+    (TRL masks the prompt), and DPO prompts in the same Alpaca frame as the SFT stage.
     """
     rows: list[dict[str, Any]] = []
     for rec in records:
@@ -343,14 +451,14 @@ def to_trl_rows(records: list[Record], fmt: str, *, chat: bool, text_field: str 
                 rows.append({"prompt": tpl.format(instruction=d["instruction"], input=d.get("input", "")),
                              "completion": d["output"] + eos})
         elif fmt in ("sharegpt", "messages"):
-            if fmt == "sharegpt":
-                msgs = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in d["conversations"]]
-            else:
-                msgs = [{"role": t["role"], "content": t["content"]} for t in d["messages"]]
+            msgs = normalize_messages(d["conversations"], "from", "value") if fmt == "sharegpt" else \
+                normalize_messages(d["messages"])
             if chat:
                 rows.append({"messages": msgs})
             else:
                 rows.append({"text": "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in msgs) + eos})
+        elif fmt == "prompt_completion":
+            rows.append(_prompt_completion_row(d, chat, eos))
         elif fmt == "text":
             rows.append({"text": d[text_field]})
         elif fmt == "preference":
@@ -360,21 +468,66 @@ def to_trl_rows(records: list[Record], fmt: str, *, chat: bool, text_field: str 
     return rows
 
 
+def _plain(value: Any) -> str:
+    """Messages as the plain-text frame the non-chat SFT path uses; a string as itself."""
+    if isinstance(value, list):
+        return "".join(f"### {m['role'].capitalize()}:\n{_part_text(m.get('content'))}\n\n" for m in value)
+    return value
+
+
+def _prompt_completion_row(d: dict[str, Any], chat: bool, eos: str) -> dict[str, Any]:
+    prompt, completion = d["prompt"], d["completion"]
+    if chat:
+        p = normalize_messages(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        c = normalize_messages(completion) if isinstance(completion, list) else \
+            [{"role": "assistant", "content": completion}]
+        return {"prompt": p, "completion": c}
+    if isinstance(completion, list):
+        completion = "".join(_part_text(m.get("content")) for m in completion if m["role"] == "assistant")
+    return {"prompt": _plain(prompt), "completion": completion + eos}
+
+
+def alpaca_frame(prompt: str) -> str:
+    """A DPO prompt string in the SFT stage's Alpaca frame: "instruction\n\ninput" is how alpaca
+    records with an input become one user text (_alpaca_prompt), so split it back the same way."""
+    instruction, sep, rest = prompt.partition("\n\n")
+    if sep and rest:
+        return ALPACA_TEMPLATE_INPUT.format(instruction=instruction, input=rest)
+    return ALPACA_TEMPLATE.format(instruction=prompt, input="")
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) for preference data without a prompt: the shared start of both
+    conversations is the prompt (TRL's convention), not an empty user turn."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    return "", chosen, rejected
+
+
 def _preference_row(d: dict[str, Any], chat: bool) -> dict[str, Any]:
     def as_chat(value: Any, role: str) -> Any:
-        if isinstance(value, list) or not chat:
-            return value
-        return [{"role": role, "content": value}]
+        if isinstance(value, list):
+            return normalize_messages(value)
+        return [{"role": role, "content": value}] if chat else value
 
-    def as_text(value: Any) -> Any:
-        if isinstance(value, list) and not chat:
-            return "".join(t["content"] for t in value)
-        return value
-
-    prompt = d.get("prompt", "")
-    row = {"prompt": as_chat(prompt, "user"), "chosen": as_chat(d["chosen"], "assistant"),
-           "rejected": as_chat(d["rejected"], "assistant")}
-    return {k: as_text(v) for k, v in row.items()}
+    if "prompt" in d and d["prompt"] is not None:
+        prompt, chosen, rejected = d["prompt"], d["chosen"], d["rejected"]
+    else:
+        prompt, chosen, rejected = split_implicit_prompt(d["chosen"], d["rejected"])
+    if not chat:
+        prompt = alpaca_frame(prompt) if isinstance(prompt, str) else _plain(prompt) + "### Assistant:\n"
+        as_text = lambda v: "".join(_part_text(t.get("content")) for t in v) if isinstance(v, list) else v  # noqa: E731
+        return {"prompt": prompt, "chosen": as_text(chosen), "rejected": as_text(rejected)}
+    return {"prompt": as_chat(prompt, "user"), "chosen": as_chat(chosen, "assistant"),
+            "rejected": as_chat(rejected, "assistant")}
 
 
 def load_hub_records(ref: str, split: str = "train") -> list[Record]:
