@@ -21,7 +21,7 @@ from cloudtune.errors import SpecError
 
 Method = Literal["full", "lora", "qlora"]
 Stage = Literal["sft", "dpo"]
-DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 OPTIMIZERS = (
     "adamw_torch",
@@ -32,6 +32,9 @@ OPTIMIZERS = (
     "adafactor",
     "sgd",
 )
+# Names users type for an optimizer above (the trainer and the planner see the canonical name).
+OPTIMIZER_ALIASES = {"adamw": "adamw_torch"}
+FullPrecision = Literal["bf16", "mixed"]
 
 
 # transformers' SchedulerType values (transformers 4.5x); spelled here so the CLI checks a spec without
@@ -155,6 +158,10 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool = True
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     precision: Precision = "auto"
+    # Full fine-tuning only: "bf16" keeps the weights (and AdamW's states, which follow the param dtype)
+    # in bf16, as Axolotl/torchtune/litgpt do (~8 B/param); "mixed" keeps fp32 master weights under bf16
+    # autocast (~18 B/param). bf16 needs a bf16 compute precision; otherwise the trainer uses mixed.
+    full_precision: FullPrecision = "bf16"
     seed: int = 42
     logging_steps: int = Field(1, ge=1)
     eval_steps: int | None = Field(None, ge=1)
@@ -172,10 +179,12 @@ class TrainingSpec(_Strict):
     @field_validator("optimizer")
     @classmethod
     def _opt(cls, v: str) -> str:
+        v = OPTIMIZER_ALIASES.get(v, v)
         if v not in OPTIMIZERS:
             near = difflib.get_close_matches(v, OPTIMIZERS, n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
-            raise ValueError(f"unknown optimizer {v!r}; {hint}choose one of {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"unknown optimizer {v!r}; {hint}choose one of {', '.join(OPTIMIZERS)} "
+                             f"(or {', '.join(f'{a}={c}' for a, c in OPTIMIZER_ALIASES.items())})")
         return v
 
 
