@@ -9,6 +9,7 @@ transaction. The schema carries a version and a list of migrations so old databa
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cloudtune.errors import UserError
 from cloudtune.home import home
 
 # Job states (the `status --json` contract).
@@ -115,13 +117,52 @@ MIGRATIONS: list[str] = [
         beat_at REAL NOT NULL
     );
     """,
+    # 2: the ledger says whether ended_at is the provider's termination time or our estimate (the
+    # moment the watchdog noticed the machine gone), and the watchdog row carries a lease.
+    """
+    ALTER TABLE ledger ADD COLUMN end_estimated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE watchdogs ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+# How long a writer waits for another one's lock before the call fails (and is retried by its caller).
+BUSY_TIMEOUT_S = float(os.environ.get("CLOUDTUNE_DB_BUSY_S", "30"))
+# A watchdog's lease on its job: renewed every tick; another watchdog may take over only after it lapses.
+LEASE_S = float(os.environ.get("CLOUDTUNE_WATCHDOG_LEASE_S", "30"))
+
+
+class StateDBError(UserError):
+    """The state database cannot be used as it is (empty, corrupt, unreadable): never silently recreated."""
 
 
 def db_path() -> Path:
     return home() / "state.db"
+
+
+def _watchdog_pid(pid: int, job_id: str) -> bool | None:
+    """Whether pid is a running watchdog of job_id: True/False from /proc, None where /proc is absent."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False if Path("/proc/self").exists() else None
+    except OSError:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # a zombie is dead, whatever its cmdline says
+            return False
+    except (OSError, IndexError):
+        pass
+    return b"cloudtune.run.watchdog" in cmd and job_id.encode() in cmd
 
 
 @dataclass
@@ -155,13 +196,46 @@ class StateDB:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA busy_timeout = 30000")
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        self.conn.execute("PRAGMA foreign_keys = ON")
-        self._migrate()
+        self._refuse_empty()
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+                raise
+            raise StateDBError(
+                f"state database {self.path} is unreadable ({err}); it holds every job and machine this "
+                f"installation owns, so it is never recreated: restore it from a backup, or move it away to "
+                f"start empty (then `cloudtune gc` will not touch machines it cannot prove dead)"
+            ) from None
+
+    def _refuse_empty(self) -> None:
+        """A zero-byte state.db is damage, not a new install: recreating it would forget every live job.
+
+        Another process may be creating it this instant (sqlite makes the file before its first
+        write), so an empty file is re-checked for a moment before it is refused.
+        """
+        deadline = time.time() + 2.0
+        while True:
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                return
+            if size > 0:
+                return
+            if time.time() >= deadline:
+                raise StateDBError(
+                    f"state database {self.path} is empty (0 bytes): it was truncated, not created; restore it "
+                    f"from a backup, or delete it to start with no jobs (machines of the lost jobs keep running "
+                    f"until `cloudtune gc --foreign` is asked to end them)"
+                )
+            time.sleep(0.1)
 
     def close(self) -> None:
         self.conn.close()
@@ -182,8 +256,6 @@ class StateDB:
             row = c.execute("SELECT version FROM schema_version").fetchone()
             version = row["version"] if row else 0
             if version > SCHEMA_VERSION:
-                from cloudtune.errors import UserError
-
                 raise UserError(
                     f"state database {self.path} has schema version {version}, newer than this cloudtune "
                     f"({SCHEMA_VERSION}); upgrade cloudtune"
@@ -289,11 +361,14 @@ class StateDB:
         with self.tx() as c:
             c.execute(f"INSERT OR REPLACE INTO ledger ({cols}) VALUES ({marks})", tuple(fields.values()))
 
-    def close_ledger(self, job_id: str, attempt: int, ended_at: float, end_reason: str) -> None:
+    def close_ledger(self, job_id: str, attempt: int, ended_at: float, end_reason: str,
+                     estimated: bool = False) -> None:
+        """End an attempt's billing. `estimated`: ended_at is when we noticed, not the provider's time."""
         with self.tx() as c:
             c.execute(
-                "UPDATE ledger SET ended_at = ?, end_reason = ? WHERE job_id = ? AND attempt = ? AND ended_at IS NULL",
-                (ended_at, end_reason, job_id, attempt),
+                "UPDATE ledger SET ended_at = MAX(started_at, ?), end_reason = ?, end_estimated = ? "
+                "WHERE job_id = ? AND attempt = ? AND ended_at IS NULL",
+                (ended_at, end_reason, int(estimated), job_id, attempt),
             )
 
     def ledger(self, job_id: str) -> list[dict[str, Any]]:
@@ -317,15 +392,35 @@ class StateDB:
 
     # ------------------------------------------------------------ watchdogs
 
-    def watchdog_beat(self, job_id: str, pid: int, started_at: float) -> None:
+    def watchdog_beat(self, job_id: str, pid: int, started_at: float) -> bool:
+        """Renew this watchdog's lease. False when another watchdog holds it (this one must exit)."""
+        now = time.time()
         with self.tx() as c:
+            row = c.execute("SELECT pid FROM watchdogs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is not None and row["pid"] != pid and _watchdog_pid(row["pid"], job_id):
+                return False
             c.execute(
-                "INSERT INTO watchdogs (job_id, pid, started_at, beat_at) VALUES (?, ?, ?, ?) "
+                "INSERT INTO watchdogs (job_id, pid, started_at, beat_at, lease_until) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(job_id) DO UPDATE SET pid = excluded.pid, started_at = excluded.started_at, "
-                "beat_at = excluded.beat_at",
-                (job_id, pid, started_at, time.time()),
+                "beat_at = excluded.beat_at, lease_until = excluded.lease_until",
+                (job_id, pid, started_at, now, now + LEASE_S),
             )
+        return True
 
+    def lease_holder(self, job_id: str) -> int | None:
+        """The pid of a live watchdog of this job according to its lease row, else None.
+
+        The flock on locks/watchdog-JOB.lock is one guard; a deleted lock file defeats it (a new
+        file has no holder), so the row is the second: a live process that is this job's watchdog,
+        or (where /proc cannot tell) a lease that has not lapsed.
+        """
+        row = self.watchdog_row(job_id)
+        if row is None:
+            return None
+        alive = _watchdog_pid(row["pid"], job_id)
+        if alive is None:
+            alive = row.get("lease_until", 0) > time.time()
+        return row["pid"] if alive else None
     def watchdog_row(self, job_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM watchdogs WHERE job_id = ?", (job_id,)).fetchone()
         return dict(row) if row else None

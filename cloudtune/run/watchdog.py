@@ -7,8 +7,10 @@ Ctrl-C or killing the CLI does not stop it. It is the only process that launches
 terminates (see cloudtune.run.orchestrator for the rules).
 
 Liveness: the watchdog holds an exclusive flock on $CLOUDTUNE_HOME/locks/watchdog-JOB.lock for its
-whole life (the kernel drops it when the process dies, however it dies) and beats a row in the
-state db. `cloudtune status` and `stop` call `ensure_watchdog`, which restarts a dead watchdog of
+whole life (the kernel drops it when the process dies, however it dies) and holds a lease row in the
+state db (pid, beat, lease_until), renewed every tick. Deleting the lock file defeats the flock (the
+new file has no holder), so both are checked: a second watchdog starts only when neither the lock
+nor a live lease holder exists, and a watchdog that finds its lease taken exits. `cloudtune status` and `stop` call `ensure_watchdog`, which restarts a dead watchdog of
 an unfinished job, so a crash of the watchdog costs a pause, never a forgotten machine.
 """
 
@@ -82,7 +84,7 @@ def ensure_watchdog(db, job_id: str, who: str) -> bool:
     live_attempt = any(a["state"] in (S.A_RUNNING, S.A_PROVISIONING) for a in db.attempts(job_id))
     if job.is_terminal and not live_attempt:
         return False
-    if watchdog_alive(job_id):
+    if watchdog_alive(job_id) or db.lease_holder(job_id) is not None:
         return False
     row = db.watchdog_row(job_id)
     db.event(job_id, "watchdog_restarted",
@@ -122,6 +124,10 @@ def run(job_id: str) -> int:
 
     db = StateDB()
     started = time.time()
+    holder = db.lease_holder(job_id)
+    if holder is not None and holder != os.getpid():
+        log.info("watchdog %s holds the lease of job %s (its lock file was replaced); exiting", holder, job_id)
+        return 0
     try:
         orch = Orchestrator(db, job_id)
     except KeyError:
@@ -131,22 +137,37 @@ def run(job_id: str) -> int:
     log.info("watching job %s", job_id)
     errors = 0
     while not stop["flag"]:
-        db.watchdog_beat(job_id, os.getpid(), started)
+        # The beat is a db write like any other: a db locked past its busy timeout, a full disk or an
+        # I/O error is retried with backoff here, never allowed to kill the only process that owns
+        # the job's machines.
         try:
+            if not db.watchdog_beat(job_id, os.getpid(), started):
+                log.warning("another watchdog took the lease of job %s; exiting", job_id)
+                return 0
             more = orch.tick()
             errors = 0
         except Exception as err:  # noqa: BLE001 - keep watching: the next tick retries the decision
             errors += 1
             log.exception("tick failed")
             if errors in (1, 10) or errors % 100 == 0:
-                db.event(job_id, "watchdog_error", f"{type(err).__name__}: {err} (retrying)")
-            time.sleep(min(30.0, POLL_S * errors))
+                try:
+                    db.event(job_id, "watchdog_error", f"{type(err).__name__}: {err} (retrying)")
+                except Exception:  # noqa: BLE001 - the db itself may be the fault; the log has it
+                    pass
+            time.sleep(min(30.0, POLL_S * 2 ** min(errors, 5)))
             continue
         if not more:
             break
         time.sleep(POLL_S)
-    db.watchdog_beat(job_id, os.getpid(), started)
-    job = db.get_job(job_id)
+    for _ in range(30):  # the final beat and events: the job is already decided, keep trying a while
+        try:
+            db.watchdog_beat(job_id, os.getpid(), started)
+            job = db.get_job(job_id)
+            break
+        except Exception:  # noqa: BLE001
+            time.sleep(1.0)
+    else:
+        return 1
     if stop["flag"] and job is not None and not job.is_terminal:
         db.event(job_id, "watchdog", "watchdog asked to exit (SIGTERM); the job keeps running, "
                  "`cloudtune status` restarts the watchdog")
