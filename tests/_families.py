@@ -189,3 +189,16 @@ def build_family(name: str, root: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - the helpers are usable outside pytest
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+    @pytest.fixture(scope="session")
+    def family_dirs(tmp_path_factory: Any) -> dict[str, Path]:
+        """Every family's model folder, built once per test session (import this fixture by name)."""
+        root = tmp_path_factory.getbasetemp() / "families"
+        return {name: build_family(name, root) for name in FAMILIES}

@@ -69,9 +69,9 @@ def conversation(data: dict[str, Any], fmt: str) -> tuple[list[dict[str, Any]], 
     raise DataError(f"data format {fmt!r} has no conversation")  # pragma: no cover - callers pass SFT chat formats
 
 
-def _fix_for(message: str) -> str:
+def _fix_for(message: str, has_system: bool) -> str:
     low = message.lower()
-    if "system" in low:
+    if "system" in low or (has_system and ("alternate" in low or "role" in low)):
         return ("this model's chat template accepts no system turn: fold the system text into the first user "
                 "turn, or drop it")
     if "alternate" in low:
@@ -90,7 +90,7 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], where: str, model: s
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{where}: the chat template of {model} refuses this conversation ({msg}); "
-                        f"{_fix_for(msg)}") from None
+                        f"{_fix_for(msg, any(m.get('role') == 'system' for m in messages))}") from None
 
 
 def end_of_turn(tokenizer: Any) -> str:
