@@ -57,6 +57,13 @@ AUTH_HINT = "set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET, or run `modal token new`
 RC_TIMEOUT = 124  # the SDK's returncode for a sandbox that hit its timeout
 RC_TERMINATED = 137  # ... and for one that was terminated
 
+# The SDK's `returncode` (sandbox/_common.py `_result_returncode`) maps only TIMEOUT (124) and
+# TERMINATED (137); for every other GenericResult status it returns `result.exitcode`, which is 0
+# when Modal itself ended the container. These statuses (modal_proto api_pb2.GenericResult) mean
+# Modal lost or evicted the container, not that the trainer finished: the SDK's own Function path
+# retries INTERNAL_FAILURE as "lost inputs or worker preemption" (_functions.py). Relaunch.
+LOST_STATUSES = frozenset({"INTERNAL_FAILURE", "MEMORY_MANAGER_EVICTION", "MEMORY_THRASHING_EVICTION"})
+
 
 @dataclass
 class SandboxInfo:
@@ -66,6 +73,7 @@ class SandboxInfo:
     name: str | None
     tags: dict[str, str] = field(default_factory=dict)
     returncode: int | None = None  # None while running
+    result_status: str | None = None  # GenericResult status name once finished, e.g. "INTERNAL_FAILURE"
 
 
 class ModalClient(Protocol):
@@ -102,7 +110,25 @@ class SdkModalClient:
             tags = dict(sb.get_tags())
         except Exception:  # noqa: BLE001 - tags are a convenience; the name is authoritative
             tags = {}
-        return SandboxInfo(sandbox_id=sb.object_id, name=name, tags=tags, returncode=sb.poll())
+        rc = sb.poll()
+        return SandboxInfo(sandbox_id=sb.object_id, name=name, tags=tags, returncode=rc,
+                           result_status=None if rc is None else SdkModalClient.result_status(sb))
+
+    @staticmethod
+    def result_status(sb: Any) -> str | None:
+        """The finished sandbox's GenericResult status name. The SDK keeps the result `poll()` read on
+        its implementation object (`sb._impl.result`, modal 1.x) and exposes only `returncode`, which
+        hides why Modal ended it; None when the SDK keeps it elsewhere (then rc alone decides)."""
+        result = getattr(getattr(sb, "_impl", None), "result", None)
+        status = getattr(result, "status", None)
+        if not status:
+            return None
+        try:
+            from modal_proto import api_pb2
+
+            return str(api_pb2.GenericResult.GenericStatus.Name(status)).removeprefix("GENERIC_STATUS_")
+        except (ImportError, ValueError):
+            return None
 
     def create(self, defn: SandboxDefinition, secret_env: dict[str, str]) -> SandboxInfo:
         kwargs = sandbox_kwargs(defn, secret_env)
@@ -237,16 +263,20 @@ class ModalProvider:
 
     def offers(self) -> list[Offer]:
         """Modal publishes no price API: the catalog's Modal rows, whose price is already the per-second
-        GPU rate plus the CPU and memory this adapter requests per GPU (Modal bills those on top, about
-        $0.44/h per GPU; cloudtune.catalog.modal_all_in), so the price compares with a VM's all-in hourly
-        price. Billing is per second; a finished sandbox costs nothing (no idle tail)."""
+        GPU rate plus the CPU and memory this adapter requests per GPU at Modal's sandbox rates (about
+        $1.34/h per GPU; cloudtune.catalog.modal_all_in), times the region multiplier when a region is
+        pinned (providers/modal_pricing.py), so the price compares with a VM's all-in hourly price.
+        Billing is per second; a finished sandbox costs nothing (no idle tail)."""
         from dataclasses import replace
 
         from cloudtune.catalog import bundled_offers
+        from cloudtune.providers.modal_pricing import region_multiplier
 
+        mult = region_multiplier(self.region)
         return [
             replace(
                 o,
+                price_hr=round(o.price_hr * mult, 4) if o.price_hr is not None else None,
                 vcpus=int(CPU_PER_GPU * o.gpu_count),
                 ram_gb=float(MEMORY_GIB_PER_GPU * o.gpu_count),
                 billing_granularity_s=1,
@@ -314,6 +344,10 @@ class ModalProvider:
             name = f"cloudtune-{job_id}-{attempt}"
         if rc is None:
             state, detail = MachineState.RUNNING, "running"
+        elif info.result_status in LOST_STATUSES:
+            state = MachineState.PREEMPTED
+            detail = (f"Modal ended the sandbox ({info.result_status}, returncode {rc}): lost or evicted by Modal, "
+                      "not finished by the trainer; chain the next attempt")
         elif rc == EXIT_PREEMPTED:
             state = MachineState.PREEMPTED
             detail = ("the trainer checkpointed on a signal and exited 75 (Modal preemption or the attempt's "

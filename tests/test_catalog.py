@@ -34,13 +34,14 @@ def test_bundled_offers_match_the_snapshot_rows():
         assert offer.gpu == row["gpu"] and offer.gpu in specs
         assert offer.gpu_count == int(row["gpu_count"])
         # Modal's rows are its GPU rate alone; Modal also bills the CPU and memory the sandbox requests
-        # (4 cores x $0.0000131/s + 32 GiB x $0.00000222/s per GPU, modal.com/pricing), so the plan's price adds it.
-        extra = 3600 * (4 * 0.0000131 + 32 * 0.00000222) * offer.gpu_count if row["provider"] == "modal" else 0.0
+        # at its sandbox rates (4 cores x $0.00003942/s + 32 GiB x $0.00000672/s per GPU, modal.com/pricing
+        # "Sandboxes & Notebooks"), so the plan's price adds it.
+        extra = 3600 * (4 * 0.00003942 + 32 * 0.00000672) * offer.gpu_count if row["provider"] == "modal" else 0.0
         assert offer.price_hr == pytest.approx(float(row["price_hr"]) + extra, abs=1e-4)
         assert offer.spot_price_hr == (pytest.approx(float(row["spot_price_hr"]) + extra, abs=1e-4)
                                        if row["spot_price_hr"] else None)
         if row["provider"] == "modal":
-            assert offer.price_hr > float(row["price_hr"]) + 0.4 * offer.gpu_count
+            assert offer.price_hr > float(row["price_hr"]) + 1.3 * offer.gpu_count
             assert (offer.vcpus, offer.ram_gb) == (4 * offer.gpu_count, 32.0 * offer.gpu_count)
         nominal = float(row["vram_gb_per_gpu"])
         # usable GiB: a little under the nominal figure, never above it, never far below
@@ -168,7 +169,8 @@ def test_the_plan_prices_modal_with_its_cpu_and_memory_charge():
     assert plan["options"]
     for o in plan["options"]:
         gpu_rate = gpu_only[(o["gpu"], o["gpu_count"])]
-        assert o["price_hr"] == pytest.approx(gpu_rate + 0.4444 * o["gpu_count"], abs=2e-3)
+        # Modal's sandbox CPU + memory rates: 3600 x (4 x 0.00003942 + 32 x 0.00000672) = $1.3418/h per GPU
+        assert o["price_hr"] == pytest.approx(gpu_rate + 1.3418 * o["gpu_count"], abs=2e-3)
         assert o["est_cost_usd"] == pytest.approx(o["price_hr"] * o["est_hours"], rel=0.02, abs=0.01)
 
 

@@ -138,12 +138,14 @@ def test_describe_launch_shows_the_definition_without_secrets():
     assert "per second" in d["note"]
 
 
-def test_offers_add_cpu_and_memory_to_the_per_second_gpu_rate():
+def test_offers_add_cpu_and_memory_at_sandbox_rates_to_the_per_second_gpu_rate():
     offers = {(o.offer_id): o for o in ModalProvider().offers()}
     assert len(offers) == 36
     h100 = offers["modal-h100-1x"]
-    # GPU 0.001097 $/s, + 4 cores x 0.0000131 + 32 GiB x 0.00000222 per second
-    assert h100.price_hr == pytest.approx(3.9492 + 3600 * (4 * 0.0000131 + 32 * 0.00000222), abs=1e-3)
+    # GPU 0.001097 $/s, + 4 cores x $0.00003942 + 32 GiB x $0.00000672 per second: modal.com/pricing's
+    # "Sandboxes & Notebooks" rates, not the Function rates ($0.0000131, $0.00000222)
+    assert h100.price_hr == pytest.approx(3.9492 + 3600 * (4 * 0.00003942 + 32 * 0.00000672), abs=1e-3)
+    assert h100.price_hr > 3.9492 + 3600 * (4 * 0.0000131 + 32 * 0.00000222) + 0.5
     assert h100.gpu == "H100-SXM" and h100.billing_granularity_s == 1 and h100.spot_price_hr is None
     assert offers["modal-h100-8x"].price_hr == pytest.approx(8 * h100.price_hr, abs=1e-3)
     assert (h100.vcpus, h100.ram_gb) == (4, 32.0)
@@ -166,3 +168,43 @@ def test_importing_the_adapter_does_not_import_the_sdk():
             "assert 'modal' not in sys.modules, 'modal imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_pinned_region_multiplies_the_whole_price():
+    base = {o.offer_id: o.price_hr for o in ModalProvider().offers()}
+    us = {o.offer_id: o for o in ModalProvider(region="us-east").offers()}
+    other = {o.offer_id: o for o in ModalProvider(region="sa-east").offers()}
+    # modal.com/docs/guide/region-selection: 1.25x in US/EU/AP, 2.5x elsewhere, on GPU + CPU + memory
+    assert us["modal-h100-1x"].price_hr == pytest.approx(1.25 * base["modal-h100-1x"], abs=1e-3)
+    assert other["modal-h100-1x"].price_hr == pytest.approx(2.5 * base["modal-h100-1x"], abs=1e-3)
+    assert us["modal-h100-1x"].region == "us-east"
+    from cloudtune.providers.modal_pricing import region_multiplier
+
+    assert region_multiplier(["us-east", "sa-east"]) == 1.25 and region_multiplier(None) == 1.0
+
+
+def test_lost_statuses_are_real_sdk_statuses_and_are_read_from_a_polled_sandbox():
+    from cloudtune.providers.modal import LOST_STATUSES
+    from modal.sandbox._common import _result_returncode
+    from modal_proto import api_pb2
+
+    names = {n.removeprefix("GENERIC_STATUS_") for n in api_pb2.GenericResult.GenericStatus.keys()}
+    assert LOST_STATUSES <= names
+    for status in LOST_STATUSES:  # the SDK's returncode hides them as exit code 0
+        result = api_pb2.GenericResult(status=api_pb2.GenericResult.GenericStatus.Value(f"GENERIC_STATUS_{status}"))
+        assert _result_returncode(result) == 0
+
+        class Impl:  # where modal 1.x's Sandbox keeps the result poll() read (sandbox/_sandbox.py)
+            pass
+
+        impl = Impl()
+        impl.result = result
+
+        class Polled:
+            _impl = impl
+
+        assert SdkModalClient.result_status(Polled()) == status
+    # ... and the installed SDK really keeps it there: returncode is computed from `self._impl.result`
+    from modal.sandbox._sandbox import _Sandbox
+
+    assert "_result_returncode(self._impl.result)" in inspect.getsource(_Sandbox.returncode.fget)

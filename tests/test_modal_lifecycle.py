@@ -215,3 +215,22 @@ def test_errors_are_mapped_and_only_transient_ones_retried(fake, tmp_path):
     with pytest.raises(TransientError):
         p.status(m.machine_id)
     assert len(slept) == 3  # 1 + 2 backoffs, then it gave up
+
+
+@pytest.mark.parametrize("status", ["INTERNAL_FAILURE", "MEMORY_MANAGER_EVICTION", "MEMORY_THRASHING_EVICTION"])
+def test_modal_ending_the_container_with_exit_code_0_is_preemption_not_a_finished_trainer(fake, tmp_path, status):
+    p = ModalProvider(client=fake)
+    m = p.launch(make_request(tmp_path, 1))
+    wait_until(lambda: progress(tmp_path) > 0)
+    assert fake.end_by_modal(m.machine_id, status) == 0  # what the real SDK's returncode says
+    st = p.status(m.machine_id)
+    assert st.exit_code == 0 and not (tmp_path / "DONE.json").exists()
+    assert st.state is MachineState.PREEMPTED and status in st.detail  # relaunch, not "exited 0 without DONE"
+
+
+def test_a_trainer_that_really_exits_0_is_still_exited(fake, tmp_path):
+    p = ModalProvider(client=fake)
+    done = p.launch(make_request(tmp_path, 1, target=2))
+    fake.wait(done.machine_id)
+    st = p.status(done.machine_id)
+    assert st.state is MachineState.EXITED and st.exit_code == 0

@@ -13,6 +13,10 @@ What it keeps from Modal (modal.com/docs/guide/sandboxes, modal-client `sandbox/
   `list(tags=...)` returns running sandboxes that carry at least those tags.
 - Preemption (`preempt`): the container's main process receives SIGINT, has `grace_s` (Modal: 30 s)
   to exit, then is killed (137). Sandboxes are not restarted.
+- An internal failure or eviction (`end_by_modal`): Modal kills the container and records a
+  GenericResult with that status and exitcode 0; `returncode` is then computed by the real SDK's
+  `_result_returncode`, which gives 0 for it (only TIMEOUT -> 124 and TERMINATED -> 137 are mapped),
+  and the status name is reported the way SdkModalClient.result_status reads it.
 Errors are the real `modal.exception` classes; `fail_next` injects one.
 """
 
@@ -51,8 +55,24 @@ class FakeSandbox:
     deadline: float
     env: dict[str, str] = field(default_factory=dict)
     forced_rc: int | None = None  # 124 (timeout) or 137 (terminated) once Modal ended it
+    forced_status: str | None = None  # GenericResult status name when Modal ended it otherwise
+
+    def result_status(self) -> str | None:
+        if self.poll() is None:
+            return None
+        if self.forced_status:
+            return self.forced_status
+        return {124: "TIMEOUT", 137: "TERMINATED"}.get(self.forced_rc or -1, "SUCCESS" if self.proc.returncode == 0
+                                                        else "FAILURE")
 
     def poll(self) -> int | None:
+        if self.forced_status is not None:
+            self.proc.poll()
+            from modal.sandbox._common import _result_returncode
+            from modal_proto import api_pb2
+
+            status = api_pb2.GenericResult.GenericStatus.Value(f"GENERIC_STATUS_{self.forced_status}")
+            return _result_returncode(api_pb2.GenericResult(status=status))  # the SDK's own mapping
         if self.forced_rc is not None:
             self.proc.poll()
             return self.forced_rc
@@ -107,6 +127,14 @@ class FakeModalClient:
             sb._kill()
             sb.forced_rc = 137
             return 137
+
+    def end_by_modal(self, sandbox_id: str, status: str = "INTERNAL_FAILURE") -> int | None:
+        """Modal ends the container itself (internal failure, eviction): killed, GenericResult `status`."""
+        sb = self.sandboxes[sandbox_id]
+        if sb.poll() is None:
+            sb._kill()
+            sb.forced_status = status
+        return sb.poll()
 
     def expire(self, sandbox_id: str) -> None:
         """Modal's hard timeout now, whatever the process does: killed, returncode 124."""
@@ -185,7 +213,7 @@ class FakeModalClient:
         if fault:
             raise fault[0]
         sb = self._get(sandbox_id)
-        return SandboxInfo(sb.sandbox_id, None, dict(sb.tags), sb.poll())
+        return SandboxInfo(sb.sandbox_id, None, dict(sb.tags), sb.poll(), sb.result_status())
 
     def find(self, app_name: str, name: str) -> SandboxInfo | None:
         self.calls.append("find")
