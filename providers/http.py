@@ -123,6 +123,7 @@ class HttpClient:
         self._extra_headers = dict(headers or {})
         self._sleep = sleep
         self._client: httpx.Client | None = None
+        self._not_before = 0.0  # monotonic time before which a RateLimit window says "wait" (ratelimit.py)
 
     def __repr__(self) -> str:  # never show the key
         return f"HttpClient(provider={self.provider!r}, base_url={self.base_url!r}, api_key={REDACTED})"
@@ -231,6 +232,9 @@ class HttpClient:
         if timeout_s is not None:
             kwargs["timeout"] = httpx.Timeout(timeout_s, connect=min(timeout_s, self.connect_timeout_s))
         where = f"{method} {self.url(path)}"
+        wait = self._not_before - time.monotonic()
+        if wait > 0:  # a RateLimit header said this window is spent: wait instead of earning a 429
+            self._sleep(min(wait, self.retry.max_retry_after_s))
         try:
             resp = self._http().request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as err:
@@ -246,6 +250,11 @@ class HttpClient:
             raise TransientError(
                 self._scrub(f"{self.provider}: {where} failed: {type(err).__name__}: {err}"), provider=self.provider
             ) from None
+        from cloudtune.providers.ratelimit import exhausted_delay
+
+        spent = exhausted_delay(resp.headers)
+        if spent is not None:
+            self._not_before = time.monotonic() + spent
         if resp.is_success:
             return resp
         raise self.error_for(resp, where)
@@ -269,6 +278,10 @@ class HttpClient:
         snippet = self._scrub(resp.text[:_BODY_SNIPPET].strip().replace("\n", " "))
         msg = f"{self.provider}: {where} -> HTTP {status}" + (f": {snippet}" if snippet else "")
         retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        if retry_after is None and status == 429:
+            from cloudtune.providers.ratelimit import exhausted_delay
+
+            retry_after = exhausted_delay(resp.headers)
         if status in (401, 403):
             hint = f"; {self.auth_hint}" if self.auth_hint else ""
             return AuthError(f"{self.provider} rejected the API key (HTTP {status}){hint}", provider=self.provider)

@@ -1,17 +1,23 @@
-"""RunPod adapter: REST v2 (`https://api.runpod.io/v2`), GraphQL where v2 has no equivalent.
+"""RunPod adapter: REST v2 (`https://api.runpod.io/v2`), checked against runpod/openapi-v2.json.
 
-Why this shape (../shared/providers.md section 1):
-- REST v1 retires on 2026-11-15 and v2 is the supported surface; v2 has the GPU catalog with
-  secure/community prices and stock, pod create/list/get/delete. GraphQL still answers and is
-  used only as a fallback for the price list (when the v2 catalog is unavailable) and for the
-  legacy interruptible pods, which RunPod is removing: that path is off unless
-  `interruptible=True` (or CLOUDTUNE_RUNPOD_INTERRUPTIBLE=1).
+Why this shape (../shared/apis/runpod: openapi-v2.json 2.0.0, migrate-from-v1.mdx):
+- v1 retired on 2026-11-15; v2 is the only surface used. v2 has no interruptible (spot) pods and
+  no bid price (the v1/GraphQL `podRentInterruptable` path is gone), so every RunPod offer is
+  on-demand, secure or community cloud, and a spot request is refused as a bad request.
+- The catalog (`GET /v2/catalog/gpus?include=AVAILABILITY&product=POD`) is read once per
+  (cloud, GPU count): stock depends on the count, `maxCount` is an object per cloud, `price` is
+  per GPU, and `minCudaVersion` scopes stock to hosts the trainer image can use.
+- Pod create (`POST /v2/pods`) errors follow createPod's documented table: 400 = rule broken *or*
+  no capacity (free-text detail only) and 403 = pool not open to this account -> try the next
+  offer; 402 = no balance -> QuotaError; 422 = our body breaks the contract -> fail.
 - RunPod has no labels, only a non-unique `name`: every pod is created with the deterministic
   `machine_name(job, attempt)`, and `find_by_name` filters the pod list by it.
 - A create can fail with a 5xx *after* the pod exists: `launch` looks the name up before raising.
 - Stop keeps billing the volume, so we only ever delete; DELETE answers 204 or 404 (both: done).
 - A pod that reads TERMINATED but still lists as running (dstack saw one keep billing) is
   reported as TERMINATING with a loud warning, so the orchestrator keeps terminating it.
+- Rate limits (60/min, 3000/h, 50000/day per user) come back in RateLimit/RateLimit-Policy
+  headers; the shared client waits when a window is spent (providers/ratelimit.py).
 """
 
 from __future__ import annotations
@@ -46,11 +52,8 @@ log = logging.getLogger("cloudtune.providers.runpod")
 
 PROVIDER = "runpod"
 DEFAULT_API_URL = "https://api.runpod.io/v2"
-DEFAULT_GRAPHQL_URL = "https://api.runpod.io/graphql"
 ENV_KEY = "RUNPOD_API_KEY"
 ENV_API_URL = "CLOUDTUNE_RUNPOD_API_URL"
-ENV_GRAPHQL_URL = "CLOUDTUNE_RUNPOD_GRAPHQL_URL"
-ENV_INTERRUPTIBLE = "CLOUDTUNE_RUNPOD_INTERRUPTIBLE"
 CONFIG_FILE = Path("~/.runpod/config.toml")
 AUTH_HINT = f"set {ENV_KEY} or run `runpod config` (writes {CONFIG_FILE})"
 ENV_SELF_TERMINATE = "CLOUDTUNE_SELF_TERMINATE"
@@ -58,6 +61,9 @@ ENV_MAX_LIFETIME = "CLOUDTUNE_MAX_LIFETIME_S"
 
 GPU_COUNTS = (1, 2, 4, 8)
 CLOUDS = ("SECURE", "COMMUNITY")
+# The trainer image (images/trainer/Dockerfile, BASE pytorch/pytorch:2.5.1-cuda12.4-...) needs a host
+# driver for CUDA >= 12.4: sent as gpu.minCudaVersion on create and used to scope catalog stock.
+MIN_CUDA_VERSION = "12.4"
 
 # RunPod GPU type id (what create takes) -> cloudtune's normalised name (cloudtune/data/gpus.csv).
 GPU_IDS: dict[str, str] = {
@@ -83,18 +89,23 @@ GPU_IDS: dict[str, str] = {
     "NVIDIA GeForce RTX 5090": "RTX5090",
     "AMD Instinct MI300X OAM": "MI300X",
 }
-# The preferred RunPod id for each normalised name (first one listed wins: SXM before PCIe).
-GPU_BY_NAME: dict[str, str] = {}
-for _rid, _name in GPU_IDS.items():
-    GPU_BY_NAME.setdefault(_name, _rid)
+# Where two RunPod GPU types share a normalised name, the offer id needs its own slug so the offer
+# launches the GPU type it was priced for (A100 SXM vs PCIe; skypilot's catalog spells them the same
+# way: `A100-80GB` is the PCIe card, `A100-80GB-SXM` the SXM4 one).
+OFFER_SLUGS: dict[str, str] = {
+    "NVIDIA A100-SXM4-80GB": "A100-80GB-SXM",
+    "NVIDIA RTX PRO 6000 Blackwell Workstation Edition": "RTXPRO6000-WS",
+}
+# Slugs of the bundled catalog that name a GPU type differently.
+SLUG_ALIASES: dict[str, str] = {"H200-SXM": "NVIDIA H200"}
 
-_CAPACITY = re.compile(
-    r"no longer any instances available|not enough free gpus|no (gpu|instances?|machines?)s? (are )?available"
-    r"|could not find any pods|out of stock|insufficient capacity|no capacity",
-    re.I,
-)
-_FUNDS = re.compile(r"insufficient (funds|balance|credit)|not enough (credit|balance|funds)|balance is too low", re.I)
-_GONE = re.compile(r"pod not found|not found to terminate|does not exist", re.I)
+
+def offer_slug(runpod_id: str) -> str:
+    """The GPU part of an offer id: unique per RunPod GPU type."""
+    return OFFER_SLUGS.get(runpod_id) or normalise_gpu(runpod_id)
+
+
+_BY_SLUG: dict[str, str] = {**SLUG_ALIASES}
 _DC_ID = re.compile(r"^[A-Z]{2}-[A-Z0-9]+-\d+$")
 
 
@@ -105,6 +116,13 @@ def normalise_gpu(runpod_id: str) -> str:
     name = re.sub(r"^(NVIDIA|AMD)\s+", "", runpod_id)
     name = re.sub(r"^(GeForce|Instinct)\s+", "", name)
     return name.replace(" ", "")
+
+
+def _slug_table() -> dict[str, str]:
+    if len(_BY_SLUG) == len(SLUG_ALIASES):
+        for rid in GPU_IDS:
+            _BY_SLUG.setdefault(offer_slug(rid), rid)
+    return _BY_SLUG
 
 
 def load_api_key(explicit: str | None = None) -> str | None:
@@ -129,29 +147,44 @@ def load_api_key(explicit: str | None = None) -> str | None:
 
 
 def _problem_text(body: Any) -> str:
-    """The human text of a v2 problem+json, a v1 {"message"} or a GraphQL {"errors"} body."""
+    """The human text of a v2 problem+json body (RFC 9457: title, detail, errors[])."""
     if isinstance(body, dict):
-        parts = [str(body.get(k)) for k in ("title", "detail", "message", "error") if body.get(k)]
-        for err in body.get("errors") or []:
-            parts.append(str(err.get("message") if isinstance(err, dict) else err))
-        return "; ".join(parts)
+        parts = [str(body.get(k)) for k in ("title", "detail") if body.get(k)]
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            parts.append("; ".join(str(e) for e in errors))
+        return ": ".join(parts)
     return "" if body is None else str(body)
 
 
+def _is_create(resp: Any) -> bool:
+    req = getattr(resp, "request", None)
+    return req is not None and req.method == "POST" and str(req.url.path).rstrip("/").endswith("/pods")
+
+
 def _classify(resp: Any, body: Any) -> ProviderError | None:
-    """RunPod-specific meanings hidden behind generic statuses (capacity, funds)."""
+    """createPod's documented table (openapi-v2.json): which failures another offer could avoid."""
+    status = resp.status_code
     text = _problem_text(body) or resp.text[:300]
-    if resp.status_code in (400, 402, 403, 409, 422, 500) and _FUNDS.search(text):
-        return QuotaError(f"runpod: insufficient funds: {text}", provider=PROVIDER)
-    if resp.status_code in (400, 409, 422, 500, 503) and _CAPACITY.search(text):
-        return CapacityError(f"runpod: no capacity: {text}", provider=PROVIDER)
+    if status == 402:
+        return QuotaError(f"runpod: insufficient balance (HTTP 402: {text}); add credit to the RunPod account",
+                          provider=PROVIDER)
+    if _is_create(resp) and status == 400:
+        # "400 covers both 'your request breaks a rule' and 'no capacity'": try the next candidate.
+        return CapacityError(f"runpod: pod create rejected (HTTP 400, no capacity or a placement rule): {text}",
+                             provider=PROVIDER)
+    if _is_create(resp) and status == 403:
+        return CapacityError(f"runpod: this account cannot use the requested pool (HTTP 403: {text}); "
+                             "skipping this offer", provider=PROVIDER)
+    if status == 422:
+        return InvalidRequestError(f"runpod: the request does not match RunPod's API contract (HTTP 422): {text}",
+                                   provider=PROVIDER)
     return None
 
 
 _STATUS = {
     "PROVISIONING": MachineState.PENDING,
     "STARTING": MachineState.PENDING,
-    "CREATED": MachineState.PENDING,
     "RUNNING": MachineState.RUNNING,
     "EXITED": MachineState.PREEMPTED,
     "ERROR": MachineState.FAILED,
@@ -159,8 +192,19 @@ _STATUS = {
 }
 
 
+def max_count(gpu: dict[str, Any], cloud: str) -> int:
+    """`maxCount` of a catalog row for one cloud: an object per cloud in v2 (0 when absent or unreadable)."""
+    value = gpu.get("maxCount")
+    if isinstance(value, dict):
+        value = value.get(cloud.lower())
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else 0
+    except (TypeError, ValueError):
+        return 0
+
+
 class RunPodProvider:
-    """RunPod pods as cloudtune machines (on-demand; interruptible only behind a flag)."""
+    """RunPod pods as cloudtune machines (on-demand only: v2 has no interruptible pods)."""
 
     name = PROVIDER
 
@@ -170,19 +214,15 @@ class RunPodProvider:
         api_key: str | None = None,
         api_url: str | None = None,
         base_url: str | None = None,  # alias of api_url (providers.yaml spelling)
-        graphql_url: str | None = None,
-        interruptible: bool | None = None,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
         gpu_counts: tuple[int, ...] = GPU_COUNTS,
+        min_cuda_version: str = MIN_CUDA_VERSION,
     ) -> None:
         self._api_key = load_api_key(api_key)
         self.api_url = (api_url or base_url or os.environ.get(ENV_API_URL) or DEFAULT_API_URL).rstrip("/")
-        self.graphql_url = graphql_url or os.environ.get(ENV_GRAPHQL_URL) or DEFAULT_GRAPHQL_URL
-        if interruptible is None:
-            interruptible = os.environ.get(ENV_INTERRUPTIBLE, "").lower() in ("1", "true", "yes")
-        self.interruptible = interruptible
         self.gpu_counts = gpu_counts
+        self.min_cuda_version = min_cuda_version
         self.http = HttpClient(
             PROVIDER, self.api_url, self._api_key, auth_hint=AUTH_HINT, timeout_s=timeout_s,
             retry=retry, classify=_classify,
@@ -191,146 +231,101 @@ class RunPodProvider:
     def __repr__(self) -> str:
         return f"RunPodProvider(api_url={self.api_url!r}, api_key={REDACTED if self._api_key else None})"
 
-    # ------------------------------------------------------------ GraphQL
-
-    def _graphql(self, query: str, variables: dict[str, Any] | None = None, *, idempotent: bool = True) -> Any:
-        """POST a GraphQL document. Errors arrive as HTTP 200 with `errors[]`: map them too."""
-        body = self.http.post_json(
-            self.graphql_url, {"query": query, "variables": variables or {}}, idempotent=idempotent
-        )
-        errors = (body or {}).get("errors") or []
-        if errors:
-            text = "; ".join(str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in errors)
-            if _FUNDS.search(text):
-                raise QuotaError(f"runpod: insufficient funds: {text}", provider=PROVIDER)
-            if _CAPACITY.search(text):
-                raise CapacityError(f"runpod: no capacity: {text}", provider=PROVIDER)
-            if _GONE.search(text):
-                raise NotFoundError(f"runpod: {text}", provider=PROVIDER)
-            if re.search(r"unauthori[sz]ed|api key", text, re.I):
-                raise AuthError(f"runpod rejected the API key: {text}; {AUTH_HINT}", provider=PROVIDER)
-            raise InvalidRequestError(f"runpod GraphQL error: {text}", provider=PROVIDER)
-        return (body or {}).get("data") or {}
-
     # ------------------------------------------------------------ offers
 
     def offers(self) -> list[Offer]:
-        """Live GPU types with secure/community prices, skipping those with no stock now."""
-        try:
-            offers = self._offers_v2()
-        except NotFoundError:
-            log.info("runpod: v2 catalog unavailable, falling back to GraphQL gpuTypes")
-            offers = self._offers_graphql()
-        if self.interruptible:
-            offers = self._with_spot_prices(offers)
-        return offers
+        """Live GPU types per cloud and GPU count, with stock for that count on CUDA >= the image's."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        out: list[Offer] = []
+        for cloud in CLOUDS:
+            ceiling = max(self.gpu_counts)
+            for count in sorted(self.gpu_counts):
+                if count > ceiling:
+                    break
+                body = self.http.get_json("/catalog/gpus", params={
+                    "include": "AVAILABILITY", "product": "POD", "cloud": cloud, "count": count,
+                    "minCudaVersion": self.min_cuda_version,
+                })
+                rows = [g for g in (body or {}).get("gpus", []) if isinstance(g, dict) and g.get("id")]
+                if count == min(self.gpu_counts):
+                    ceiling = max([max_count(g, cloud) for g in rows] or [0])
+                for g in rows:
+                    offer = self._row_offer(g, cloud, count, now)
+                    if offer is not None:
+                        out.append(offer)
+        return out
 
-    def _offer(self, gpu_id: str, count: int, cloud: str, price: float, vram_gb: float | None, now: str,
-               spot: float | None = None) -> Offer:
+    def _row_offer(self, g: dict[str, Any], cloud: str, count: int, now: str) -> Offer | None:
+        """One catalog row as an offer of `count` GPUs, or None (not on this cloud, too many, no stock)."""
+        if g.get(cloud.lower()) is False or count > max_count(g, cloud):
+            return None
+        if (g.get("availability") or "NONE") == "NONE":
+            return None
+        try:
+            price = float((g.get("price") or {}).get(cloud.lower()) or 0)
+        except (TypeError, ValueError):
+            log.warning("runpod: catalog row %s has an unreadable price; skipped", g.get("id"))
+            return None
+        if price <= 0:
+            return None
+        return self._offer(str(g["id"]), count, cloud, price, g.get("memory"), now)
+
+    def _offer(self, gpu_id: str, count: int, cloud: str, price: float, vram_gb: Any, now: str) -> Offer:
         from cloudtune.catalog import gpu_spec, usable_gib
 
         gpu = normalise_gpu(gpu_id)
         spec = gpu_spec(gpu)
-        nominal = spec.vram_gb if spec else (vram_gb or 0.0)
+        try:
+            nominal = spec.vram_gb if spec else float(vram_gb or 0.0)
+        except (TypeError, ValueError):
+            nominal = 0.0
         return Offer(
             provider=PROVIDER,
-            offer_id=f"{count}x_{gpu}_{cloud}",
+            offer_id=f"{count}x_{offer_slug(gpu_id)}_{cloud}",
             gpu=gpu,
             gpu_count=count,
             vram_gib_per_gpu=usable_gib(gpu, float(nominal)),
             region="global",
-            price_hr=round(price * count, 4),
-            spot_price_hr=round(spot * count, 4) if spot else None,
+            price_hr=round(price * count, 4),  # `price` is per GPU (GpuType.price)
+            spot_price_hr=None,  # v2 has no interruptible pods
             as_of=now,
             billing_granularity_s=1,
             fresh=True,
         )
 
-    def _offers_v2(self) -> list[Offer]:
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        out: list[Offer] = []
-        for cloud in CLOUDS:
-            body = self.http.get_json(
-                "/catalog/gpus", params={"include": "AVAILABILITY", "product": "POD", "cloud": cloud}
-            )
-            for g in (body or {}).get("gpus", []):
-                price = ((g.get("price") or {}).get(cloud.lower()))
-                if not price or (g.get("availability") or "NONE") == "NONE":
-                    continue
-                max_count = int(g.get("maxGpuCount") or g.get("maxCount") or max(self.gpu_counts))
-                for count in self.gpu_counts:
-                    if count <= max_count:
-                        out.append(self._offer(g["id"], count, cloud, float(price), g.get("memory"), now))
-        return out
-
-    _GPU_TYPES = """query GpuTypes($input: GpuLowestPriceInput) {
-  gpuTypes { id displayName memoryInGb maxGpuCount securePrice communityPrice secureSpotPrice communitySpotPrice
-    lowestPrice(input: $input) { uninterruptablePrice minimumBidPrice stockStatus } }
-}"""
-
-    def _offers_graphql(self) -> list[Offer]:
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        out: list[Offer] = []
-        for cloud in CLOUDS:
-            data = self._graphql(self._GPU_TYPES, {"input": {"gpuCount": 1, "secureCloud": cloud == "SECURE"}})
-            for g in data.get("gpuTypes") or []:
-                price = g.get("securePrice" if cloud == "SECURE" else "communityPrice")
-                stock = (g.get("lowestPrice") or {}).get("stockStatus")
-                if not price or not stock or stock == "None":
-                    continue
-                max_count = int(g.get("maxGpuCount") or max(self.gpu_counts))
-                for count in self.gpu_counts:
-                    if count <= max_count:
-                        out.append(self._offer(g["id"], count, cloud, float(price), g.get("memoryInGb"), now))
-        return out
-
-    def _with_spot_prices(self, offers: list[Offer]) -> list[Offer]:
-        """Legacy interruptible prices (GraphQL only); RunPod is removing spot pods."""
-        from dataclasses import replace
-
-        data = self._graphql(self._GPU_TYPES, {"input": {"gpuCount": 1}})
-        spot: dict[tuple[str, str], float] = {}
-        for g in data.get("gpuTypes") or []:
-            for cloud, key in (("SECURE", "secureSpotPrice"), ("COMMUNITY", "communitySpotPrice")):
-                if g.get(key):
-                    spot[(normalise_gpu(g["id"]), cloud)] = float(g[key])
-        result = []
-        for o in offers:
-            per_gpu = spot.get((o.gpu, o.offer_id.rsplit("_", 1)[-1]))
-            result.append(replace(o, spot_price_hr=round(per_gpu * o.gpu_count, 4)) if per_gpu else o)
-        return result
-
     # ------------------------------------------------------------ launch
 
     @staticmethod
     def parse_offer_id(offer: Offer) -> tuple[str, int, str]:
-        """(RunPod GPU type id, count, cloud) from an offer id like `2x_H100-SXM_SECURE`."""
+        """(RunPod GPU type id, count, cloud) from an offer id like `2x_A100-80GB-SXM_SECURE`."""
         m = re.fullmatch(r"(\d+)x_(.+)_(SECURE|COMMUNITY)", offer.offer_id)
-        gpu, count, cloud = offer.gpu, offer.gpu_count, "SECURE"
+        slug, count, cloud = offer.gpu, offer.gpu_count, "SECURE"
         if m:
-            count, gpu, cloud = int(m.group(1)), m.group(2), m.group(3)
-        gpu_id = GPU_BY_NAME.get(gpu) or (gpu if gpu in GPU_IDS else None)
+            count, slug, cloud = int(m.group(1)), m.group(2), m.group(3)
+        table = _slug_table()
+        gpu_id = table.get(slug) or (slug if slug in GPU_IDS else None) or table.get(offer.gpu)
         if gpu_id is None:
             raise InvalidRequestError(
-                f"runpod: offer {offer.offer_id!r} names GPU {gpu!r}, which cloudtune cannot map to a RunPod GPU type; "
+                f"runpod: offer {offer.offer_id!r} names GPU {slug!r}, which cloudtune cannot map to a RunPod GPU type; "
                 "run `cloudtune catalog refresh --provider runpod`",
                 provider=PROVIDER,
             )
         return gpu_id, count, cloud
 
     def _launch_env(self, req: LaunchRequest, *, redacted: bool) -> dict[str, str]:
-        env = dict(req.redacted_env() if redacted else req.all_env())
+        env = {k: str(v) for k, v in (req.redacted_env() if redacted else req.all_env()).items()}
         env[ENV_SELF_TERMINATE] = self.self_terminate().command[-1]
         if req.max_lifetime_s:
             env[ENV_MAX_LIFETIME] = str(int(req.max_lifetime_s))
         return env
 
     def _create_body(self, req: LaunchRequest, *, redacted: bool = False) -> dict[str, Any]:
+        """A CreatePodRequest (unevaluatedProperties: false: only fields the schema has)."""
         gpu_id, count, cloud = self.parse_offer_id(req.offer)
         body: dict[str, Any] = {
             "name": req.name,
             "image": req.image,
-            "gpu": {"id": gpu_id, "count": count},
+            "gpu": {"id": gpu_id, "count": count, "minCudaVersion": self.min_cuda_version},
             "cloud": cloud,
             "disk": int(req.disk_gb),
             "env": self._launch_env(req, redacted=redacted),
@@ -341,52 +336,23 @@ class RunPodProvider:
             body["dataCenterIds"] = [req.offer.region]
         return body
 
-    _RENT_INTERRUPTIBLE = """mutation Rent($input: PodRentInterruptableInput!) {
-  podRentInterruptable(input: $input) { id name desiredStatus costPerHr }
-}"""
-
-    def _interruptible_input(self, req: LaunchRequest, *, redacted: bool = False) -> dict[str, Any]:
-        gpu_id, count, cloud = self.parse_offer_id(req.offer)
-        bid = req.offer.spot_price_hr or req.offer.price_hr or 0.0
-        return {
-            "name": req.name,
-            "imageName": req.image,
-            "gpuTypeId": gpu_id,
-            "gpuCount": count,
-            "cloudType": cloud,
-            "bidPerGpu": round(bid / max(count, 1), 4),
-            "containerDiskInGb": int(req.disk_gb),
-            "volumeInGb": 0,
-            "dockerArgs": shlex.join(req.command) if req.command else "",
-            "env": [{"key": k, "value": v} for k, v in self._launch_env(req, redacted=redacted).items()],
-        }
+    def _refuse_spot(self, req: LaunchRequest) -> None:
+        if req.spot:
+            raise InvalidRequestError(
+                "runpod: RunPod's v2 API has no interruptible (spot) pods; every RunPod offer is on-demand. "
+                "Set resources.spot: false or choose another provider",
+                provider=PROVIDER,
+            )
 
     def describe_launch(self, req: LaunchRequest) -> list[dict]:
+        self._refuse_spot(req)
         headers = {"Authorization": f"Bearer {REDACTED}", "Content-Type": "application/json"}
-        if req.spot and self.interruptible:
-            return [{
-                "method": "POST", "url": self.graphql_url, "headers": headers,
-                "json": {"query": self._RENT_INTERRUPTIBLE, "variables": {"input": self._interruptible_input(req, redacted=True)}},
-            }]
         return [{"method": "POST", "url": self.http.url("/pods"), "headers": headers,
                  "json": self._create_body(req, redacted=True)}]
 
     def launch(self, req: LaunchRequest) -> Machine:
-        if req.spot and not self.interruptible:
-            raise InvalidRequestError(
-                "runpod: interruptible pods are being removed by RunPod and are off in cloudtune; launch on-demand "
-                f"(spot: false) or set {ENV_INTERRUPTIBLE}=1 to try the legacy path",
-                provider=PROVIDER,
-            )
+        self._refuse_spot(req)
         try:
-            if req.spot:
-                data = self._graphql(
-                    self._RENT_INTERRUPTIBLE, {"input": self._interruptible_input(req)}, idempotent=False
-                )
-                pod = data.get("podRentInterruptable") or {}
-                if not pod.get("id"):
-                    raise CapacityError("runpod: no interruptible capacity for this bid", provider=PROVIDER)
-                return self.status(pod["id"])
             pod = self.http.post_json("/pods", self._create_body(req), idempotent=False)
         except TransientError as err:
             # The pod may exist although the answer was lost: adopt it rather than leak it.
@@ -396,7 +362,7 @@ class RunPodProvider:
                             req.name, err, found.machine_id)
                 return found
             raise
-        return self._machine(pod, spot=req.spot)
+        return self._machine(pod, spot=False)
 
     def _find_quietly(self, name: str) -> Machine | None:
         try:

@@ -76,9 +76,8 @@ def s3_bucket(endpoint: str, bucket: str):
 def runpod_env(home: Path, fake: Any, key: str, **extra: str) -> dict[str, str]:
     """The CLI's environment for a run through the RunPod fake, with its catalog refreshed from it."""
     env = fake_cli_env(home, RUNPOD_API_KEY=key, CLOUDTUNE_PROVIDER_CONFIG=json.dumps(
-        {"runpod": {"base_url": fake.url + "/v2", "graphql_url": fake.url + "/graphql"}}), **extra)
-    refresh = cli_run({**env, "CLOUDTUNE_RUNPOD_API_URL": fake.url + "/v2",
-                       "CLOUDTUNE_RUNPOD_GRAPHQL_URL": fake.url + "/graphql"},
+        {"runpod": {"base_url": fake.url + "/v2"}}), **extra)
+    refresh = cli_run({**env, "CLOUDTUNE_RUNPOD_API_URL": fake.url + "/v2"},
                       "catalog", "refresh", "--provider", "runpod")
     assert refresh.returncode == 0, refresh.stderr
     return env

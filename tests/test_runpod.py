@@ -42,7 +42,7 @@ def fake():
 def provider(fake, **kw) -> RunPodProvider:
     kw.setdefault("api_key", KEY)
     kw.setdefault("retry", FAST)
-    return RunPodProvider(api_url=fake.url + "/v2", graphql_url=fake.url + "/graphql", **kw)
+    return RunPodProvider(api_url=fake.url + "/v2", **kw)
 
 
 def offer(gpu="RTX4090", count=1, cloud="SECURE", price=0.69) -> Offer:
@@ -72,25 +72,12 @@ def test_offers_live_prices_and_stock(fake):
     assert by_id["1x_RTX4090_COMMUNITY"].price_hr == 0.34
     assert by_id["8x_H100-SXM_SECURE"].price_hr == pytest.approx(2.69 * 8)
     assert "1x_A100-80GB_SECURE" not in by_id  # availability NONE
-    assert "1x_L40S_COMMUNITY" not in by_id  # no community price
-    assert "4x_L40S_SECURE" not in by_id and "2x_L40S_SECURE" in by_id  # maxGpuCount 2
+    assert "1x_L40S_COMMUNITY" not in by_id  # not on community cloud
+    assert "4x_L40S_SECURE" not in by_id and "2x_L40S_SECURE" in by_id  # maxCount.secure 2
     o = by_id["1x_RTX4090_SECURE"]
     assert o.fresh and o.spot_price_hr is None and o.as_of.startswith("20") and 23 < o.vram_gib_per_gpu < 24
     req = fake.calls("GET", "/v2/catalog/gpus")[0]
     assert req.arg("include") == "AVAILABILITY" and req.arg("product") == "POD"
-
-
-def test_offers_fall_back_to_graphql(fake):
-    fake.v2_catalog = False
-    offers = provider(fake).offers()
-    assert {"1x_RTX4090_SECURE", "1x_RTX4090_COMMUNITY", "1x_H100-SXM_SECURE"} <= {o.offer_id for o in offers}
-    assert fake.calls("POST", "/graphql")
-
-
-def test_interruptible_prices_only_behind_flag(fake):
-    assert all(o.spot_price_hr is None for o in provider(fake).offers())
-    spot = {o.offer_id: o for o in provider(fake, interruptible=True).offers()}
-    assert spot["2x_RTX4090_SECURE"].spot_price_hr == pytest.approx(0.345 * 2)
 
 
 def test_launch_status_transitions_terminate_twice(fake):
@@ -98,7 +85,8 @@ def test_launch_status_transitions_terminate_twice(fake):
     m = p.launch(request())
     assert m.name == machine_name("j1", 1) and m.state is MachineState.PENDING and (m.job_id, m.attempt) == ("j1", 1)
     body = fake.calls("POST", "/v2/pods")[0].json
-    assert body["gpu"] == {"id": "NVIDIA GeForce RTX 4090", "count": 1} and body["cloud"] == "SECURE"
+    assert body["gpu"] == {"id": "NVIDIA GeForce RTX 4090", "count": 1, "minCudaVersion": "12.4"}
+    assert body["cloud"] == "SECURE"
     assert body["env"]["HF_TOKEN"] == SECRET and body["args"] == "python -m cloudtune.trainer"
     assert "curl" in body["env"]["CLOUDTUNE_SELF_TERMINATE"] and body["disk"] == 80
     states = [p.status(m.machine_id).state for _ in range(3)]
@@ -152,20 +140,12 @@ def test_capacity_and_funds_and_auth(fake):
     with pytest.raises(CapacityError, match="no longer any instances"):
         p.launch(request(offer=offer("A100-80GB", price=1.39)))
     fake.balance = 0.1
-    with pytest.raises(QuotaError, match="insufficient funds"):
+    with pytest.raises(QuotaError, match="insufficient balance"):
         p.launch(request())
     with pytest.raises(AuthError, match="RUNPOD_API_KEY") as info:
         provider(fake, api_key="rp-wrong-key-0000").offers()
     assert "rp-wrong-key-0000" not in str(info.value)
     assert fake.alive() == []
-
-
-def test_graphql_errors_on_http_200_are_typed(fake):
-    fake.v2_catalog = False
-    fake.inject("POST", "/graphql", status=200, body={"errors": [{"message": "There are not enough free GPUs on the "
-                                                                  "host machine to start this pod."}]})
-    with pytest.raises(CapacityError):
-        provider(fake).offers()
 
 
 def test_429_retry_after_and_500_retries(fake):
@@ -202,14 +182,13 @@ def test_terminated_but_still_listed_is_loud(fake, caplog):
     assert any("still lists as RUNNING" in r.message for r in caplog.records)
 
 
-def test_spot_is_off_by_default_and_works_behind_flag(fake):
-    with pytest.raises(InvalidRequestError, match="interruptible"):
+def test_spot_is_refused_v2_has_no_interruptible_pods(fake):
+    """migrate-from-v1.mdx + openapi-v2.json: no interruptible pods, no bid: spot is a bad request."""
+    with pytest.raises(InvalidRequestError, match="no interruptible"):
         provider(fake).launch(request(spot=True))
-    p = provider(fake, interruptible=True)
-    m = p.launch(request(spot=True, offer=offer(price=0.69)))
-    assert m.name == "cloudtune-j1-1" and fake.pods[m.machine_id]["_interruptible"]
-    inp = fake.calls("POST", "/graphql")[-1].json["variables"]["input"]
-    assert inp["bidPerGpu"] == pytest.approx(0.69) and {"key": "HF_TOKEN", "value": SECRET} in inp["env"]
+    with pytest.raises(InvalidRequestError, match="no interruptible"):
+        provider(fake).describe_launch(request(spot=True))
+    assert fake.calls("POST", "/v2/pods") == []
 
 
 def test_describe_launch_redacts(fake):

@@ -15,15 +15,14 @@ KEY = "rp-cli-secret-key-123"
 
 def test_catalog_refresh_and_dry_run_against_the_fake(tmp_path):
     with RunPodFake(api_key=KEY) as fake:
-        env = {"RUNPOD_API_KEY": KEY, "CLOUDTUNE_RUNPOD_API_URL": fake.url + "/v2",
-               "CLOUDTUNE_RUNPOD_GRAPHQL_URL": fake.url + "/graphql"}
+        env = {"RUNPOD_API_KEY": KEY, "CLOUDTUNE_RUNPOD_API_URL": fake.url + "/v2"}
         r = cli("catalog", "refresh", "--provider", "runpod", "--json", env=env)
         assert r.returncode == 0, r.stderr
         assert KEY not in r.stdout + r.stderr
         cache = Path(os.environ["CLOUDTUNE_HOME"]) / "cache"
         rows = json.loads(next(cache.glob("*runpod*")).read_text())
         text = json.dumps(rows)
-        assert "1x_RTX4090_COMMUNITY" in text and "A100-80GB" not in text  # live stock, not the snapshot
+        assert "1x_RTX4090_COMMUNITY" in text and "1x_A100-80GB_SECURE" not in text  # live stock, not the snapshot
         assert fake.calls("GET", "/v2/catalog/gpus")
 
         r = cli("run", str(s3_quickstart(tmp_path)), "--provider", "runpod", "--dry-run", env=env)

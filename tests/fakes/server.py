@@ -102,6 +102,7 @@ class FakeServer:
         self.api_key = api_key
         self.lock = threading.RLock()
         self.log: list[Request] = []
+        self.exchanges: list[tuple[Request, Response]] = []  # every answer, for the contract checks
         self._faults: list[Fault] = []
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         for name in dir(type(self)):
@@ -227,6 +228,20 @@ class FakeServer:
         return Response(404, {"error": "not_found", "path": req.path})
 
     def dispatch(self, req: Request) -> Response:
+        """Answer one request and record the (request, response) pair in `exchanges`."""
+        resp = self._dispatch(req)
+        extra = self.response_headers(req, resp)
+        if extra:
+            resp = Response(resp.status, resp.body, {**extra, **resp.headers}, resp.content_type)
+        with self.lock:
+            self.exchanges.append((req, resp))
+        return resp
+
+    def response_headers(self, req: Request, resp: Response) -> dict[str, str]:
+        """Headers the provider adds to every answer (RunPod: RateLimit); subclasses override."""
+        return {}
+
+    def _dispatch(self, req: Request) -> Response:
         with self.lock:
             self.log.append(req)
             fault = next(
