@@ -347,9 +347,12 @@ def gc_cmd(
     yes: bool = typer.Option(False, "--yes", "-y", help="Terminate the orphans (otherwise only list them)."),
     provider: str = typer.Option(None, "--provider", "-p", help="Only these provider(s), comma-separated."),
     json_out: bool = typer.Option(False, "--json", help="Print the scan as JSON."),
+    foreign: bool = typer.Option(False, "--foreign", help="Also end machines of jobs this state db does not know "
+                                 "(another installation's, or a lost db): list first, then --foreign --yes."),
 ) -> None:
-    """List machines carrying cloudtune names/tags that no live job owns; terminate them with --yes.
+    """List machines carrying cloudtune names/tags whose job is proven dead; terminate them with --yes.
 
+    A machine of a job id this state db does not know is only listed ("foreign"), unless --foreign.
     Also lists (and with --yes deletes) machine secrets left in the cloud (AWS SSM parameters)."""
     from cloudtune.providers import check_provider_name
     from cloudtune.run.gc import delete_orphan_secrets, scan, terminate_orphans
@@ -359,8 +362,9 @@ def gc_cmd(
     result = scan(db, only)
     console = _console(stderr=json_out)
     done: dict[str, bool] = {}
-    if yes and result.orphans:
-        for o, gone in terminate_orphans(result.orphans):
+    doomed = result.orphans + (result.foreign if foreign else [])
+    if yes and doomed:
+        for o, gone in terminate_orphans(doomed):
             done[o.machine.machine_id] = gone
     # (secret, deleted: None when not asked to, error when the delete failed)
     secret_rows = ([(s, err is None, err) for s, err in delete_orphan_secrets(result.orphan_secrets)] if yes
@@ -370,6 +374,9 @@ def gc_cmd(
             "orphans": [{"provider": o.machine.provider, "machine_id": o.machine.machine_id, "name": o.machine.name,
                          "state": o.machine.state.value, "job_id": o.machine.job_id, "why": o.why,
                          "terminated": done.get(o.machine.machine_id)} for o in result.orphans],
+            "foreign": [{"provider": o.machine.provider, "machine_id": o.machine.machine_id, "name": o.machine.name,
+                         "state": o.machine.state.value, "job_id": o.machine.job_id, "why": o.why,
+                         "terminated": done.get(o.machine.machine_id)} for o in result.foreign],
             "owned": [{"provider": m.provider, "machine_id": m.machine_id, "job_id": m.job_id} for m in result.owned],
             "skipped": result.skipped,
             "orphan_secrets": [{"provider": s.provider, "region": s.region, "name": s.name, "why": s.why,
@@ -384,11 +391,16 @@ def gc_cmd(
             m = o.machine
             tail = {True: "terminated", False: "STILL RUNNING after terminate"}.get(done.get(m.machine_id), "orphan")
             console.print(f"{m.provider} {m.machine_id} ({m.name}, {m.state.value}): {o.why} -> {tail}", markup=False)
+        for o in result.foreign:
+            m = o.machine
+            tail = {True: "terminated", False: "STILL RUNNING after terminate"}.get(
+                done.get(m.machine_id), "left alone" if not foreign else "foreign")
+            console.print(f"{m.provider} {m.machine_id} ({m.name}, {m.state.value}): {o.why} -> {tail}", markup=False)
         for s, deleted, error in secret_rows:
             tail = {None: "orphan", True: "deleted"}.get(deleted, f"NOT deleted: {error}")
             console.print(f"{s.provider} secret {s.name} in {s.region}: {s.why} -> {tail}", markup=False)
-        if (result.orphans or result.orphan_secrets) and not yes:
-            console.print("run `cloudtune gc --yes` to terminate (and delete) them")
+        if (result.orphans or result.orphan_secrets or (foreign and result.foreign)) and not yes:
+            console.print(f"run `cloudtune gc{' --foreign' if foreign else ''} --yes` to terminate (and delete) them")
     if yes and (not all(done.values()) or any(deleted is False for _, deleted, _ in secret_rows)):
         raise typer.Exit(1)
 
