@@ -101,22 +101,32 @@ def test_trainable_state_bytes_per_param():
         estimate_peak(L8, cfg(optimizer="adamz"))
 
 
-def test_full_finetune_is_about_18_bytes_per_param_on_one_gpu():
-    est = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused", seq_len=512))
+def test_full_finetune_bytes_per_param_follow_full_precision():
+    est = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused", seq_len=512, full_precision="mixed"))
     b = est.breakdown_gib
     states = (b["weights"] + b["gradients"] + b["optimizer"]) * GIB / 8.03e9
     assert states == pytest.approx(18, rel=0.02)  # fp32 master 4 + autocast copy 2 + grads 4 + AdamW 8
-    foreach = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch", seq_len=512)).breakdown_gib
+    assert est.full_precision == "mixed"
+    foreach = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch", seq_len=512,
+                                    full_precision="mixed")).breakdown_gib
     assert foreach["optimizer"] > b["optimizer"]  # foreach AdamW allocates sqrt(v) during step()
-    bf16 = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused", seq_len=512),
-                         stack=with_stack(TRAINER_STACK, full_weight_bytes=2)).breakdown_gib
+    # the default: pure bf16 weights, grads and AdamW states (the trainer loads bf16 weights)
+    pure = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused", seq_len=512))
+    bf16 = pure.breakdown_gib
+    assert pure.full_precision == "bf16"
     assert (bf16["weights"] + bf16["gradients"] + bf16["optimizer"]) * GIB / 8.03e9 == pytest.approx(8, rel=0.02)
+    eight = estimate_peak(L8, cfg(method="full", optimizer="adamw_8bit", seq_len=512)).breakdown_gib
+    assert (eight["weights"] + eight["gradients"] + eight["optimizer"]) * GIB / 8.03e9 == pytest.approx(6, rel=0.02)
+    stack_bf16 = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused", seq_len=512,
+                                       full_precision="mixed"),
+                               stack=with_stack(TRAINER_STACK, full_weight_bytes=2)).breakdown_gib
+    assert stack_bf16 == bf16  # a stack that fixes its weight dtype ignores the config's mode
 
 
 def test_activations_grow_with_seq_len_and_drop_with_checkpointing():
     acts = [estimate_peak(L8, cfg(seq_len=s)).breakdown_gib["activations"] for s in (1024, 2048, 8192)]
     assert acts[0] < acts[1] < acts[2]
-    assert acts[2] / acts[1] == pytest.approx(4, rel=0.1)  # about linear in tokens with sdpa
+    assert acts[2] / acts[1] == pytest.approx(4, rel=0.15)  # about linear in tokens with sdpa
     no_gc = estimate_peak(L8, cfg(seq_len=2048, gradient_checkpointing=False)).breakdown_gib["activations"]
     assert no_gc > 8 * acts[1]
     # with checkpointing, what stays is one bf16 layer input per layer: 2 * hidden * layers bytes per token
@@ -160,8 +170,8 @@ def test_logits_scale_with_vocab_on_the_hf_path_and_stay_bounded_on_ours():
 
 
 def test_fsdp_divides_parameters_gradients_and_states():
-    one = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused"), 1).breakdown_gib
-    four = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused"), 4)
+    one = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused", full_precision="mixed"), 1).breakdown_gib
+    four = estimate_peak(L8, cfg(method="full", optimizer="adamw_torch_fused", full_precision="mixed"), 4)
     assert four.sharding == "fsdp"  # the default on several GPUs
     b = four.breakdown_gib
     assert b["gradients"] == pytest.approx(one["gradients"] / 4, rel=0.01)

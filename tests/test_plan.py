@@ -28,9 +28,11 @@ def plan70():
 def test_every_fitting_offer_is_ranked_by_cost(plan70):
     arch = resolve_model("70b")
     opts = plan70.options
-    costs = [o.est_cost_usd for o in opts]
+    costs = [o.rank_cost_usd for o in opts]  # listed cost, or a suspect spot price's floor (planner/spot.py)
     assert costs == sorted(costs)
-    assert plan70.choice is opts[0] and plan70.choice.est_cost_usd == min(costs)
+    assert plan70.choice is opts[0] and plan70.choice.rank_cost_usd == min(costs)
+    assert all(o.rank_cost_usd == pytest.approx(o.est_cost_usd) for o in opts if not o.suspect_spot)
+    assert all(o.rank_cost_usd > o.est_cost_usd for o in opts if o.suspect_spot)
     # recompute the set of fitting (offer, spot) pairs independently of the ranking code
     expected = set()
     for offer in load_offers():
@@ -38,7 +40,7 @@ def test_every_fitting_offer_is_ranked_by_cost(plan70):
         if not spec.bf16 or spec.peak_tflops is None:
             continue
         mem = estimate_memory(arch, QLORA, gpus=offer.gpu_count)
-        if mem.per_gpu_gib > offer.vram_gib_per_gpu * SAFETY_FRACTION:
+        if mem.fit_gib > offer.vram_gib_per_gpu * SAFETY_FRACTION:
             continue
         for spot, price in ((False, offer.price_hr), (True, offer.spot_price_hr)):
             if price is not None:
@@ -50,7 +52,7 @@ def test_every_fitting_offer_is_ranked_by_cost(plan70):
 
 def test_nothing_unfit_and_spot_is_a_separate_option(plan70):
     for o in plan70.options:
-        assert o.memory.per_gpu_gib <= o.offer.vram_gib_per_gpu * SAFETY_FRACTION
+        assert o.memory.fit_gib <= o.offer.vram_gib_per_gpu * SAFETY_FRACTION
         assert o.headroom_gib >= 0
         assert o.price_hr == (o.offer.spot_price_hr if o.spot else o.offer.price_hr) * o.nodes
         assert o.est_cost_usd >= o.price_hr * o.est_hours * 0.999

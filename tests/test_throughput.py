@@ -66,8 +66,30 @@ def test_time_scales_with_tokens_and_gpu_speed():
 
 
 def test_gpu_without_tflops_is_not_guessed():
-    est = _est(gpu="RTX5880-Ada")  # gpus.csv has no tensor figure for it
+    blank = replace(gpu_specs()["RTX5880-Ada"], bf16_tflops=None, fp16_tflops=None)  # a live row without one
+    est = tp.estimate_time(LLAMA8B, TrainConfig(), tp.Workload(100, 512), blank)
     assert not est.ok and "TFLOPS" in est.reason
+
+
+def test_every_catalog_gpu_has_a_sourced_dense_figure():
+    """Every GPU an offer names has a dense tensor figure, and its source says where it came from."""
+    import csv
+
+    from cloudtune.catalog import load_offers
+
+    rows = {r["gpu"]: r for r in csv.DictReader((Path(tp.__file__).parents[1] / "data" / "gpus.csv").open())}
+    specs = gpu_specs()
+    for gpu in {o.gpu for o in load_offers(None)} | set(specs):
+        assert specs[gpu].peak_tflops, gpu
+        assert len(rows[gpu]["source"]) > 40, gpu
+    # the five figures derived in #15: SMs x FLOPs/SM/clock x boost clock, cross-checked with NVIDIA's AI TOPS
+    assert specs["RTX5880-Ada"].peak_tflops == pytest.approx(110 * 1024 * 2.46e9 / 1e12, rel=0.01)
+    assert specs["RTX4070"].peak_tflops == pytest.approx(66 * 512 * 2.61e9 / 1e12, rel=0.01)
+    assert specs["RTX4060"].peak_tflops == pytest.approx(34 * 512 * 2.535e9 / 1e12, rel=0.01)
+    assert specs["RTX3060"].peak_tflops == pytest.approx(38 * 512 * 1.665e9 / 1e12, rel=0.01)
+    assert specs["RTX5070"].peak_tflops == pytest.approx(48 * 512 * 2.51e9 / 1e12, rel=0.01)
+    assert tp.gpu_class(specs["RTX5880-Ada"]) == "ada"  # workstation: full-rate FP32 accumulate
+    assert tp.gpu_class(specs["RTX4060"]) == "geforce"
 
 
 def test_hfu_class_of_the_newly_filled_gpus():

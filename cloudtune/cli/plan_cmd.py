@@ -19,6 +19,10 @@ METHODS = ("full", "lora", "qlora")
 # the pydantic spec models at startup (tests/test_plan_cli.py keeps the two equal).
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
               "adafactor", "sgd")
+OPTIMIZER_ALIASES = {"adamw": "adamw_torch"}  # = cloudtune.spec.OPTIMIZER_ALIASES (tests keep them equal)
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
+FULL_PRECISIONS = ("bf16", "mixed")
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +41,15 @@ def plan(
                                      help="all-linear, attention, or a comma list such as q_proj,v_proj"),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                 help="recompute activations in the backward pass"),
-    optimizer: str = typer.Option("adamw_torch", "--optimizer", help="adamw_torch, adamw_8bit, paged_adamw_8bit, sgd, ..."),
+    optimizer: str = typer.Option("adamw_torch", "--optimizer",
+                                  help="adamw_torch (alias adamw), adamw_8bit, paged_adamw_8bit, sgd, ..."),
+    attention: str = typer.Option("sdpa", "--attention", help="sdpa, eager or flash_attention_2"),
+    sharding: str | None = typer.Option(None, "--sharding",
+                                        help="multi-GPU: ddp, fsdp, zero2 or zero3 (default: fsdp on several GPUs)"),
+    offload: bool = typer.Option(False, "--offload/--no-offload",
+                                 help="FSDP/ZeRO CPU offload of optimizer states, gradients (and parameter shards)"),
+    full_precision: str = typer.Option("bf16", "--full-precision",
+                                       help="full fine-tunes: bf16 (pure bf16 weights) or mixed (fp32 master weights)"),
     gpus: int | None = typer.Option(None, "--gpus", help="force N GPUs (data parallel, sharded); 16/32 = multi-node"),
     samples: int | None = typer.Option(None, "--samples", help="training samples (default: from --dataset, else 10000)"),
     avg_tokens: float | None = typer.Option(None, "--avg-tokens", help="average tokens per sample"),
@@ -52,7 +64,8 @@ def plan(
     from cloudtune.planner.plan import make_plan
 
     cfg = _config(method, quant_bits, seq_len, batch_size, grad_accum, lora_rank, lora_targets,
-                  gradient_checkpointing, optimizer, gpus)
+                  gradient_checkpointing, optimizer, gpus, attention=attention, sharding=sharding,
+                  offload=offload, full_precision=full_precision)
     if top < 0:
         raise UserError(f"--top must be >= 0 (0 = all), got {top}")
     if max_price_hr is not None and max_price_hr <= 0:
@@ -76,9 +89,30 @@ def plan(
     _render(result, top)
 
 
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        import difflib
+
+        near = difflib.get_close_matches(value, allowed, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"unknown {flag} {value!r}; {hint}choose one of {', '.join(allowed)}")
+    return value
+
+
 def _config(method, quant_bits, seq_len, batch_size, grad_accum, lora_rank, lora_targets,
-            gradient_checkpointing, optimizer, gpus):
+            gradient_checkpointing, optimizer, gpus, *, attention="sdpa", sharding=None, offload=False,
+            full_precision="bf16"):
     from cloudtune.planner.types import TrainConfig
+
+    _choice("--attention", attention, ATTENTIONS)
+    if sharding is not None:
+        _choice("--sharding", sharding, SHARDINGS)
+    _choice("--full-precision", full_precision, FULL_PRECISIONS)
+    if offload and sharding == "ddp":
+        raise UserError("--offload needs --sharding fsdp, zero2 or zero3 (DDP keeps every state on the GPU)")
+    if full_precision != "bf16" and method != "full":
+        raise UserError(f"--full-precision {full_precision} applies to --method full only (got --method {method})")
+    optimizer = OPTIMIZER_ALIASES.get(optimizer, optimizer)
 
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; use full, lora or qlora")
@@ -102,7 +136,8 @@ def _config(method, quant_bits, seq_len, batch_size, grad_accum, lora_rank, lora
 
         near = difflib.get_close_matches(optimizer, OPTIMIZERS, n=1)
         hint = f"did you mean {near[0]!r}? " if near else ""
-        raise UserError(f"unknown --optimizer {optimizer!r}; {hint}choose one of {', '.join(OPTIMIZERS)}")
+        raise UserError(f"unknown --optimizer {optimizer!r}; {hint}choose one of {', '.join(OPTIMIZERS)} "
+                        "(adamw = adamw_torch)")
     targets: str | tuple[str, ...] = lora_targets
     if lora_targets not in ("all-linear", "attention"):
         targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
@@ -111,7 +146,8 @@ def _config(method, quant_bits, seq_len, batch_size, grad_accum, lora_rank, lora
     return TrainConfig(
         method=method, quant_bits=bits, seq_len=seq_len, micro_batch=batch_size, grad_accum=grad_accum,
         lora_rank=lora_rank, lora_targets=targets, gradient_checkpointing=gradient_checkpointing,
-        optimizer=optimizer, gpus=gpus,
+        optimizer=optimizer, gpus=gpus, attention=attention, sharding=sharding, offload=offload,
+        full_precision=full_precision,
     )
 
 
@@ -158,7 +194,9 @@ def _render(result: Any, top: int) -> None:
     console.print(
         f"[bold]{arch.id}[/] ({arch.params_b:g} B params, {arch.layers} layers, hidden {arch.hidden}, vocab {arch.vocab})"
         f"  {cfg.method}{bits}, seq {cfg.seq_len}, micro-batch {cfg.micro_batch}, grad-accum {cfg.grad_accum}, "
-        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}"
+        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}, {cfg.attention}"
+        + (f", full_precision {mem.full_precision}" if mem is not None and mem.full_precision else "")
+        + (f", sharding {cfg.sharding}" if cfg.sharding else "") + (", CPU offload" if cfg.offload else "")
     )
     if mem is not None:
         # The heading is its own line: as a table title it would wrap to the narrow table's width.
@@ -171,6 +209,9 @@ def _render(result: Any, top: int) -> None:
             t.add_row(key, f"{value:.2f}")
         t.add_row("[bold]total[/]", f"[bold]{mem.per_gpu_gib:.2f}[/]")
         console.print(t)
+        if mem.fit_gib:
+            console.print(f"  [dim]fit test: {mem.fit_gib:.1f} GiB with the allocator cache given back "
+                          "(what must fit the card)[/]")
         for note in mem.notes:
             console.print(f"  [dim]{note}[/]")
 
@@ -181,7 +222,8 @@ def _render(result: Any, top: int) -> None:
                       ("region", "left")):
         t.add_column(col, justify=just)
     for i, o in enumerate(shown, start=1):
-        t.add_row(str(i), o.provider, o.label(), "yes" if o.spot else "-", f"{o.price_hr:.2f}",
+        t.add_row(str(i), o.provider, o.label(), ("suspect" if o.suspect_spot else "yes") if o.spot else "-",
+                  f"{o.price_hr:.2f}",
                   _fmt_hours(o.est_hours), f"${o.est_cost_usd:,.2f}", f"{o.headroom_gib:.1f} GiB", o.region)
     console.print(t)
     choice = result.choice

@@ -26,9 +26,20 @@ GIB = float(1 << 30)
 LOGITS_BYTES_FP32_PATH = 16.0
 # The same four tensors when cross-entropy runs on bf16 logits (no upcast, e.g. Qwen-1's remote code).
 LOGITS_BYTES_BF16_PATH = 8.0
-# torch's caching allocator: peak reserved exceeds peak allocated by this fraction (blocks freed by
-# churning tensors stay cached and split; vram_notes.md: x1.10-1.25, Answer.AI 7B LoRA 8.3 -> 10.2 GiB).
-ALLOCATOR_FRACTION = 0.15
+# torch's caching allocator: peak reserved exceeds peak allocated (blocks freed by churning tensors stay
+# cached and split; vram_notes.md: x1.10-1.25, Answer.AI 7B LoRA 8.3 -> 10.2 GiB). The slack is a
+# function of the data's shapes (docs/planner-memory.md, "Allocator slack"):
+# - every job: ALLOCATOR_FRACTION of what is allocated (same-shaped steps reuse their blocks);
+# - unpacked, variable-length data: each micro-batch pads to a different length, so the activation and
+#   logits blocks of earlier, differently sized steps stay cached next to the current ones; the extra is
+#   ALLOCATOR_SPREAD_FRACTION x length_spread x the dynamic (activations + logits) part.
+# - near a full card the allocator frees its cache and retries before it raises OOM, so what must fit
+#   is only allocated x (1 + ALLOCATOR_MIN_FRACTION) (+ context): `fit_gib`, the planner's fit test.
+ALLOCATOR_FRACTION = 0.10
+ALLOCATOR_SPREAD_FRACTION = 0.60
+ALLOCATOR_MIN_FRACTION = 0.03
+# length_spread when the data is not known: unpacked chat/instruction data, lengths spread widely
+DEFAULT_LENGTH_SPREAD = 0.5
 # CUDA context + cuBLAS/cuDNN handles and workspaces: outside torch's counters, inside nvidia-smi's.
 CUDA_CONTEXT_GIB = 0.8
 # NCCL communicator buffers per process, multi-GPU only (outside torch's counters).
@@ -56,7 +67,9 @@ class Stack:
     kbit_upcast: bool = False
     lora_adapter_bytes: int = 4  # PEFT autocast_adapter_dtype=True keeps LoRA A/B in fp32
     qlora_adapter_bytes: int = 2  # TRL's SFTTrainer casts adapters of a quantized model to bf16
-    full_weight_bytes: int = 2  # full fine-tune: bf16 weights (AdamW states follow the param dtype)
+    # full fine-tune weight bytes: 2 = pure bf16 (AdamW states follow the param dtype), 4 = fp32 master
+    # weights under autocast; None = follow TrainConfig.full_precision (what our trainer does)
+    full_weight_bytes: int | None = 2
     double_quant: bool = True  # bnb_4bit_use_double_quant
     lora_dropout: bool = True  # dropout > 0 saves a mask and a copy of each adapted layer's input
 
@@ -65,7 +78,8 @@ class Stack:
 # - QLoRA: NF4 + double quant with bf16 quant_storage, then peft.prepare_model_for_kbit_training
 #   (embeddings, lm_head and norms to fp32); SFTTrainer casts the adapters of a quantized model to bf16.
 # - LoRA: bf16 base; PEFT's autocast_adapter_dtype keeps the adapters in fp32.
-# - full: fp32 master weights under bf16 autocast (train.py loads full fine-tunes in fp32).
+# - full: training.full_precision "bf16" (default) loads bf16 weights, "mixed" fp32 master weights
+#   under bf16 autocast (train.py full_weight_dtype).
 # - TRL's SFTTrainer computes the loss with its fused, chunked LM head (no T x V logits).
 # - lora_dropout 0.05 by default (spec.lora.dropout).
 TRAINER_STACK = Stack(
@@ -74,7 +88,7 @@ TRAINER_STACK = Stack(
     kbit_upcast=True,
     lora_adapter_bytes=4,
     qlora_adapter_bytes=2,
-    full_weight_bytes=4,
+    full_weight_bytes=None,
     double_quant=True,
     lora_dropout=True,
 )
@@ -110,6 +124,8 @@ class PeakMemory:
     trainable_params: int
     sharding: str
     notes: list[str] = field(default_factory=list)
+    fit_gib: float = 0.0  # allocated x (1 + ALLOCATOR_MIN_FRACTION) + context: what must fit the card
+    full_precision: str = ""
 
 
 def estimate_memory(
@@ -131,7 +147,24 @@ def estimate_memory(
         trainable_params=peak.trainable_params,
         notes=peak.notes,
         sharding=peak.sharding,
+        full_precision=peak.full_precision,
+        fit_gib=round(peak.fit_gib, 3),
     )
+
+
+def fits(est: MemoryEstimate, usable_gib: float, safety: float) -> bool:
+    """The planner's fit test: the pressed footprint (allocator cache given back) within `safety` of the
+    card. A job whose unpressed peak exceeds the card still runs there: torch empties its cache and
+    retries before raising OOM (docs/planner-memory.md, "Allocator slack")."""
+    return (est.fit_gib or est.per_gpu_gib) <= usable_gib * safety
+
+
+def full_weight_bytes(cfg: TrainConfig, stack: Stack = None) -> int:  # type: ignore[assignment]
+    """2 (pure bf16) or 4 (fp32 master weights) for a full fine-tune under `stack`."""
+    stack = stack or TRAINER_STACK
+    if stack.full_weight_bytes is not None:
+        return stack.full_weight_bytes
+    return 2 if (cfg.full_precision or "bf16") == "bf16" else 4
 
 
 def _validate(cfg: TrainConfig, gpus: int, sharding: str | None) -> None:
@@ -149,10 +182,19 @@ def _validate(cfg: TrainConfig, gpus: int, sharding: str | None) -> None:
         raise UserError(f"--batch-size must be >= 1, got {cfg.micro_batch}")
     if gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {gpus}")
-    if sharding not in (None, "none", "ddp", "fsdp", "zero3"):
-        raise UserError(f"unknown sharding {sharding!r}; use none, ddp, fsdp or zero3")
+    if sharding not in (None,) + SHARDINGS:
+        raise UserError(f"unknown sharding {sharding!r}; use ddp, fsdp, zero2 or zero3")
     if sharding == "none" and gpus > 1:
-        raise UserError(f"sharding 'none' means one GPU, got --gpus {gpus}; use ddp, fsdp or zero3")
+        raise UserError(f"sharding 'none' means one GPU, got --gpus {gpus}; use ddp, fsdp, zero2 or zero3")
+    if cfg.full_precision not in ("bf16", "mixed"):
+        raise UserError(f"unknown full precision {cfg.full_precision!r}; use bf16 or mixed")
+    if cfg.offload and sharding in ("none", "ddp") and gpus > 1:
+        raise UserError(f"--offload needs --sharding fsdp, zero2 or zero3, got {sharding}")
+    if cfg.length_spread is not None and not 0 <= cfg.length_spread <= 1:
+        raise UserError(f"length spread must be within 0-1, got {cfg.length_spread:g}")
+
+
+SHARDINGS = ("none", "ddp", "fsdp", "zero2", "zero3")
 
 
 def _linear_shapes(arch: ModelArch) -> dict[str, tuple[int, int, int]]:
@@ -231,10 +273,15 @@ def estimate_peak(
     stack: Stack = TRAINER_STACK,
 ) -> PeakMemory:
     """The full estimate, with the allocated/reserved/nvidia-smi views the calibration compares."""
+    sharding = sharding or cfg.sharding
     _validate(cfg, gpus, sharding)
     mode = sharding or default_sharding(cfg, gpus)
+    if gpus <= 1 and mode in ("ddp", "fsdp", "zero2", "zero3"):
+        mode = "none" if not cfg.offload else mode  # one GPU: nothing to shard; offload still applies
     notes: list[str] = []
     n = gpus if mode in ("fsdp", "zero3") else 1
+    n_states = gpus if mode in ("fsdp", "zero2", "zero3") else 1  # ZeRO-2 shards grads + optimizer only
+    fwb = full_weight_bytes(cfg, stack)
 
     h, L, V = arch.hidden, arch.layers, arch.vocab
     a = arch.heads * arch.head_dim
@@ -266,7 +313,7 @@ def estimate_peak(
         layer_unpacked = 2 * p_linear / L
         root_unit = p_other * 2  # FSDP's mixed precision gathers the non-quantized params in bf16
     else:
-        wbytes = stack.full_weight_bytes if cfg.method == "full" else 2
+        wbytes = fwb if cfg.method == "full" else 2
         weights = p_total * wbytes
         # FSDP's mixed precision gathers parameters in bf16 whatever their sharded dtype
         layer_weight = layer_params * 2
@@ -276,7 +323,7 @@ def estimate_peak(
     # ---- trainable parameters, gradients, optimizer ----
     if cfg.method == "full":
         n_train = p_total
-        pbytes = stack.full_weight_bytes
+        pbytes = fwb
         trainable = 0.0  # the trained weights are the `weights` term
         matrices = [(di, do, c * L) for di, do, c in shapes.values()]
         matrices += [(V, h, 1 if arch.tied_embeddings else 2)]
@@ -295,9 +342,13 @@ def estimate_peak(
             matrices += [(di, r, c), (r, sum(shapes[x][1] for x in g), c)]
     gradients = n_train * pbytes
     optimizer, step_temp = _optimizer_bytes(cfg.optimizer, n_train, pbytes, matrices, notes)
-    if cfg.method == "full" and pbytes == 2 and cfg.optimizer.startswith("adamw_torch"):
-        notes.append("full fine-tune in bf16: weights, gradients and AdamW states are bf16 (torch AdamW keeps its "
-                     "states in the parameter dtype); no fp32 master copy")
+    precision_label = ""
+    if cfg.method == "full":
+        precision_label = "bf16" if fwb == 2 else "mixed"
+        if fwb == 2:
+            notes.append("full_precision bf16: pure bf16 weights and gradients; torch AdamW keeps its states in the "
+                         "parameter dtype (bf16), 8-bit optimizers in 8 bits; no fp32 master copy (~8 B/param with "
+                         "AdamW, ~6 with adamw_8bit)")
 
     # ---- activations (per GPU micro-batch) ----
     T = cfg.seq_len * cfg.micro_batch
@@ -330,14 +381,26 @@ def estimate_peak(
     if stack.logits == "chunked":
         logits = (min(T, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * 2  # bf16 projection tile
                   + T * h * (2 + 4) + T * 8 * 4)  # hidden copy, fp32 grad of hidden, per-token fp32 stats
-        if cfg.method == "full" and stack.full_weight_bytes != 4:
+        if cfg.method == "full" and fwb != 4:
             logits += V * h * 4  # fp32 gradient of the lm_head weight (with fp32 weights it *is* the .grad)
+        if cfg.method == "qlora" and stack.kbit_upcast:
+            # prepare_model_for_kbit_training leaves lm_head in fp32: the projection tile is fp32 too
+            logits += min(T, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * 2
     else:
         per_elem = LOGITS_BYTES_FP32_PATH if stack.logits == "fp32" else LOGITS_BYTES_BF16_PATH
         logits = T * V * per_elem
 
     # ---- multi-GPU ----
     gathered = 0.0
+    if mode == "zero2" and n_states > 1:
+        trainable /= n_states
+        gradients /= n_states
+        optimizer /= n_states
+        step_temp /= n_states
+        if cfg.method == "full":
+            gathered += 2 * layer_params * pbytes  # gradient buckets before reduce-scatter
+        notes.append(f"ZeRO-2 over {n_states} GPUs: every GPU holds the whole model; gradients and optimizer "
+                     f"states divided by {n_states}")
     if n > 1:
         shard_base = True
         if mode == "zero3" and cfg.method == "qlora":
@@ -364,13 +427,26 @@ def estimate_peak(
     elif gpus > 1 and mode == "ddp":
         gradients *= 2  # DDP's gradient buckets hold a second copy (gradient_as_bucket_view=False)
         notes.append(f"DDP over {gpus} GPUs: every GPU holds a full copy of the model and its states")
+    if cfg.offload:
+        # FSDP/ZeRO CPU offload: the optimizer step runs on the CPU, where gradients and states live; with
+        # FSDP/ZeRO-3 the parameter shards live there too and only gathered layers are on the GPU.
+        if mode in ("fsdp", "zero3"):
+            weights = 0.0 if cfg.method != "qlora" or mode == "fsdp" else weights
+        optimizer, step_temp = 0.0, 0.0
+        trainable = 0.0 if mode in ("fsdp", "zero3") else trainable
+        gradients = 2 * layer_params * pbytes if cfg.method == "full" else 0.0  # a layer's grads in flight
+        notes.append("CPU offload: optimizer states and gradients (and with FSDP/ZeRO-3 the parameter shards) in "
+                     "host RAM; the GPU holds gathered layers and activations. Plan host RAM for them")
     weights += gathered
-    if cfg.method == "full" and stack.full_weight_bytes == 4 and n == 1:
+    if cfg.method == "full" and fwb == 4 and n == 1 and not cfg.offload:
         # autocast caches a bf16 copy of every fp32 weight it casts during forward (FSDP's mixed precision
         # gathers bf16 layers instead, counted above)
         weights += 2 * p_total
-        notes.append("full fine-tune with fp32 master weights: 4 B weights + 2 B autocast bf16 copies + 4 B "
+        notes.append("full_precision mixed: fp32 master weights: 4 B weights + 2 B autocast bf16 copies + 4 B "
                      "gradients + 8 B AdamW states per parameter (about 18 B/param)")
+    elif cfg.method == "full" and fwb == 4:
+        notes.append("full_precision mixed: fp32 master weights, gradients and AdamW states (16 B/param before "
+                     "sharding)")
 
     # QLoRA dequantizes one weight matrix to bf16 at a time (forward and backward)
     dequant = 0.0
@@ -386,7 +462,8 @@ def estimate_peak(
     optimizer += max(0.0, step_temp - dynamic)
 
     allocated = weights + trainable + gradients + optimizer + dynamic + dequant
-    reserved = allocated * (1 + ALLOCATOR_FRACTION)
+    spread = length_spread(cfg)
+    reserved = allocated * (1 + ALLOCATOR_FRACTION) + dynamic * ALLOCATOR_SPREAD_FRACTION * spread
     outside = CUDA_CONTEXT_GIB * GIB + (NCCL_GIB * GIB if gpus > 1 else 0.0)
     overhead = reserved - allocated + dequant + outside
     breakdown = dict(zip(BREAKDOWN_KEYS, (weights, trainable, gradients, optimizer, activations, logits, overhead),
@@ -400,7 +477,16 @@ def estimate_peak(
         trainable_params=int(n_train),
         sharding=mode,
         notes=notes,
+        fit_gib=(allocated * (1 + ALLOCATOR_MIN_FRACTION) + outside) / GIB,
+        full_precision=precision_label,
     )
+
+
+def length_spread(cfg: TrainConfig) -> float:
+    """0 for packed rows, the config's value when known, else the default for unpacked data."""
+    if cfg.length_spread is not None:
+        return cfg.length_spread
+    return 0.0 if cfg.packing else DEFAULT_LENGTH_SPREAD
 
 
 def _optimizer_bytes(name: str, n_train: int, pbytes: int, matrices: list[tuple[int, int, int]],

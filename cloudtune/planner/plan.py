@@ -50,6 +50,9 @@ class PlanOption:
     memory: MemoryEstimate | None = None
     time: TimeEstimate | None = None
     notes: list[str] = field(default_factory=list)
+    # spot price far below the provider's usual discount (planner/spot.py): ranked at rank_price_hr
+    suspect_spot: bool = False
+    rank_cost_usd: float | None = None
 
     @property
     def provider(self) -> str:
@@ -82,10 +85,13 @@ class PlanOption:
             "offer_id": self.offer.offer_id,
             "nodes": self.nodes,
             "per_gpu_gib": None if self.memory is None else round(self.memory.per_gpu_gib, 2),
+            "fit_gib": None if self.memory is None else round(self.memory.fit_gib, 2),
             "sharding": None if self.memory is None else self.memory.sharding,
             "tokens_per_sec": None if self.time is None or not self.time.ok else round(self.time.tokens_per_sec, 1),
             "fresh": self.offer.fresh,
             "as_of": self.offer.as_of,
+            "suspect_spot": self.suspect_spot,
+            "rank_cost_usd": None if self.rank_cost_usd is None else round(self.rank_cost_usd, 2),
             "notes": list(self.notes),
         }
 
@@ -141,6 +147,8 @@ class Plan:
                 "gpus": mem.gpus,
                 "breakdown_gib": {k: round(v, 3) for k, v in mem.breakdown_gib.items()},
                 "sharding": mem.sharding,
+                "fit_gib": round(mem.fit_gib, 2),
+                "full_precision": mem.full_precision or None,
                 "notes": list(mem.notes),
             },
             "assumptions": self.assumptions,
@@ -182,6 +190,22 @@ def _estimate_memory(arch: ModelArch, cfg: TrainConfig, n: int) -> MemoryEstimat
     return estimate_memory(arch, cfg, gpus=n)
 
 
+def _fits(mem: MemoryEstimate, usable_gib: float) -> bool:
+    from cloudtune.planner.memory import fits
+
+    return fits(mem, usable_gib, SAFETY_FRACTION)
+
+
+def config_for_gpu(cfg: TrainConfig, spec: GpuSpec) -> TrainConfig:
+    """What the trainer will really run on this GPU: full_precision bf16 needs bf16 compute, so a GPU
+    without it (T4, V100) trains fp32 master weights (trainer/train.py full_weight_dtype)."""
+    if cfg.method == "full" and cfg.full_precision == "bf16" and not spec.bf16:
+        from dataclasses import replace
+
+        return replace(cfg, full_precision="mixed")
+    return cfg
+
+
 def make_plan(
     arch: ModelArch,
     cfg: TrainConfig,
@@ -220,12 +244,14 @@ def make_plan(
         pool = [o for o in pool if o.region == region]
 
     specs = gpu_specs()
-    memo: dict[int, MemoryEstimate] = {}
+    memo: dict[tuple[int, str], MemoryEstimate] = {}
 
-    def mem_for(n: int) -> MemoryEstimate:
-        if n not in memo:
-            memo[n] = _estimate_memory(arch, cfg, n)
-        return memo[n]
+    def mem_for(n: int, spec: GpuSpec | None = None) -> MemoryEstimate:
+        c = config_for_gpu(cfg, spec) if spec is not None else cfg
+        key = (n, c.full_precision)
+        if key not in memo:
+            memo[key] = _estimate_memory(arch, c, n)
+        return memo[key]
 
     skipped: Counter[tuple[str, str]] = Counter()
     candidates: list[tuple[Offer, GpuSpec, int, int]] = []  # offer, spec, total gpus, nodes
@@ -246,8 +272,8 @@ def make_plan(
 
     fitting: list[tuple[Offer, GpuSpec, int, int, MemoryEstimate]] = []
     for offer, spec, n, nodes in candidates:
-        mem = mem_for(n)
-        if mem.per_gpu_gib <= offer.vram_gib_per_gpu * SAFETY_FRACTION:
+        mem = mem_for(n, spec)
+        if _fits(mem, offer.vram_gib_per_gpu):
             fitting.append((offer, spec, n, nodes, mem))
     if not fitting and gpus is None:
         # past one node: 2 or 4 nodes of 8 GPUs, where the provider can launch a cluster
@@ -255,12 +281,15 @@ def make_plan(
             for offer, spec, n, _ in candidates:
                 if n != 8 or offer.provider not in MULTI_NODE_PROVIDERS:
                     continue
-                mem = mem_for(8 * nodes)
-                if mem.per_gpu_gib <= offer.vram_gib_per_gpu * SAFETY_FRACTION:
+                mem = mem_for(8 * nodes, spec)
+                if _fits(mem, offer.vram_gib_per_gpu):
                     fitting.append((offer, spec, 8 * nodes, nodes, mem))
             if fitting:
                 break
 
+    from cloudtune.planner import spot as spot_prices
+
+    ratios = spot_prices.usual_ratios(pool)
     times: dict[tuple[str, int, int, str, bool], TimeEstimate] = {}
     options: list[PlanOption] = []
     above_price: list[PlanOption] = []
@@ -274,7 +303,7 @@ def make_plan(
             key = (offer.gpu, n, nodes, offer.provider, is_spot)
             if key not in times:
                 times[key] = estimate_time(
-                    arch, cfg, workload, spec, gpus=n, nodes=nodes, sharding=mem.sharding,
+                    arch, config_for_gpu(cfg, spec), workload, spec, gpus=n, nodes=nodes, sharding=mem.sharding,
                     trainable_params=mem.trainable_params, provider=offer.provider, spot=is_spot,
                     checkpoint_minutes=checkpoint_minutes,
                 )
@@ -290,17 +319,22 @@ def make_plan(
                 notes.append(f"spot: ~{t.expected_restarts:.1f} expected interruptions included")
             if offer.provider == "modal":
                 notes.append(f"price includes Modal CPU + memory (+${modal_cpu_memory(n):.2f}/h)")
+            suspect = is_spot and spot_prices.is_suspect(offer, ratios)
+            rank_price = total_price
+            if suspect:
+                rank_price = (spot_prices.spot_floor(offer, ratios) or price) * nodes
+                notes.append(spot_prices.describe(offer, ratios))
             option = PlanOption(
                 offer=offer, spot=is_spot, price_hr=total_price, gpu_count=n, nodes=nodes,
                 est_hours=t.total_hours, est_cost_usd=hours * total_price,
-                headroom_gib=offer.vram_gib_per_gpu * SAFETY_FRACTION - mem.per_gpu_gib,
-                memory=mem, time=t, notes=notes,
+                headroom_gib=offer.vram_gib_per_gpu * SAFETY_FRACTION - (mem.fit_gib or mem.per_gpu_gib),
+                memory=mem, time=t, notes=notes, suspect_spot=suspect, rank_cost_usd=hours * rank_price,
             )
             if max_price_hr is not None and total_price > max_price_hr:
                 above_price.append(option)
             else:
                 options.append(option)
-    options.sort(key=lambda o: (o.est_cost_usd, o.est_hours, o.price_hr, o.provider, o.region, o.offer.offer_id))
+    options.sort(key=lambda o: (o.rank_cost_usd, o.est_hours, o.price_hr, o.provider, o.region, o.offer.offer_id))
 
     smallest = min((n for _, _, n, _ in candidates), default=gpus or 1)
     memory = options[0].memory if options else mem_for(smallest)
@@ -322,8 +356,10 @@ def make_plan(
 def _assumptions(cfg: TrainConfig, workload: Workload, spot: bool | None, max_price: float | None) -> dict[str, Any]:
     return {
         "workload": workload.to_dict(cfg.seq_len),
-        "fit": f"predicted per-GPU peak <= {SAFETY_FRACTION:.0%} of the card's usable memory (nvidia-smi total)",
-        "ranking": "estimated job cost (billed hours x price), then hours",
+        "fit": f"pressed per-GPU footprint (allocated + {_min_slack():.0%} allocator slack + CUDA context: torch "
+        f"gives its cache back before an OOM) <= {SAFETY_FRACTION:.0%} of the card's usable memory (nvidia-smi total)",
+        "ranking": "estimated job cost (billed hours x price), then hours; a spot price under half the "
+        "provider's usual spot discount (suspect_spot) is ranked at that floor",
         "spot": {None: "spot and on-demand both considered", True: "spot only", False: "on-demand only"}[spot],
         "max_price_hr": max_price,
         "billing": "per second (AWS: 60 s minimum; Lambda: per minute); hours include boot, model download, "
@@ -331,6 +367,12 @@ def _assumptions(cfg: TrainConfig, workload: Workload, spot: bool | None, max_pr
         "prices": "$/h of the whole offer as listed (disk, egress and storage extra); " + modal_surcharge_note(),
         "time_model": throughput.assumptions(),
     }
+
+
+def _min_slack() -> float:
+    from cloudtune.planner.memory import ALLOCATOR_MIN_FRACTION
+
+    return ALLOCATOR_MIN_FRACTION
 
 
 def _suggest(cfg: TrainConfig, gpus: int | None) -> str:
@@ -366,11 +408,11 @@ def _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_h
     if not fitting:
         largest = max(o.vram_gib_per_gpu for o, *_ in candidates) * SAFETY_FRACTION
         n = gpus or 1
-        need = mem_for(n).per_gpu_gib
+        need = mem_for(n).fit_gib or mem_for(n).per_gpu_gib
         extra = ""
         hint_gpus = gpus
         if gpus is None and 8 in {c[2] for c in candidates}:
-            on8 = mem_for(8).per_gpu_gib
+            on8 = mem_for(8).fit_gib or mem_for(8).per_gpu_gib
             extra = f" ({on8:.0f} GiB on 8)"
             if on8 > largest:
                 hint_gpus = 8 * NODE_COUNTS[-1]  # even the largest cluster tried is not enough

@@ -20,6 +20,7 @@ the model within a stated factor of each of them. Stdlib only: imported by `clou
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +136,8 @@ def gpu_class(gpu: GpuSpec) -> str:
     arch = gpu.arch.lower()
     if gpu.vendor == "amd":
         return "amd"
-    if gpu.name.startswith("RTX") and gpu.name[3:4].isdigit() and gpu.name[3:5] != "60":
-        return "geforce"  # RTX3090/4090/5090..., not the RTX6000 workstation cards
+    if re.fullmatch(r"RTX\d{4}", gpu.name) and gpu.name != "RTX6000":
+        return "geforce"  # RTX3090/4090/5090/4070..., not the RTX6000 / RTX5880-Ada workstation cards
     if gpu.name in HALF_RATE_DATACENTER:
         return "geforce"
     for name in ("hopper", "blackwell", "ada", "ampere"):

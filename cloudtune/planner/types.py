@@ -45,10 +45,20 @@ class TrainConfig:
     optimizer: str = "adamw_torch"
     attention: str = "sdpa"
     gpus: int | None = None  # None: let the planner choose 1, 2, 4, 8 ...
+    # full fine-tune weights: "bf16" (pure bf16, the trainer's default where the GPU has bf16) or
+    # "mixed" (fp32 master weights under bf16 autocast); see cloudtune/trainer/train.py full_weight_dtype
+    full_precision: str = "bf16"
+    sharding: str | None = None  # None: the trainer's default (none on 1 GPU, fsdp on several)
+    offload: bool = False  # FSDP/ZeRO CPU offload of parameters, gradients and optimizer states
+    packing: bool = False  # data.packing: every row is seq_len tokens, no padding spread
+    # How much micro-batch shapes vary (0: packed or fixed-length rows; 1: lengths spread over the whole
+    # range up to seq_len). None: 0 with packing, else memory.DEFAULT_LENGTH_SPREAD.
+    length_spread: float | None = None
 
     @classmethod
     def from_spec(cls, spec: Any) -> TrainConfig:
         targets = spec.lora.targets
+        res = spec.resources
         return cls(
             method=spec.method,
             quant_bits=spec.quant_bits or 16,
@@ -60,7 +70,12 @@ class TrainConfig:
             gradient_checkpointing=spec.training.gradient_checkpointing,
             optimizer=spec.training.optimizer,
             attention=spec.training.attention,
-            gpus=spec.resources.gpus,
+            gpus=res.gpus,
+            full_precision=getattr(spec.training, "full_precision", "bf16"),
+            # resources.sharding/offload belong to the multi-GPU launcher's spec (task #11); read when present
+            sharding=getattr(res, "sharding", None),
+            offload=bool(getattr(res, "offload", False)),
+            packing=bool(spec.data.packing),
         )
 
 
@@ -77,7 +92,11 @@ class MemoryEstimate:
     breakdown_gib: dict[str, float]
     trainable_params: int = 0
     notes: list[str] = field(default_factory=list)  # e.g. "QLoRA base is not sharded by ZeRO-3"
-    sharding: str = "none"  # none | ddp | fsdp | zero3
+    sharding: str = "none"  # none | ddp | fsdp | zero2 | zero3
+    full_precision: str = ""  # full fine-tunes: "bf16" or "mixed", as sized; "" for LoRA/QLoRA
+    # allocated x (1 + a minimal allocator slack) + CUDA context: what must fit the card, because torch
+    # empties its cache and retries before raising OOM (planner/memory.py `fits`)
+    fit_gib: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -84,6 +84,21 @@ def _dtype(name: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def full_weight_dtype(spec: JobSpec, prec: str) -> Any:
+    """The dtype a full fine-tune trains its weights in. training.full_precision "bf16" (the default)
+    trains pure bf16 weights (AdamW's states follow the param dtype: ~8 B/param, what Axolotl,
+    torchtune and litgpt do) when the compute precision is bf16; "mixed", or fp16/fp32 compute, keeps
+    fp32 master weights under autocast (~18 B/param). The planner models the same rule
+    (planner/memory.py, full_weight_bytes)."""
+    import torch
+
+    if spec.training.full_precision == "bf16" and prec == "bf16":
+        return torch.bfloat16
+    if spec.training.full_precision == "bf16" and prec == "fp16":
+        log.info("full_precision bf16 needs bf16 compute; this GPU has fp16 only: fp32 master weights (mixed)")
+    return torch.float32
+
+
 def load_model(spec: JobSpec, path: str, prec: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -103,10 +118,11 @@ def load_model(spec: JobSpec, path: str, prec: str) -> Any:
             )
         kwargs["dtype"] = compute
         kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    elif spec.method == "full":
+        kwargs["dtype"] = full_weight_dtype(spec, prec)
     else:
-        # Full fine-tuning keeps fp32 master weights (mixed precision autocasts); LoRA can hold the
-        # frozen base in 16-bit to halve its memory.
-        kwargs["dtype"] = _dtype(prec) if spec.method == "lora" and prec != "fp32" else torch.float32
+        # LoRA holds the frozen base in 16-bit to halve its memory.
+        kwargs["dtype"] = _dtype(prec) if prec != "fp32" else torch.float32
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
