@@ -3,8 +3,15 @@ by whatever `cloudtune catalog refresh` fetched live.
 
 Why a bundled snapshot: planning must work offline and in milliseconds. A refresh writes one JSON
 file per provider under `$CLOUDTUNE_HOME/cache/`; those rows *replace* the bundled rows of that
-provider (a live list is the truth, a stale row from the snapshot would be a ghost) and are marked
-`fresh=True`.
+provider while the refresh is young (a live list is the truth about what is in stock now, a stale
+row from the snapshot would be a ghost).
+
+Price and availability are kept apart: a row's price says where it came from (`source`: live API or
+bundled snapshot, as the adapter reported it) and how old it is (`as_of`), and stays until the next
+refresh; the *absence* of a GPU from a live list (out of stock) is only believed for
+AVAILABILITY_TTL_S. After that the bundled rows the live list lacked come back, so a momentary
+out-of-stock never becomes the planner's permanent world. A failed launch on such an offer is a
+CapacityError and the orchestrator moves on to the next option.
 
 Stdlib only (csv, json): this module is imported by `cloudtune plan`, which must start fast.
 """
@@ -23,7 +30,11 @@ from typing import Any
 from cloudtune.errors import UserError
 from cloudtune.providers.base import Offer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# How long "not in the live list" (out of stock) is believed; env CLOUDTUNE_AVAILABILITY_TTL_S.
+AVAILABILITY_TTL_S = 3600.0
+SOURCE_LIVE = "live API"
+SOURCE_SNAPSHOT = "bundled snapshot"
 
 # Billing granularity in seconds, from each provider's billing docs (../shared/providers.md).
 # AWS bills per second with a 60 s minimum per instance start; Lambda bills per minute.
@@ -246,6 +257,7 @@ def bundled_offers() -> tuple[Offer, ...]:
                     vcpus=int(vcpus) if vcpus is not None else None,
                     ram_gb=ram_gb,
                     fresh=False,
+                    source=SOURCE_SNAPSHOT,
                 )
             )
     return tuple(offers)
@@ -266,7 +278,10 @@ def cache_file(provider: str, directory: Path | None = None) -> Path:
 
 
 def write_cache(provider: str, offers: list[Offer], *, fetched_at: datetime | None = None) -> Path:
-    """Write a provider's live offers atomically (temp file + rename): a reader never sees half a file."""
+    """Write a provider's refreshed offers atomically (temp file + rename): a reader never sees half a
+    file. Each row keeps what the adapter said about its price: `fresh` (from a live API) and its
+    `as_of`; a row the adapter took from the bundled snapshot (Modal, AWS on-demand) stays a snapshot
+    row, it is not passed off as live."""
     fetched = (fetched_at or datetime.now(UTC)).isoformat(timespec="seconds")
     rows = []
     for offer in offers:
@@ -274,8 +289,10 @@ def write_cache(provider: str, offers: list[Offer], *, fetched_at: datetime | No
         # adapters report the vendor's nominal size; plan against what the card really exposes
         if offer.gpu in NVIDIA_SMI_TOTAL_MIB:
             row["vram_gib_per_gpu"] = min(offer.vram_gib_per_gpu, usable_gib(offer.gpu, offer.vram_gib_per_gpu))
-        row["fresh"] = True
-        row["as_of"] = fetched
+        row["fresh"] = bool(offer.fresh)
+        if offer.fresh:  # a live price is as old as this fetch
+            row["as_of"] = fetched
+        row["source"] = offer.source or (SOURCE_LIVE if offer.fresh else SOURCE_SNAPSHOT)
         rows.append(row)
     path = cache_file(provider)
     tmp = path.with_suffix(".json.tmp")
@@ -289,13 +306,16 @@ _OFFER_FIELDS = set(Offer.__dataclass_fields__)
 
 
 def read_cache(provider: str) -> tuple[str, list[Offer]] | None:
-    """(fetched_at, offers) from the provider's cache file; None if absent. A corrupt file is an error
+    """(fetched_at, offers) from the provider's cache file; None if absent (or written by an older
+    cloudtune, whose rows were all marked live: ignored, so the snapshot shows until a refresh). A corrupt file is an error
     the user can fix (delete it or refresh), so it is reported rather than silently ignored."""
     path = cache_file(provider)
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("version", 1) < CACHE_VERSION:
+            return None
         fetched = str(data["fetched_at"])
         offers = [Offer(**{k: v for k, v in row.items() if k in _OFFER_FIELDS}) for row in data["offers"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -306,9 +326,32 @@ def read_cache(provider: str) -> tuple[str, list[Offer]] | None:
     return fetched, offers
 
 
-def load_offers(providers: list[str] | tuple[str, ...] | None = None) -> list[Offer]:
-    """Every offer the planner may choose from: bundled rows, with cached live rows replacing the
-    bundled rows of their provider. `providers` filters (None: all)."""
+def availability_ttl_s() -> float:
+    import os
+
+    raw = os.environ.get("CLOUDTUNE_AVAILABILITY_TTL_S")
+    try:
+        return float(raw) if raw else AVAILABILITY_TTL_S
+    except ValueError:
+        raise UserError(f"CLOUDTUNE_AVAILABILITY_TTL_S={raw!r} is not a number of seconds; e.g. 3600") from None
+
+
+def availability_expired(fetched_at: str, now: datetime | None = None) -> bool:
+    """Whether a refresh is too old to believe what it did *not* list (out of stock)."""
+    try:
+        then = datetime.fromisoformat(fetched_at)
+    except ValueError:
+        return True
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return ((now or datetime.now(UTC)) - then).total_seconds() > availability_ttl_s()
+
+
+def load_offers(providers: list[str] | tuple[str, ...] | None = None, *, now: datetime | None = None) -> list[Offer]:
+    """Every offer the planner may choose from: bundled rows, with a provider's refreshed rows
+    replacing its bundled rows while the refresh is younger than the availability TTL; after it,
+    the refreshed rows (their prices, with their age) plus the bundled rows they lacked.
+    `providers` filters (None: all)."""
     wanted = set(providers) if providers else None
     bundled = bundled_offers()
     names = sorted({o.provider for o in bundled})
@@ -317,11 +360,20 @@ def load_offers(providers: list[str] | tuple[str, ...] | None = None) -> list[Of
         if wanted is not None and name not in wanted:
             continue
         cached = read_cache(name)
-        if cached is not None:
-            out.extend(cached[1])
-        else:
+        if cached is None:
             out.extend(o for o in bundled if o.provider == name)
+            continue
+        fetched, rows = cached
+        out.extend(rows)
+        if availability_expired(fetched, now):
+            seen = {(o.offer_id, o.region) for o in rows}
+            out.extend(o for o in bundled if o.provider == name and (o.offer_id, o.region) not in seen)
     return out
+
+
+def offer_source(offer: Offer) -> str:
+    """Where an offer's price came from: the adapter's words, else live API / bundled snapshot."""
+    return offer.source or (SOURCE_LIVE if offer.fresh else SOURCE_SNAPSHOT)
 
 
 def offer_age(offer: Offer, now: datetime | None = None) -> str:
@@ -353,8 +405,13 @@ def catalog_age(offers: list[Offer]) -> str:
     parts = []
     for provider in sorted({o.provider for o in offers}):
         rows = [o for o in offers if o.provider == provider]
-        if rows[0].fresh:
-            parts.append(f"{provider}: live, fetched {_age_of(rows[0].as_of)}")
+        live = [o for o in rows if o.fresh]
+        if live:
+            stamp = max(o.as_of for o in live)
+            part = f"{provider}: {len(live)} live rows, fetched {_age_of(stamp)}"
+            if len(live) < len(rows):
+                part += f", {len(rows) - len(live)} snapshot rows"
+            parts.append(part)
         else:
             dates = sorted({o.as_of for o in rows if o.as_of != "unknown"})
             when = f"as of {dates[-1]}" if dates else "about Sep-Nov 2026"
@@ -380,7 +437,8 @@ class RefreshResult:
 
 def refresh(providers: list[str]) -> list[RefreshResult]:
     """Fetch live offers from each provider's adapter and cache them. Never raises for one provider's
-    failure: missing credentials are 'skipped', other errors 'failed', each with one line."""
+    failure of any kind: missing credentials are 'skipped', every other error (ours, or an adapter's
+    own bug such as a TypeError) 'failed', each with one line, and the other providers go on."""
     from cloudtune.providers.base import AuthError, ProviderError
     from cloudtune.run.providers_config import make_provider  # same config as run, gc and dry-run
 
@@ -390,11 +448,18 @@ def refresh(providers: list[str]) -> list[RefreshResult]:
         try:
             adapter = make_provider(name)
             offers = list(adapter.offers())
+            if any(not isinstance(o, Offer) for o in offers):
+                raise TypeError("the adapter returned something that is not an Offer")
         except AuthError as err:
             results.append(RefreshResult(name, "skipped", f"no usable credentials: {err}"))
             continue
         except (UserError, ProviderError) as err:
             results.append(RefreshResult(name, "failed", str(err)))
+            continue
+        except Exception as err:  # noqa: BLE001 - one adapter's bug (TypeError on an API change...) must
+            # not abort the refresh of the others; it is reported with its type, and the old rows stay
+            results.append(RefreshResult(name, "failed", f"{type(err).__name__} in the {name} adapter: {err}; "
+                                         "kept the previous rows (please report this)"))
             continue
         if not offers:
             results.append(RefreshResult(name, "failed", "the provider returned no offers; kept the previous rows"))

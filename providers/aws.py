@@ -454,7 +454,9 @@ class AWSProvider:
                 billing_granularity_s=1,
                 vcpus=base.vcpus if base else spec.vcpus,  # type: ignore[union-attr]
                 ram_gb=base.ram_gb if base else float(spec.ram_gib),  # type: ignore[union-attr]
-                fresh=True,
+                fresh=key in spot,
+                source=("live spot (DescribeSpotPriceHistory) + snapshot on-demand" if base else "live spot")
+                if key in spot else "snapshot on-demand (no live spot price)",
             ))
         return out
 

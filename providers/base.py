@@ -129,7 +129,8 @@ class Offer:
     billing_granularity_s: int = 1
     vcpus: int | None = None
     ram_gb: float | None = None
-    fresh: bool = False  # True when it came from a live `catalog refresh`
+    fresh: bool = False  # True when its price came from the provider's live API (`catalog refresh`)
+    source: str = ""  # where the price came from, for `catalog show` (cloudtune.catalog.offer_source)
 
 
 @dataclass
@@ -147,6 +148,7 @@ class LaunchRequest:
     disk_gb: int = 100
     max_lifetime_s: float | None = None  # hard cap enforced on the machine itself
     workdir: str | None = None
+    nodes: int = 1  # machines of `offer` in this attempt (> 1 only through the skypilot adapter)
 
     @property
     def name(self) -> str:
@@ -176,6 +178,7 @@ class Machine:
     spot: bool | None = None
     detail: str = ""  # provider's own status words, for events and errors
     exit_code: int | None = None  # when the workload's exit code is known (local, modal)
+    ended_at: float | None = None  # when the provider says the machine stopped (billing ends), if it says
 
 
 @dataclass(frozen=True)

@@ -281,6 +281,7 @@ class ModalProvider:
                 ram_gb=float(MEMORY_GIB_PER_GPU * o.gpu_count),
                 billing_granularity_s=1,
                 region=self.region or o.region,
+                source="snapshot (Modal publishes no price API)" + (f", x{mult:g} pinned region" if mult != 1 else ""),
             )
             for o in bundled_offers()
             if o.provider == PROVIDER and o.price_hr is not None

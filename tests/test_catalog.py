@@ -73,10 +73,11 @@ def test_gpu_specs_types_and_precision():
     assert specs["MI300X"].vendor == "amd"
 
 
-def test_cache_replaces_the_providers_bundled_rows():
+def test_cache_replaces_the_providers_bundled_rows(monkeypatch):
+    monkeypatch.setenv("CLOUDTUNE_AVAILABILITY_TTL_S", str(24 * 3600))
     live = [
-        Offer("lambda", "gpu_1x_h100_sxm5", "H100-SXM", 1, 80.0, "us-east-1", price_hr=2.99),
-        Offer("lambda", "gpu_8x_a100", "A100-40GB", 8, 40.0, "us-west-1", price_hr=10.32),
+        Offer("lambda", "gpu_1x_h100_sxm5", "H100-SXM", 1, 80.0, "us-east-1", price_hr=2.99, fresh=True),
+        Offer("lambda", "gpu_8x_a100", "A100-40GB", 8, 40.0, "us-west-1", price_hr=10.32, fresh=True),
     ]
     fetched = datetime.now(UTC) - timedelta(hours=3)
     path = catalog.write_cache("lambda", live, fetched_at=fetched)
@@ -91,7 +92,8 @@ def test_cache_replaces_the_providers_bundled_rows():
     # other providers still come from the snapshot
     bundled_aws = [o for o in catalog.bundled_offers() if o.provider == "aws"]
     assert [o for o in offers if o.provider == "aws"] == bundled_aws
-    assert "lambda: live, fetched 3 h ago" in catalog.catalog_age(offers)
+    assert "lambda: 2 live rows, fetched 3 h ago" in catalog.catalog_age(offers)
+    assert {catalog.offer_source(o) for o in lam} == {"live API"}
     assert catalog.load_offers(["lambda"]) == lam
 
 
@@ -250,3 +252,72 @@ def test_the_plan_ranks_a10g_and_blackwell_offers_instead_of_skipping_them():
                for g in ("RTX5090", "RTX4090")}
     assert fastest["RTX5090"] > fastest["RTX4090"]
 
+
+
+def test_out_of_stock_gpus_come_back_when_the_availability_ttl_expires():
+    """A refresh that saw only an H100 hides the other bundled Lambda rows for the TTL, not forever."""
+    live = [Offer("lambda", "gpu_1x_h100_sxm5", "H100-SXM", 1, 80.0, "us-east-1", price_hr=2.99, fresh=True)]
+    fetched = datetime.now(UTC) - timedelta(minutes=10)
+    catalog.write_cache("lambda", live, fetched_at=fetched)
+    young = [o for o in catalog.load_offers(["lambda"])]
+    assert [o.offer_id for o in young] == ["gpu_1x_h100_sxm5"]  # out of stock now: not offered
+    later = datetime.now(UTC) + timedelta(seconds=catalog.AVAILABILITY_TTL_S)
+    old = catalog.load_offers(["lambda"], now=later)
+    bundled = [o for o in catalog.bundled_offers() if o.provider == "lambda"]
+    in_bundle = ("gpu_1x_h100_sxm5", "us-east-1") in {(o.offer_id, o.region) for o in bundled}
+    assert len(old) == len(bundled) + (0 if in_bundle else 1)  # every bundled row back, the live one once
+    back = {o.offer_id for o in old if not o.fresh}
+    assert "gpu_8x_a100" in back or "gpu_1x_a10" in back  # the GPUs it lacked are plannable again ...
+    h100 = [o for o in old if o.offer_id == "gpu_1x_h100_sxm5" and o.region == "us-east-1"]
+    assert len(h100) == 1 and h100[0].fresh and h100[0].price_hr == 2.99  # ... the live price is kept
+    assert {catalog.offer_source(o) for o in old} == {"live API", "bundled snapshot"}
+
+
+def test_refresh_does_not_mark_snapshot_rows_live():
+    """Modal's rows are the bundled snapshot and AWS's on-demand prices its CSV: a refresh keeps saying so."""
+    from cloudtune.providers.modal import ModalProvider
+
+    catalog.write_cache("modal", ModalProvider().offers())
+    rows = catalog.load_offers(["modal"])
+    assert rows and not any(o.fresh for o in rows)
+    assert all(o.as_of == "2026-07-01" and "snapshot" in catalog.offer_source(o) for o in rows)
+    assert "modal: snapshot" in catalog.catalog_age(rows)
+    aws = Offer("aws", "g5.xlarge", "A10G", 1, 24.0, "us-east-1", price_hr=1.006, spot_price_hr=None,
+                fresh=False, source="snapshot on-demand (no live spot price)")
+    catalog.write_cache("aws", [aws])
+    (row,) = catalog.load_offers(["aws"])[:1]
+    assert not row.fresh and catalog.offer_source(row).startswith("snapshot")
+
+
+def test_a_cache_from_the_old_format_is_ignored_not_believed_live():
+    catalog.cache_file("vast").write_text(json.dumps({"version": 1, "provider": "vast", "fetched_at": "x",
+                                                      "offers": []}))
+    assert [o for o in catalog.load_offers(["vast"])] == [o for o in catalog.bundled_offers() if o.provider == "vast"]
+
+
+def test_one_providers_crash_of_any_kind_is_reported_and_the_others_go_on(monkeypatch, tmp_path):
+    from tests.fakes.lambda_fake import LambdaFake
+
+    with LambdaFake(api_key="k-789") as fake:
+        monkeypatch.setenv("LAMBDA_API_KEY", "k-789")
+        # a config key the RunPod adapter does not take: its constructor raises TypeError
+        monkeypatch.setenv("CLOUDTUNE_PROVIDER_CONFIG", json.dumps({
+            "runpod": {"no_such_option": 1}, "lambda": {"base_url": fake.url + "/api/v1"}}))
+        results = {r.provider: r for r in catalog.refresh(["runpod", "lambda"])}
+    assert results["runpod"].status == "failed" and "TypeError" in results["runpod"].message
+    assert results["lambda"].status == "ok" and results["lambda"].offers > 0
+
+
+def test_catalog_show_says_where_each_price_came_from_and_how_old_it_is():
+    live = [Offer("lambda", "gpu_1x_h100_sxm5", "H100-SXM", 1, 80.0, "us-east-1", price_hr=2.99, fresh=True)]
+    catalog.write_cache("lambda", live, fetched_at=datetime.now(UTC) - timedelta(minutes=5))
+    proc = _cli("catalog", "show", "--provider", "lambda", "--provider", "modal", "--gpu", "H100-SXM", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    by = {(r["provider"], r["offer_id"]): r for r in rows}
+    assert by[("lambda", "gpu_1x_h100_sxm5")]["source"] == "live API"
+    assert by[("lambda", "gpu_1x_h100_sxm5")]["age"] == "5 min ago"
+    modal = by[("modal", "modal-h100-1x")]
+    assert "snapshot" in modal["source"] and modal["age"].startswith("snapshot")
+    table = _cli("catalog", "show", "--provider", "lambda", "--gpu", "H100-SXM", env={"COLUMNS": "220"})
+    assert "live API" in table.stdout and "5 min ago" in table.stdout

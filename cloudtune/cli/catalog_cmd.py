@@ -23,10 +23,10 @@ def show(
     gpu: list[str] = typer.Option([], "--gpu", "-g", help="only these GPUs, e.g. H100-SXM (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of offers"),
 ) -> None:
-    """List the offers (bundled snapshot, or live rows from `catalog refresh`) with their age."""
+    """List the offers with where each price came from (live API, bundled snapshot) and its age."""
     from dataclasses import asdict
 
-    from cloudtune.catalog import catalog_age, gpu_specs, load_offers, offer_age, price_includes
+    from cloudtune.catalog import catalog_age, gpu_specs, load_offers, offer_age, offer_source, price_includes
     from cloudtune.providers import check_provider_name
 
     for name in provider:
@@ -45,7 +45,8 @@ def show(
         offers = [o for o in offers if o.gpu.lower() in wanted]
     offers.sort(key=lambda o: (o.provider, o.gpu, o.gpu_count, o.price_hr if o.price_hr is not None else 1e9, o.region))
     if as_json:
-        sys.stdout.write(json.dumps([{**asdict(o), "age": offer_age(o), "price_includes": price_includes(o)}
+        sys.stdout.write(json.dumps([{**asdict(o), "source": offer_source(o), "age": offer_age(o),
+                                      "price_includes": price_includes(o)}
                                      for o in offers], indent=1) + "\n")
         return
     from rich.console import Console
@@ -53,12 +54,13 @@ def show(
 
     t = Table(title=f"{len(offers)} offers", title_justify="left")
     for col, just in (("provider", "left"), ("offer", "left"), ("GPU x count", "left"), ("GiB/GPU", "right"),
-                      ("region", "left"), ("$/h", "right"), ("spot $/h", "right"), ("age", "left")):
+                      ("region", "left"), ("$/h", "right"), ("spot $/h", "right"), ("price from", "left"),
+                      ("age", "left")):
         t.add_column(col, justify=just)
     for o in offers:
         t.add_row(o.provider, o.offer_id, f"{o.gpu} x{o.gpu_count}", f"{o.vram_gib_per_gpu:.1f}", o.region,
                   "-" if o.price_hr is None else f"{o.price_hr:.2f}",
-                  "-" if o.spot_price_hr is None else f"{o.spot_price_hr:.2f}", offer_age(o))
+                  "-" if o.spot_price_hr is None else f"{o.spot_price_hr:.2f}", offer_source(o), offer_age(o))
     console = Console(highlight=False)
     console.print(t)
     console.print(f"[dim]{catalog_age(offers) if offers else 'no offers match'}[/]")
