@@ -266,6 +266,8 @@ class LocalProvider:
             spot=record.get("spot"),
             detail=detail,
             exit_code=exit_code,
+            ended_at=st.get("ended_at") if state in (MachineState.EXITED, MachineState.PREEMPTED,
+                                                     MachineState.TERMINATED) else None,
         )
 
     def _dir(self, machine_id: str) -> Path:

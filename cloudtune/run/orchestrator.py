@@ -59,6 +59,8 @@ log = logging.getLogger("cloudtune.orchestrator")
 STOP_GRACE_S = float(os.environ.get("CLOUDTUNE_STOP_GRACE_S", "60"))
 TERMINATE_VERIFY_S = 120.0
 LAUNCH_RETRIES = 3
+# _after_failed_create's answer when the lookup after a failed create failed too: nothing is proven.
+AMBIGUOUS: Any = object()
 
 
 # ---------------------------------------------------------------- planning a job
@@ -492,6 +494,13 @@ class Orchestrator:
         """Terminate the attempt's machine (verified), close its ledger row and the attempt."""
         if att["state"] in (S.A_ENDED, S.A_LAUNCH_FAILED):
             return
+        if not att.get("machine_id") and att["state"] == S.A_PROVISIONING:
+            # An ambiguous create: the machine may exist under its name. Only a lookup proves it absent
+            # (a ProviderError here propagates: the watchdog retries, the attempt stays owned).
+            found = self.provider(att["provider"]).find_by_name(att["name"])
+            if found is not None and found.state is not MachineState.TERMINATED:
+                self.db.update_attempt(self.job_id, att["n"], machine_id=found.machine_id)
+                att = {**att, "machine_id": found.machine_id}
         if att.get("machine_id"):
             gone = self.terminate_verified(att["provider"], att["machine_id"])
             if not gone:
@@ -501,7 +510,20 @@ class Orchestrator:
                 raise ProviderError(f"could not verify termination of {att['machine_id']}")
             self.event("terminated", f"machine {att['machine_id']} terminated and verified gone ({reason})", att["n"])
         now = time.time()
-        self.db.close_ledger(self.job_id, att["n"], now, reason)
+        ended_at, estimated = now, True
+        final = None
+        if att.get("machine_id"):
+            try:
+                final = self.provider(att["provider"]).status(att["machine_id"])
+            except ProviderError:
+                final = None
+        for m in (machine, final):
+            t = getattr(m, "ended_at", None)
+            if t:
+                # The provider's own end time: billing stops there, not when this watchdog noticed.
+                ended_at, estimated = min(float(t), now), False
+                break
+        self.db.close_ledger(self.job_id, att["n"], ended_at, reason, estimated=estimated)
         self.db.update_attempt(
             self.job_id, att["n"], state=S.A_ENDED, end_reason=reason, ended_at=now,
             exit_code=machine.exit_code if machine else att.get("exit_code"),
@@ -539,6 +561,13 @@ class Orchestrator:
             except Exception as exc:  # noqa: BLE001 - any failure leaves the create's outcome unknown
                 err = exc if isinstance(exc, ProviderError) else TransientError(f"{type(exc).__name__}: {exc}")
                 adopted = self._after_failed_create(req, err, n)
+                if adopted is AMBIGUOUS:
+                    # The create may have made a machine and the lookup cannot say: the attempt keeps
+                    # owning the name, and no successor is launched until a lookup proves it absent.
+                    self.db.update_attempt(self.job_id, n, end_reason=f"create ambiguous: {err}")
+                    self.event("create_ambiguous", f"create of {req.name} failed ({type(err).__name__}: {err}) and "
+                               f"the lookup failed too; attempt {n} keeps the name, looking again each tick", n)
+                    return
                 if adopted is not None:
                     self._record_launch(n, option, adopted)
                     return
@@ -566,13 +595,17 @@ class Orchestrator:
             return
         self._finish(S.FAILED, "no planned option could be launched (capacity, quota or errors on every offer)", None)
 
-    def _after_failed_create(self, req: LaunchRequest, err: Exception, n: int) -> Machine | None:
-        """A failed create may still have made a billing machine: find it by name, adopt or terminate."""
+    def _after_failed_create(self, req: LaunchRequest, err: Exception, n: int) -> Any:
+        """A failed create may still have made a billing machine: find it by name, adopt or terminate.
+
+        Returns the adopted Machine, None when the lookup proves no machine is left, or AMBIGUOUS
+        when the lookup itself failed (then nothing is proven and the attempt keeps the name).
+        """
         try:
             found = self.provider(req.offer.provider).find_by_name(req.name)
         except ProviderError as lookup_err:
             self.event("lookup_failed", f"could not look up {req.name} after a failed create: {lookup_err}", n)
-            return None
+            return AMBIGUOUS
         if found is None or found.state is MachineState.TERMINATED:
             return None
         if isinstance(err, (TransientError, RateLimitedError)) and found.state.is_alive:
@@ -584,7 +617,37 @@ class Orchestrator:
         self.terminate_verified(req.offer.provider, found.machine_id)
         return None
 
+    def _resolve_ambiguous(self, job: S.Job, att: dict[str, Any]) -> bool:
+        """An attempt whose create was ambiguous: look it up again; adopt, or prove it absent and go on.
+
+        Until a lookup answers, the attempt owns its name (gc counts it as owned) and no successor is
+        launched: two machines training on one store, one of them unseen, is the leak to avoid.
+        """
+        try:
+            found = self.provider(att["provider"]).find_by_name(att["name"])
+        except ProviderError as err:
+            self.event("lookup_failed", f"still cannot look up {att['name']}: {err}; not launching a successor "
+                       f"while it may exist", att["n"])
+            return True
+        option = self.options[min(job.option_index, len(self.options) - 1)] if self.options else None
+        if found is not None and found.state.is_alive and option is not None:
+            self.event("adopted", f"the ambiguous create of {att['name']} made machine {found.machine_id} "
+                       f"({found.state.value}): adopting it", att["n"])
+            self._record_launch(att["n"], option, found)
+            return True
+        if found is not None and found.state is not MachineState.TERMINATED:
+            self.event("orphan_terminated", f"the ambiguous create of {att['name']} left machine "
+                       f"{found.machine_id} ({found.state.value}): terminating it", att["n"])
+            if not self.terminate_verified(att["provider"], found.machine_id):
+                return True
+        self.db.update_attempt(self.job_id, att["n"], state=S.A_LAUNCH_FAILED, ended_at=time.time(),
+                               end_reason=f"{att.get('end_reason') or 'create ambiguous'}; lookup: no machine")
+        self.event("launch_failed", f"lookup proves {att['name']} absent; launching a successor", att["n"])
+        self.launch_next("the previous create made no machine")
+        return True
+
     def _record_launch(self, n: int, option: Option, machine: Machine) -> None:
+
         now = time.time()
         price = machine.price_hr if machine.price_hr is not None else option.price_hr
         self.db.update_attempt(self.job_id, n, machine_id=machine.machine_id, state=S.A_RUNNING)
@@ -684,6 +747,9 @@ class Orchestrator:
         if att["state"] == S.A_LAUNCH_FAILED:
             self.launch_next("previous launch failed")
             return True
+        if att["state"] == S.A_PROVISIONING and not att.get("machine_id"):
+            return self._resolve_ambiguous(job, att)
+
         try:
             machine = self._status(att)
         except ProviderError as err:

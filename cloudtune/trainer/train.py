@@ -34,7 +34,9 @@ from cloudtune.trainer.monitor import (
 
 log = logging.getLogger("cloudtune.trainer")
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "query_key_value", "c_attn", "Wqkv", "out_proj")
+# qkv_proj: Phi-3's fused query/key/value projection
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "query_key_value", "c_attn", "Wqkv",
+                     "out_proj")
 
 
 @dataclass
@@ -103,7 +105,9 @@ def load_model(spec: JobSpec, path: str, prec: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs: dict[str, Any] = {"attn_implementation": spec.training.attention}
+    from cloudtune.trainer import families
+
+    kwargs: dict[str, Any] = {"attn_implementation": families.attention(spec, families.local_config(path))}
     if spec.method == "qlora":
         compute = torch.bfloat16 if (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else torch.float32
         if spec.quant_bits == 8:
@@ -159,11 +163,15 @@ def wrap_peft(spec: JobSpec, model: Any, base_adapter: str | None) -> Any:
         return PeftModel.from_pretrained(model, base_adapter, is_trainable=True)
     if spec.method == "full":
         return model
+    from cloudtune.trainer.families import moe_lora
+
+    # MoE: fused experts as target_parameters, no router adapter, dropout 0 (families.py)
+    targets = moe_lora(model, spec.lora.targets, spec.lora.dropout) or {
+        "target_modules": lora_targets(model, spec.lora.targets), "lora_dropout": spec.lora.dropout}
     config = LoraConfig(
         r=spec.lora.rank,
         lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=lora_targets(model, spec.lora.targets),
+        **targets,
         task_type="CAUSAL_LM",
         bias="none",
     )
@@ -401,13 +409,15 @@ def run(att: Attempt) -> int:
         model = wrap_peft(spec, model, base_adapter)
 
         chat = tokenizer.chat_template is not None
-        train_rows = to_trl_rows(train_recs, fmt, chat=chat, text_field=spec.data.text_field)
-        eval_rows = to_trl_rows(val_recs, fmt, chat=chat, text_field=spec.data.text_field)
+        train_rows, eval_rows = training_rows(spec, tokenizer, train_recs, val_recs, fmt, chat)
         callback = make_callback(att, monitor, ckpts, req)
         trainer = build_trainer(att, model, tokenizer, train_rows, eval_rows, prec, callback)
 
         # 4. train (HF skips the consumed batches and restores optimizer/scheduler/scaler/RNG)
         result = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
+        from cloudtune.trainer.families import quantized_share, stop_router_logits
+
+        stop_router_logits(trainer.model)  # TRL's aux-loss switch: not in final/config.json, not in generate
 
         if req.stop:
             code = contract.EXIT_STOPPED if req.reason == "control" else contract.EXIT_PREEMPTED
@@ -465,6 +475,7 @@ def run(att: Attempt) -> int:
             "peak_mem_kind": kind,
             "precision": prec,
             "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "quantized_weight_share": quantized_share(trainer.model),
             "quantized_linears": sum(1 for m in trainer.model.modules()  # bnb layers, not PEFT wrappers
                                      if type(m).__module__.startswith("bitsandbytes")
                                      and type(m).__name__ in ("Linear4bit", "Linear8bitLt")),
@@ -485,6 +496,27 @@ def run(att: Attempt) -> int:
         restore_signal_handlers(previous_handlers)
 
 
+def training_rows(spec: JobSpec, tokenizer: Any, train_recs: list, val_recs: list, fmt: str,
+                  chat: bool) -> tuple[list[dict], list[dict]]:
+    """Dataset rows for TRL. SFT chat data is tokenized here (chat.py): labels on assistant turns
+    and end-of-turn only, TRL uses the given labels as they are; rows too long are counted and
+    all-too-long data is refused (DataError: exit 2, before the model loads). Other data goes to TRL
+    as text or prompt/completion (TRL masks the prompt) or preference rows."""
+    from cloudtune.trainer.chat import encode_records
+    from cloudtune.trainer.data import to_trl_rows
+
+    if chat and spec.stage == "sft" and fmt != "text":
+        out = []
+        for recs in (train_recs, val_recs):
+            enc = encode_records(tokenizer, recs, fmt, spec.data.max_seq_len, model=spec.model)
+            for note in enc.notes(spec.data.max_seq_len, recs[0].where.rsplit(":", 1)[0] if recs else ""):
+                log.warning("%s", note)
+            out.append(enc.rows)
+        return out[0], out[1]
+    return (to_trl_rows(train_recs, fmt, chat=chat, text_field=spec.data.text_field),
+            to_trl_rows(val_recs, fmt, chat=chat, text_field=spec.data.text_field))
+
+
 def canonical_adapter_config(folder: Path) -> None:
     """Sort adapter_config.json's target_modules: PEFT writes that list from a set, in an order that
     follows the process's hash seed, so an interrupted and an uninterrupted run would differ there."""
@@ -495,8 +527,10 @@ def canonical_adapter_config(folder: Path) -> None:
         return
     raw = cfg_path.read_text()
     cfg = json.loads(raw)
-    if isinstance(cfg.get("target_modules"), list):
-        cfg["target_modules"] = sorted(cfg["target_modules"])
+    if isinstance(cfg.get("target_modules"), list) or isinstance(cfg.get("target_parameters"), list):
+        for key in ("target_modules", "target_parameters"):  # MoE adapters list expert tensors too
+            if isinstance(cfg.get(key), list):
+                cfg[key] = sorted(cfg[key])
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
