@@ -386,6 +386,9 @@ def validate_data(spec: Any) -> DataSummary:
     conversation or data that is all too long is exit 2 here; the trainer repeats that check on the
     machine before it loads the model, for tokenizers only the machine can download."""
     train, val, summary = load_checked(spec)
+    from cloudtune.trainer import families
+
+    summary.notes.extend(families.check(spec, families.local_config(spec.model)))
     if summary.checked:
         from cloudtune.trainer.chat import local_tokenizer
 
