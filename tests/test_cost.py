@@ -80,3 +80,38 @@ def test_running_attempt_accrues_cost(tmp_path):
     row = db.ledger("runjobxx")[0]
     assert attempt_cost(row, now=1100.0)["cost_usd"] == 1.0
     assert attempt_cost(row, now=1100.0)["ended_at"] is None
+
+
+def test_ledger_closes_at_the_providers_end_time_not_when_noticed(tmp_path, _isolated_home):
+    """#16 finding 7: a machine that ran ~1 s is billed ~1 s, even when the watchdog looks 4 s later."""
+    import time
+
+    from cloudtune.providers import get_provider
+    from cloudtune.providers.base import LaunchRequest
+    from cloudtune.run.orchestrator import Orchestrator
+    from cloudtune.spec import parse_spec
+
+    db = S.StateDB()
+    spec = parse_spec({"name": "billed", "model": "tiny:reverse", "data": {"train": str(tmp_path / "x.jsonl")},
+                       "store": {"url": f"file://{tmp_path / 'store'}"}, "limits": {"max_restarts": 0}})
+    db.insert_job(id="billjob1", name="billed", provider="local", store_url=f"file://{tmp_path / 'store'}",
+                  spec_json=spec.to_json(), plan_json="[]", state=S.RUNNING)
+    p = get_provider("local")
+    req = LaunchRequest(job_id="billjob1", attempt=1, offer=p.offers()[0], spot=False, image="-",
+                        command=[sys.executable, "-c", "import sys, time; time.sleep(1); sys.exit(75)"])
+    started = time.time()
+    m = p.launch(req)
+    db.insert_attempt("billjob1", 1, m.name, "local", "local")
+    db.update_attempt("billjob1", 1, machine_id=m.machine_id, state=S.A_RUNNING)
+    db.open_ledger("billjob1", 1, provider="local", offer_id="local", gpu="CPU", gpu_count=1, spot=0, price_hr=3600.0,
+                   on_demand_price_hr=3600.0, billing_granularity_s=1, started_at=started)
+    while p.status(m.machine_id).state.is_alive:
+        time.sleep(0.1)
+    time.sleep(4.0)  # the watchdog notices late
+    Orchestrator(db, "billjob1").tick()
+    row = db.ledger("billjob1")[0]
+    assert row["ended_at"] is not None and row["end_estimated"] == 0
+    assert row["ended_at"] - started < 3.5, f"billed {row['ended_at'] - started:.1f}s for a ~1 s machine"
+    assert attempt_cost(row)["estimated"] is False
+    open_row = {**row, "ended_at": None}
+    assert attempt_cost(open_row)["estimated"] is True

@@ -55,6 +55,9 @@ def attempt_cost(row: dict[str, Any], now: float | None = None) -> dict[str, Any
         "cost_usd": round(cost, 6),
         "on_demand_cost_usd": round(on_demand, 6) if on_demand is not None else None,
         "end_reason": row.get("end_reason"),
+        # True when the end is ours, not the provider's: still open (priced to now) or closed at the
+        # moment the watchdog noticed the machine gone because the provider gave no end time.
+        "estimated": row.get("ended_at") is None or bool(row.get("end_estimated")),
     }
 
 
@@ -97,7 +100,7 @@ def report(db, jobs) -> dict[str, Any]:
 CSV_FIELDS = [
     "job_id", "job_state", "n", "provider", "offer_id", "gpu", "gpu_count", "region", "spot", "price_hr",
     "on_demand_price_hr", "price_as_of", "billing_granularity_s", "started_at", "ended_at", "hours",
-    "billed_s", "cost_usd", "on_demand_cost_usd", "end_reason",
+    "billed_s", "cost_usd", "on_demand_cost_usd", "end_reason", "estimated",
 ]
 
 
@@ -149,7 +152,7 @@ def render(rep: dict[str, Any], console) -> None:
             t.add_row(
                 str(a["n"]), a["provider"] if a["offer_id"] == a["provider"] else f"{a['provider']}/{a['offer_id']}", gpu,
                 "yes" if a["spot"] else "no", _money(a["price_hr"]), f"{a['billing_granularity_s']}s",
-                _hours(a["hours"]), _money(a["cost_usd"]), _short(a["end_reason"]),
+                _hours(a["hours"]), ("~" if a["estimated"] else "") + _money(a["cost_usd"]), _short(a["end_reason"]),
             )
         console.print(t)
         console.print(
