@@ -9,7 +9,13 @@ Why this shape (../shared/providers.md section 3; vast-ai/vast-cli `vastai/api/{
 - A failed create can still carry `new_contract` (a billing instance): we destroy it.
 - An interruptible instance that is outbid is *paused* without notice while its disk keeps
   billing: status reports PREEMPTED and the orchestrator destroys and relaunches.
-- 429s come without Retry-After; the shared client backs off with jitter.
+- Checked against vast-ai/docs `api-reference/openapi/yaml/` @ c624622 (../shared/apis/vast/endpoints):
+  create's `env` is a string of Docker flags (`-e K=V ...`) with `x-input-validation` limits (256
+  characters per variable, 32768 in all), so the spec travels by its store URL, never inline;
+  search's 404 means a bad key; offers carry `duration` (seconds the host still offers the machine)
+  and `min_bid` excludes storage, so the spot price adds the disk's storage cost.
+- 429s come without Retry-After; the shared client backs off with jitter. Per-endpoint limits
+  (x-rate-limit): search 10/min, create ~4.5 s between requests.
 """
 
 from __future__ import annotations
@@ -52,6 +58,12 @@ AUTH_HINT = f"set {ENV_KEY} or run `vastai set api-key KEY` (writes {KEY_FILES[0
 ENV_SELF_TERMINATE = "CLOUDTUNE_SELF_TERMINATE"
 ENV_MAX_LIFETIME = "CLOUDTUNE_MAX_LIFETIME_S"
 PAGE = 25  # the v1 instance list caps a page at 25 rows
+ENV_MAX_LENGTH = 256  # endpoints/create_instance.yaml x-input-validation env.max_length
+ENV_MAX_TOTAL = 32768  # ... env.max_total_length
+ENV_SPEC = "CLOUDTUNE_SPEC"
+ENV_SPEC_URL = "CLOUDTUNE_SPEC_URL"
+HOURS_PER_MONTH = 730.0  # storage_cost is $/GB/month
+DURATION_MARGIN_S = 3600.0  # an offer must outlast the machine's lifetime cap by this much
 
 # Vast gpu_name spellings -> cloudtune's normalised name (../shared/catalog/README.md "Normalisation").
 VAST_GPU_NAMES: dict[str, str] = {
@@ -123,7 +135,7 @@ class VastFilters:
     gpu_counts: tuple[int, ...] = (1, 2, 4, 8)
     limit: int = 1000
 
-    def query(self, *, disk_gb: float = 100.0, offer_type: str = "on-demand") -> dict[str, Any]:
+    def query(self, *, disk_gb: float = 100.0, offer_type: str = "ondemand") -> dict[str, Any]:
         q: dict[str, Any] = {
             "rentable": {"eq": True},
             "rented": {"eq": False},
@@ -136,7 +148,8 @@ class VastFilters:
             q["external"] = {"eq": False}
         if self.min_cuda is not None:
             q["cuda_max_good"] = {"gte": self.min_cuda}
-        q.update({"order": [["dph_total", "asc"]], "type": offer_type, "limit": self.limit,
+        # search_offers.yaml: `type` is ondemand|bid|reserved; `order` has exactly two [field, dir] entries
+        q.update({"order": [["dph_total", "asc"], ["reliability", "desc"]], "type": offer_type, "limit": self.limit,
                   "allocated_storage": disk_gb})
         return q
 
@@ -147,10 +160,40 @@ def _text(body: Any) -> str:
     return "" if body is None else str(body)
 
 
+def docker_env(env: dict[str, str]) -> str:
+    """`env` as create_instance documents it: Docker flags, `-e KEY=VALUE`, double-quoted when needed.
+
+    Checked against the spec's limits before anything is rented: a variable over 256 characters,
+    or one Docker-flag parsing cannot carry (quotes, newlines), is a one-line InvalidRequestError."""
+    parts = []
+    for key, value in env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise InvalidRequestError(f"vast: environment variable name {key!r} is not valid", provider=PROVIDER)
+        value = str(value)
+        if any(c in value for c in "\"'\n\r"):
+            raise InvalidRequestError(
+                f"vast: environment variable {key} contains a quote or newline, which Vast's Docker-flag env "
+                "cannot carry; pass it another way (e.g. in the store)", provider=PROVIDER)
+        entry = f"{key}={value}"
+        if len(entry) > ENV_MAX_LENGTH:
+            raise InvalidRequestError(
+                f"vast: environment variable {key} is {len(entry)} characters; Vast allows {ENV_MAX_LENGTH} per "
+                "variable (create_instance x-input-validation); use credentials without a long session token "
+                "for the store, or a provider without this limit", provider=PROVIDER)
+        parts.append(f'-e {key}="{value}"' if re.search(r"\s", value) else f"-e {entry}")
+    text = " ".join(parts)
+    if len(text) > ENV_MAX_TOTAL:
+        raise InvalidRequestError(f"vast: the environment is {len(text)} characters, over Vast's {ENV_MAX_TOTAL}",
+                                  provider=PROVIDER)
+    return text
+
+
 def _classify(resp: Any, body: Any) -> ProviderError | None:
     text = _text(body) or resp.text[:300]
     status = resp.status_code
-    if status in (401, 403) or "auth_error" in text:
+    req = getattr(resp, "request", None)
+    search = req is not None and req.method == "POST" and "/bundles" in str(req.url.path)
+    if status in (401, 403) or "auth_error" in text or (search and status == 404):  # search: 404 = bad key
         return AuthError(f"vast rejected the API key (HTTP {status}); {AUTH_HINT}", provider=PROVIDER)
     if _FUNDS.search(text) and status in (400, 402, 403, 409):
         return QuotaError(f"vast: insufficient credit: {text}", provider=PROVIDER)
@@ -172,6 +215,10 @@ def _map_state(inst: dict[str, Any]) -> tuple[MachineState, str]:
     if msg:
         words += f" status_msg={msg[:200]!r}"
     is_bid = bool(inst.get("is_bid"))
+    if actual in ("destroyed", "terminated") or cur in ("destroyed", "terminated"):
+        return MachineState.TERMINATED, words
+    if actual == "unknown":  # openapi.yaml "poll trap": exited/unknown/offline never reach running
+        return MachineState.FAILED, f"Vast reports the container state unknown (never reaches running); {words}"
     stopped = actual in ("stopped", "exited") or cur == "stopped"
     if is_bid and (stopped or (cur == intended == nxt == "stopped")):
         return MachineState.PREEMPTED, f"outbid: interruptible instance paused by Vast (disk still bills); {words}"
@@ -215,6 +262,7 @@ class VastProvider:
 
             self.filters = replace(self.filters, min_reliability=float(min_reliability))
         self.bid_markup = bid_markup
+        self._rows: dict[str, dict[str, Any]] = {}  # raw asks seen by the last searches (min_bid, duration)
         self.http = HttpClient(
             PROVIDER, self.api_url, self._api_key, auth_hint=AUTH_HINT, timeout_s=timeout_s,
             retry=retry, classify=_classify,
@@ -227,9 +275,20 @@ class VastProvider:
 
     def _search(self, query: dict[str, Any]) -> list[dict[str, Any]]:
         body = self.http.post_json("/api/v0/bundles/", query, idempotent=True)
-        return list((body or {}).get("offers") or [])
+        rows = [o for o in (body or {}).get("offers") or [] if isinstance(o, dict)]
+        for o in rows:
+            if o.get("id") is not None:
+                self._rows[str(o["id"])] = o
+        return rows
 
-    def _offer(self, o: dict[str, Any], now: str) -> Offer:
+    @staticmethod
+    def _storage_hr(o: dict[str, Any], disk_gb: float) -> float:
+        try:
+            return float(o.get("storage_cost") or 0.0) * float(disk_gb) / HOURS_PER_MONTH
+        except (TypeError, ValueError):
+            return 0.0
+
+    def _offer(self, o: dict[str, Any], now: str, disk_gb: float = 100.0) -> Offer:
         from cloudtune.catalog import gpu_spec, usable_gib
 
         gpu_ram = float(o.get("gpu_ram") or 0)
@@ -237,6 +296,9 @@ class VastProvider:
         spec = gpu_spec(gpu)
         nominal = spec.vram_gb if spec else gpu_ram / 1000.0
         min_bid = o.get("min_bid")
+        spot = None
+        if min_bid:  # min_bid excludes storage; dph_total includes it: make them comparable
+            spot = float(min_bid) + self._storage_hr(o, disk_gb)
         cores = o.get("cpu_cores_effective") or o.get("cpu_cores")
         return Offer(
             provider=PROVIDER,
@@ -246,7 +308,7 @@ class VastProvider:
             vram_gib_per_gpu=usable_gib(gpu, float(nominal)),
             region=str(o.get("geolocation") or "unknown"),
             price_hr=round(float(o["dph_total"]), 4) if o.get("dph_total") is not None else None,
-            spot_price_hr=round(float(min_bid), 4) if min_bid else None,
+            spot_price_hr=round(spot, 4) if spot is not None else None,
             as_of=now,
             billing_granularity_s=1,
             vcpus=int(cores) if cores else None,
@@ -267,37 +329,60 @@ class VastProvider:
     def _resolve_ask(self, req: LaunchRequest, exclude: set[str] = frozenset()) -> Offer:  # type: ignore[assignment]
         """A live ask equivalent to `req.offer` (same GPU and count, reliable host, cheapest)."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        q = self.filters.query(disk_gb=req.disk_gb, offer_type="bid" if req.spot else "on-demand")
+        q = self._launch_query(req)
         q["gpu_name"] = {"in": vast_gpu_names(req.offer.gpu)}
         q["num_gpus"] = {"eq": req.offer.gpu_count}
         q["limit"] = 20
         for o in self._search(q):
-            cand = self._offer(o, now)
+            cand = self._offer(o, now, req.disk_gb)
             if cand.offer_id not in exclude and cand.gpu == req.offer.gpu:
                 return cand
         raise CapacityError(
             f"vast: no reliable host offers {req.offer.gpu_count}x {req.offer.gpu} now", provider=PROVIDER
         )
 
+    @staticmethod
+    def needed_duration_s(req: LaunchRequest) -> float | None:
+        """How long the host must still offer the machine: the lifetime cap plus a margin."""
+        return req.max_lifetime_s + DURATION_MARGIN_S if req.max_lifetime_s else None
+
+    def _launch_query(self, req: LaunchRequest) -> dict[str, Any]:
+        q = self.filters.query(disk_gb=req.disk_gb, offer_type="bid" if req.spot else "ondemand")
+        need = self.needed_duration_s(req)
+        if need:
+            q["duration"] = {"gte": need}  # search_offers: seconds the offer must still be available
+        return q
+
+    def _live_ask(self, req: LaunchRequest) -> Offer | None:
+        """The planned ask itself, if it is still rentable and lasts long enough (else None)."""
+        q = self._launch_query(req)
+        q.update(id={"eq": int(req.offer.offer_id)}, limit=1)
+        rows = self._search(q)
+        return self._offer(rows[0], datetime.now(UTC).isoformat(timespec="seconds"), req.disk_gb) if rows else None
+
     # ------------------------------------------------------------ launch
 
     def _bid(self, offer: Offer) -> float:
-        base = offer.spot_price_hr or offer.price_hr
+        """The bid (`price`, $/h per machine): the host's min_bid (no storage) with our markup."""
+        row = self._rows.get(offer.offer_id) or {}
+        base = row.get("min_bid") or offer.spot_price_hr or offer.price_hr
         if not base:
             raise InvalidRequestError(f"vast: offer {offer.offer_id} has no price to bid from", provider=PROVIDER)
         return round(base * self.bid_markup, 4)
 
     def _create_body(self, req: LaunchRequest, offer: Offer, *, redacted: bool = False) -> dict[str, Any]:
         env = dict(req.redacted_env() if redacted else req.all_env())
+        if env.get(ENV_SPEC_URL):
+            env.pop(ENV_SPEC, None)  # the inline spec (KBs) is over Vast's env limit; the trainer reads the URL
         env[ENV_SELF_TERMINATE] = self.self_terminate().command[-1]
         if req.max_lifetime_s:
             env[ENV_MAX_LIFETIME] = str(int(req.max_lifetime_s))
         body: dict[str, Any] = {
-            "client_id": "me",
+            "client_id": "me",  # what vast-cli sends; the schema allows extra fields
             "image": req.image,
             "disk": int(req.disk_gb),
             "label": req.name,
-            "env": env,
+            "env": docker_env(env),
             "runtype": "args",
             "args": list(req.command),
             "cancel_unavail": True,
@@ -311,7 +396,7 @@ class VastProvider:
         out: list[dict] = []
         offer = req.offer
         if not offer.offer_id.isdigit():
-            q = self.filters.query(disk_gb=req.disk_gb, offer_type="bid" if req.spot else "on-demand")
+            q = self._launch_query(req)
             q.update(gpu_name={"in": vast_gpu_names(offer.gpu)}, num_gpus={"eq": offer.gpu_count}, limit=20)
             out.append({"method": "POST", "url": self.http.url("/api/v0/bundles/"), "headers": headers, "json": q})
         ask = offer.offer_id if offer.offer_id.isdigit() else "<ask id from the search above>"
@@ -320,7 +405,9 @@ class VastProvider:
         return out
 
     def launch(self, req: LaunchRequest) -> Machine:
-        offer = req.offer if req.offer.offer_id.isdigit() else self._resolve_ask(req)
+        self._create_body(req, req.offer)  # bad env is refused before anything is searched or rented
+        offer = (self._live_ask(req) if req.offer.offer_id.isdigit() else None) or self._resolve_ask(
+            req, exclude={req.offer.offer_id})
         try:
             return self._accept(req, offer)
         except CapacityError:
@@ -387,8 +474,11 @@ class VastProvider:
         )
 
     def status(self, machine_id: str) -> Machine:
-        body = self.http.get_json(f"/api/v0/instances/{machine_id}/", params={"owner": "me"})
-        inst = (body or {}).get("instances")
+        try:
+            body = self.http.get_json(f"/api/v0/instances/{machine_id}/")
+        except InvalidRequestError as err:  # show_instance.yaml: 400 = invalid instance id
+            raise NotFoundError(f"vast: instance {machine_id} does not exist ({err})", provider=PROVIDER) from None
+        inst = (body or {}).get("instances")  # observed: null for an id this account does not have
         if not inst:
             raise NotFoundError(f"vast: instance {machine_id} does not exist", provider=PROVIDER)
         return self._machine(inst)
@@ -423,20 +513,22 @@ class VastProvider:
 
     def terminate(self, machine_id: str) -> None:
         try:
-            self.http.request("DELETE", f"/api/v0/instances/{machine_id}/", json={})
+            self.http.request("DELETE", f"/api/v0/instances/{machine_id}/")
         except NotFoundError:
             return
         try:
             after = self.status(machine_id)
         except NotFoundError:
             return
+        if after.state is MachineState.TERMINATED:
+            return
         log.warning("vast: instance %s still reads %s right after destroy; the caller will verify and retry",
                     machine_id, after.detail)
 
     def self_terminate(self) -> SelfTerminate:
         url = f"{self.api_url}/api/v0/instances/$CONTAINER_ID/"
-        cmd = (f'curl -fsS --retry 5 --retry-all-errors --max-time 30 -X DELETE "{url}" '
-               '-H "Authorization: Bearer $CONTAINER_API_KEY"')
+        # no quotes: it travels in Vast's Docker-flag env string (docker_env)
+        cmd = f"curl -fsS --retry 5 --retry-all-errors --max-time 30 -X DELETE --oauth2-bearer $CONTAINER_API_KEY {url}"
         return SelfTerminate(
             command=["sh", "-c", cmd],
             env=("CONTAINER_ID", "CONTAINER_API_KEY"),

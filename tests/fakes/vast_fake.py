@@ -6,6 +6,9 @@ Shapes follow vast-ai/vast-cli `vastai/api/{offers,instances}.py` and vast-ai/do
 `GET /api/v0/instances/{id}/` -> `{"instances": {...} | null}`; `GET /api/v1/instances/`
 (JSON-encoded `select_filters`, pages of `limit` with `next_token`); `DELETE /api/v0/instances/{id}/`;
 errors `{"success": false, "error": "no_such_ask|auth_error|not_found|...", "msg": ...}`.
+Checked against the per-endpoint files of vast-ai/docs @ c624622 (../shared/apis/vast/endpoints):
+create takes `env` as a Docker-flag string and enforces `x-input-validation` (400 invalid_args);
+a bad key on search is a 404 (search_offers.yaml), elsewhere a 401 `Error`.
 
 Test controls: `outbid(id)` pauses an interruptible instance (stopped, no notice) and kills its
 process; `host_offline(id)`; `contract_on_failure=True` makes the next create fail with a
@@ -74,6 +77,7 @@ class VastFake(FakeServer):
         self.workloads = LocalWorkloads(log_dir)
         self._ids = itertools.count(9001)
         self.queries: list[dict[str, Any]] = []
+        self.destroyed: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ test controls
 
@@ -88,6 +92,8 @@ class VastFake(FakeServer):
                 and req.bearer == self.container_key(parts[3]))
 
     def unauthorized(self, req: Request) -> Response:
+        if req.method == "POST" and req.path.startswith("/api/v0/bundles"):
+            return Response(404, {"error": "auth_error", "msg": "Invalid user key"})  # search_offers.yaml 404
         return err(401, "auth_error", "Invalid user key")
 
     def not_found(self, req: Request) -> Response:
@@ -135,11 +141,11 @@ class VastFake(FakeServer):
     def bundles(self, req: Request) -> Response:
         q = req.json or {}
         self.queries.append(q)
-        if q.get("type") not in ("on-demand", "ondemand", "bid", "reserved"):
+        if q.get("type") not in ("ondemand", "bid", "reserved"):
             return err(400, "invalid_args", f"bad type {q.get('type')!r}")
         with self.lock:
             rows = [dict(o) for o in self.offers if self._matches(o, q)]
-        for field, direction in q.get("order") or []:
+        for field, direction in reversed(q.get("order") or []):  # first key sorts last (stable sort)
             rows.sort(key=lambda o, f=field: o.get(f) or 0, reverse=direction == "desc")
         return Response(200, {"offers": rows[: int(q.get("limit") or 64)]})
 
@@ -147,24 +153,30 @@ class VastFake(FakeServer):
 
     @route("PUT", r"/api/v0/asks/(?P<id>\d+)/")
     def accept(self, req: Request) -> Response:
+        from tests.fakes.contract import parse_docker_env, vast_spec
+
         ask_id = int(req.params["id"])
         body = req.json or {}
         if not body.get("image"):
             return err(400, "invalid_args", "image is required")
+        problems = vast_spec().check_request("PUT", req.path, {}, body)
+        if problems:  # type errors and x-input-validation limits
+            return err(400, "invalid_args", "; ".join(p.split(": ", 1)[-1] for p in problems)[:500], ask_id=ask_id)
+        env_vars = parse_docker_env(body.get("env") or "")
         with self.lock:
             offer = next((o for o in self.offers if o["id"] == ask_id), None)
             if offer is None or offer["rented"]:
                 return err(404, "no_such_ask", f"Instance type by id {ask_id} is not available.")
             price = float(body["price"]) if body.get("price") is not None else offer["dph_total"]
             if body.get("price") is not None and price < offer["min_bid"]:
-                return err(400, "invalid_args", f"bid {price} is below the minimum bid {offer['min_bid']}")
+                return err(400, "invalid_price", f"bid {price} is below the minimum bid {offer['min_bid']}")
             if self.credit < price:
                 return err(400, "insufficient_credit", "Your account lacks credit; please add funds.")
             inst_id = next(self._ids)
             self.instances[inst_id] = {
                 "id": inst_id, "machine_id": offer["machine_id"], "label": body.get("label"),
                 "image_uuid": body["image"], "image_args": body.get("args") or [], "onstart": body.get("onstart"),
-                "extra_env": [[k, str(v)] for k, v in (body.get("env") or {}).items()],
+                "extra_env": [[k, v] for k, v in env_vars.items()],
                 "actual_status": None, "intended_status": "running", "cur_state": "running",
                 "next_state": "running", "status_msg": "", "is_bid": body.get("price") is not None,
                 "dph_total": price, "geolocation": offer["geolocation"], "gpu_name": offer["gpu_name"],
@@ -175,7 +187,7 @@ class VastFake(FakeServer):
             fail = self.contract_on_failure
             self.contract_on_failure = False
         if self.run_commands and body.get("args"):
-            env = {**{k: str(v) for k, v in (body.get("env") or {}).items()},
+            env = {**env_vars,
                    "CONTAINER_ID": str(inst_id), "CONTAINER_API_KEY": self.container_key(inst_id),
                    "VAST_CONTAINERLABEL": f"C.{inst_id}", "GPU_COUNT": str(offer["num_gpus"])}
             self.workloads.start(str(inst_id), list(body["args"]), env, cwd=self.cwd)
@@ -185,19 +197,23 @@ class VastFake(FakeServer):
 
     # ------------------------------------------------------------ read
 
-    def _public(self, inst: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in inst.items() if not k.startswith("_")}
+    def _public(self, inst: dict[str, Any], *, v0: bool = False) -> dict[str, Any]:
+        """An Instance as each endpoint documents it (show_instance: extra_env strings; v1: pairs)."""
+        out = {k: v for k, v in inst.items() if not k.startswith("_") and v is not None or k == "actual_status"}
+        if v0:
+            out["extra_env"] = [f"{k}={v}" for k, v in inst["extra_env"]]
+        return out
 
     @route("GET", r"/api/v0/instances/(?P<id>\d+)/")
     def show(self, req: Request) -> Response:
         with self.lock:
-            inst = self.instances.get(int(req.params["id"]))
-            if inst is None:
-                return Response(200, {"instances": None})
+            inst = self.instances.get(int(req.params["id"])) or self.destroyed.get(int(req.params["id"]))
+            if inst is None:  # show_instance.yaml: 400 = invalid instance id
+                return err(400, "invalid_args", f"error 400: Invalid instance id {req.params['id']}")
             if inst["actual_status"] in (None, "loading") and inst["intended_status"] == "running":
                 inst["_reads"] += 1
                 inst["actual_status"] = "loading" if inst["_reads"] == 1 else "running"
-            return Response(200, {"instances": self._public(inst)})
+            return Response(200, {"instances": self._public(inst, v0=True)})
 
     @route("GET", r"/api/v1/instances/")
     def list_v1(self, req: Request) -> Response:
@@ -222,6 +238,9 @@ class VastFake(FakeServer):
         inst_id = int(req.params["id"])
         with self.lock:
             inst = self.instances.pop(inst_id, None)
+            if inst is not None:  # still readable for a while, as destroyed (issue #12)
+                self.destroyed[inst_id] = {**inst, "actual_status": "destroyed", "intended_status": "stopped",
+                                           "cur_state": "stopped", "next_state": "stopped"}
             for o in self.offers:
                 if inst is not None and o["id"] == inst["_ask"]:
                     o["rented"] = False
