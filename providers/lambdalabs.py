@@ -132,10 +132,16 @@ def read_api_key(explicit: str | None = None) -> str | None:
 
 
 def normalise_gpu(instance_type_name: str, gpu_description: str = "") -> str:
-    """The catalog's GPU name for a Lambda instance type (falls back to the description's model)."""
+    """The catalog's GPU name for a Lambda instance type (falls back to the description's model).
+
+    Lambda adds suffixes to known types (the spec's own example is `gpu_8x_h100_sxm5gdr`): the
+    longest known suffix the type's suffix starts with wins, so `h100_sxm5gdr` is an H100-SXM."""
     m = _TYPE_RE.match(instance_type_name)
-    if m and m.group(2) in _GPU_BY_SUFFIX:
-        return _GPU_BY_SUFFIX[m.group(2)]
+    if m:
+        suffix = m.group(2)
+        known = [k for k in _GPU_BY_SUFFIX if suffix == k or suffix.startswith(k)]
+        if known:
+            return _GPU_BY_SUFFIX[max(known, key=len)]
     head = gpu_description.split("(")[0].strip().replace(" ", "")
     return head or instance_type_name
 
@@ -480,6 +486,22 @@ class LambdaProvider:
                 provider=PROVIDER,
             )
 
+    def _missing_launch_resource(self, req: LaunchRequest, err: ProviderError) -> ProviderError:
+        """Launch's 404 `global/object-does-not-exist`: a resource the request names is missing.
+
+        The code does not say which (and `message` must not be parsed), so ask: if the SSH key is
+        not in GET /ssh-keys, the setting is wrong and no other offer helps; else the instance type
+        or region is gone, which another offer can avoid."""
+        try:
+            keys = {k.get("name") for k in (self.http.get_json("/ssh-keys") or {}).get("data") or []}
+        except ProviderError:
+            keys = None
+        if keys is not None and self.ssh_key_name not in keys:
+            return LambdaConfigError(
+                f"lambda: the SSH key {self.ssh_key_name!r} ({ENV_SSH_KEY}) does not exist in this Lambda account; "
+                "set it to the name of a key under cloud.lambda.ai -> SSH keys", provider=PROVIDER)
+        return CapacityError(f"{err} [{req.offer.offer_id} in {req.offer.region}]", provider=PROVIDER)
+
     def _wait_launch_slot(self) -> None:
         global _last_launch_at
         with _launch_lock:
@@ -504,6 +526,8 @@ class LambdaProvider:
             data = self.http.post_json("/instance-operations/launch", body, idempotent=False)
         except CapacityError as err:
             raise CapacityError(f"{err} [region {req.offer.region}]", provider=PROVIDER) from None
+        except NotFoundError as err:
+            raise self._missing_launch_resource(req, err) from None
         finally:
             self._mark_launched()
         ids = ((data or {}).get("data") or {}).get("instance_ids") or []

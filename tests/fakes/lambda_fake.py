@@ -232,6 +232,13 @@ class LambdaFake(FakeServer):
             }
         return Response(200, {"data": data})
 
+    @route("GET", r"/api/v1/ssh-keys")
+    def list_ssh_keys(self, req: Request) -> Response:
+        with self.lock:
+            keys = sorted(self.ssh_keys)
+        return Response(200, {"data": [{"id": f"key{i:04d}", "name": k, "public_key": f"ssh-ed25519 AAAA{i} {k}"}
+                                       for i, k in enumerate(keys)]})
+
     @route("POST", r"/api/v1/instance-operations/launch")
     def launch(self, req: Request) -> Response:
         body = req.json or {}
@@ -249,8 +256,9 @@ class LambdaFake(FakeServer):
             keys = body["ssh_key_names"]
             if not isinstance(keys, list) or len(keys) != 1:
                 return _err(400, "global/invalid-parameters", "Exactly one SSH key name must be specified.")
-            if keys[0] not in self.ssh_keys:
-                return _err(400, "global/invalid-parameters", f"SSH key '{keys[0]}' does not exist.")
+            if keys[0] not in self.ssh_keys:  # ApiErrorLaunchResourceNotFound (launch 404)
+                return _err(404, "global/object-does-not-exist", f"SSH key '{keys[0]}' does not exist.",
+                            "Check the name of the SSH key and try again.")
             name = body.get("name")
             if name is not None and len(name) > 64:
                 return _err(400, "global/invalid-parameters", "Instance name is too long.")
