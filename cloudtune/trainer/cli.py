@@ -25,6 +25,8 @@ from cloudtune.errors import SpecError, UserError
 from cloudtune.spec import JobSpec, load_spec, parse_spec
 from cloudtune.store import layout, open_store
 from cloudtune.store.base import Store
+from cloudtune.store.retry import StoreUnavailable
+
 from cloudtune.trainer import contract
 
 log = logging.getLogger("cloudtune.trainer")
@@ -67,7 +69,11 @@ def open_job_store(spec: JobSpec | None, override: str | None) -> Store:
 
     url = override or os.environ.get(contract.ENV_STORE) or (spec.store.url if spec else "") or default_store_url()
     endpoint = os.environ.get(contract.ENV_STORE_ENDPOINT) or (spec.store.endpoint_url if spec else None)
-    return open_store(url, endpoint_url=endpoint, region=spec.store.region if spec else None)
+    # On the machine a store spell (read-only, full, unreachable) costs a pause, not the job (#16).
+    from cloudtune.store.retry import retry_budget_s
+
+    return open_store(url, endpoint_url=endpoint, region=spec.store.region if spec else None,
+                      retry_s=retry_budget_s(default=300.0))
 
 
 def write_failed(store: Store | None, job_id: str | None, attempt: int, reason: str, kind: str, code: int) -> None:
@@ -114,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
         work = Path(args.work_dir) if args.work_dir else home() / "work" / job_id / f"attempt-{attempt}"
         return run(Attempt(spec=spec, job_id=job_id, attempt=attempt, store=store, work_dir=work))
+    except StoreUnavailable as err:
+        # Not the job's fault and not final: stop resumable (75); the watchdog relaunches from the last
+        # good checkpoint. No FAILED.json: that would end the job for a fault of the moment.
+        print(f"error: {err}; stopping resumable (exit {contract.EXIT_PREEMPTED})", file=sys.stderr)
+        return contract.EXIT_PREEMPTED
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         write_failed(store, job_id, attempt, str(err), "bad_input", contract.EXIT_BAD_INPUT)
