@@ -16,10 +16,13 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "vast": ("cloudtune.providers.vast", "VastProvider"),
     "lambda": ("cloudtune.providers.lambdalabs", "LambdaProvider"),
     "modal": ("cloudtune.providers.modal", "ModalProvider"),
+    # a launch route, not a catalog: multi-node options of aws/lambda run as SkyPilot clusters
+    "skypilot": ("cloudtune.providers.skypilot", "SkyPilotProvider"),
 }
 
 KNOWN_PROVIDERS: tuple[str, ...] = tuple(_REGISTRY)
-CLOUD_PROVIDERS: tuple[str, ...] = tuple(p for p in _REGISTRY if p != "local")
+# Providers with catalog offers of their own (skypilot launches other providers' offers).
+CLOUD_PROVIDERS: tuple[str, ...] = tuple(p for p in _REGISTRY if p not in ("local", "skypilot"))
 
 
 def check_provider_name(name: str) -> str:

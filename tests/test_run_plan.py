@@ -1,4 +1,4 @@
-"""`cloudtune run`'s plan: only options the trainer can use (one GPU on one node), a workload and time\nestimate that match what the trainer really runs, and a budget check before anything starts."""
+"""`cloudtune run`'s plan: the options `cloudtune plan` ranks (tests/test_plan_run_agree.py), a workload and time\nestimate that match what the trainer really runs, and a budget check before anything starts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudtune.errors import NothingFits, UserError
+from cloudtune.errors import UserError
 from cloudtune.planner import throughput
 from cloudtune.planner.plan import plan_for_spec, workload_for_spec
 from cloudtune.run.orchestrator import check_budget, plan_job
@@ -21,22 +21,23 @@ def _spec(model: str, method: str, **resources) -> object:
     })
 
 
-def test_run_plans_only_single_gpu_options():
+def test_run_launches_what_plan_ranks_one_gpu_when_one_fits():
     draft = plan_job(_spec("70b", "qlora"), ["aws"])
-    assert draft.options, "a 70B QLoRA fits one 80 GB card"
-    assert all(o.offer.gpu_count == 1 for o in draft.options)
+    plan = plan_for_spec(_spec("70b", "qlora"))
+    assert [(o.offer.offer_id, o.total_gpus, o.spot) for o in draft.options] == \
+        [(o.offer.offer_id, o.gpu_count, o.spot) for o in plan.options]
 
 
-def test_a_job_that_needs_several_gpus_is_refused_before_anything_is_spent():
-    with pytest.raises(NothingFits) as err:
-        plan_job(_spec("70b", "full"), ["aws"])
-    msg = str(err.value)
-    assert "trainer trains on one GPU" in msg and "cloudtune plan" in msg and "\n" not in msg
+def test_a_job_that_needs_several_gpus_runs_on_several():
+    """Was refused while the trainer trained on one GPU; now the plan's multi-GPU choice is launched (#11)."""
+    draft = plan_job(_spec("70b", "full"), ["aws"])
+    assert draft.choice.total_gpus > 1
+    assert draft.choice.launcher in ("accelerate-fsdp", "skypilot+accelerate-fsdp")
 
 
-def test_forcing_several_gpus_is_refused():
-    with pytest.raises(NothingFits, match="resources.gpus is 4"):
-        plan_job(_spec("8b", "lora", gpus=4), ["aws"])
+def test_forcing_several_gpus_plans_that_many():
+    draft = plan_job(_spec("8b", "lora", gpus=4), ["aws"])
+    assert draft.options and all(o.total_gpus == 4 and o.nodes == 1 for o in draft.options)
 
 
 # ---------------------------------------------------------------- the workload and the time it takes

@@ -83,7 +83,8 @@ def _show_plan(console, draft) -> None:
     est_h = f"{c.est_hours * 60:.1f} min" if c.est_hours is not None else "unknown"
     est_c = f"${c.est_cost_usd:.4f}" if c.est_cost_usd is not None else "unknown"
     console.print(
-        f"plan: {o.provider}/{o.offer_id} {o.gpu_count}x {o.gpu}{' spot' if c.spot else ''} "
+        f"plan: {o.provider}/{o.offer_id} {o.gpu_count}x {o.gpu}{f' x {c.nodes} nodes' if c.nodes > 1 else ''}"
+        f"{' spot' if c.spot else ''} "
         f"at ${c.price_hr:.4f}/h; estimate {est_h}, {est_c}"
         + (f" ({len(draft.options) - 1} fallback option(s))" if len(draft.options) > 1 else ""),
         markup=False,
@@ -109,7 +110,7 @@ def _dry_run(console, draft, json_out: bool) -> None:
     spec = draft.spec
     store_url = (spec.store.url or __import__("cloudtune.home", fromlist=["x"]).default_store_url())
     fake = Job({"id": "<job-id>", "store_url": store_url, "store_endpoint": spec.store.endpoint_url,
-                "est_hours": draft.choice.est_hours})
+                "est_hours": draft.choice.est_hours, "created_at": __import__("time").time()})
     req = build_request(fake, spec, draft.choice, 1)
     described = make_provider(draft.choice.offer.provider).describe_launch(req)
     staged = stage_inputs(spec, store_url, "<job-id>") if remote_providers(draft) else None

@@ -236,6 +236,12 @@ def _render(result: Any, top: int) -> None:
         by_reason.setdefault(s.reason, []).append(f"{s.gpu} {s.offers}")
     for reason, gpus in by_reason.items():
         console.print(f"  [dim]skipped ({', '.join(gpus)} offers): {reason}[/]")
+    blocked: dict[str, list[str]] = {}
+    for o in result.unlaunchable:
+        blocked.setdefault(o.not_launchable, []).append(f"{o.provider} {o.label()}")
+    for reason, labels in blocked.items():
+        shown_labels = ", ".join(dict.fromkeys(labels[:4])) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+        console.print(f"  [dim]not launchable, so not ranked ({shown_labels}): {reason}[/]")
 
     a = result.assumptions
     tm = a["time_model"]

@@ -31,8 +31,15 @@ from cloudtune.providers.modal_pricing import surcharge_note as modal_surcharge_
 # grow with the job need the rest (vram_notes section 5: "don't plan past ~92% of the card").
 SAFETY_FRACTION = 0.92
 NODE_COUNTS = (2, 4, 8, 16)  # multi-node sizes tried (x 8 GPUs) when no single node holds the job
-# Providers where a multi-node cluster can be launched (through SkyPilot); Vast and Modal are not.
+# Providers whose 8-GPU nodes are tried as multi-node clusters. Which of them can really be launched
+# is `launch_route`'s answer (SkyPilot runs clusters on AWS and Lambda, not on RunPod or Vast): the
+# others stay in the plan as not launchable, with the reason, so the table can say why.
 MULTI_NODE_PROVIDERS = ("aws", "lambda", "runpod")
+# How the trainer's launcher (cloudtune/trainer/launch.py) shards a job across GPUs; zero2/zero3 need
+# DeepSpeed, which the trainer image does not install. tests/test_plan_run_agree.py keeps these equal.
+TRAINER_SHARDINGS = ("none", "ddp", "fsdp")
+LAUNCHERS = {"none": "single", "ddp": "ddp", "fsdp": "accelerate-fsdp", "zero2": "accelerate-deepspeed",
+             "zero3": "accelerate-deepspeed"}
 
 
 @dataclass
@@ -53,6 +60,11 @@ class PlanOption:
     # spot price far below the provider's usual discount (planner/spot.py): ranked at rank_price_hr
     suspect_spot: bool = False
     rank_cost_usd: float | None = None
+    # how it launches (launch_route): the processes on each machine, the adapter that rents the
+    # machines, and why it cannot be launched ("" when it can)
+    launcher: str = "single"
+    launch_via: str = ""
+    not_launchable: str = ""
 
     @property
     def provider(self) -> str:
@@ -93,6 +105,9 @@ class PlanOption:
             "suspect_spot": self.suspect_spot,
             "rank_cost_usd": None if self.rank_cost_usd is None else round(self.rank_cost_usd, 2),
             "notes": list(self.notes),
+            "launcher": self.launcher,
+            "launch_via": self.launch_via or self.offer.provider,
+            **({"not_launchable": self.not_launchable} if self.not_launchable else {}),
         }
 
 
@@ -116,6 +131,7 @@ class Plan:
     memory: MemoryEstimate | None  # the choice's estimate; the smallest GPU count's when nothing fits
     options: list[PlanOption]
     skipped: list[Skipped] = field(default_factory=list)
+    unlaunchable: list[PlanOption] = field(default_factory=list)  # fit, but cannot be launched: never a choice
     assumptions: dict[str, Any] = field(default_factory=dict)
     catalog_age: str = ""
     nothing_fits: str = ""  # why options is empty: one line, naming what to do
@@ -156,6 +172,7 @@ class Plan:
             "choice": self.choice.to_dict() if self.choice else None,
             "options_total": len(self.options),
             "skipped": [s.to_dict() for s in self.skipped],
+            "not_launchable": [o.to_dict() for o in self.unlaunchable[: top or None]],
             "catalog": self.catalog_age,
             "nothing_fits": self.nothing_fits or None,
         }
@@ -228,6 +245,9 @@ def make_plan(
 
     for name in providers or ():
         check_provider_name(name)
+    if providers and "skypilot" in providers:
+        raise UserError("skypilot is how multi-node options launch, not a catalog of offers; name the clouds "
+                        "instead (--provider aws,lambda): their multi-node options launch through SkyPilot")
     if providers and "local" in providers:
         raise UserError("the local provider has no catalog offers to rank; plan local jobs with plan_for_spec "
                         "or pass cloud providers only")
@@ -335,6 +355,10 @@ def make_plan(
             else:
                 options.append(option)
     options.sort(key=lambda o: (o.rank_cost_usd, o.est_hours, o.price_hr, o.provider, o.region, o.offer.offer_id))
+    for o in options:
+        o.launcher, o.launch_via, o.not_launchable = launch_route(o)
+    unlaunchable = [o for o in options if o.not_launchable]
+    options = [o for o in options if not o.not_launchable]
 
     smallest = min((n for _, _, n, _ in candidates), default=gpus or 1)
     memory = options[0].memory if options else mem_for(smallest)
@@ -347,10 +371,36 @@ def make_plan(
         skipped=[Skipped(g, r, c) for (g, r), c in sorted(skipped.items())],
         assumptions=_assumptions(cfg, workload, spot, max_price_hr),
         catalog_age=catalog_age(pool) if pool else "no offers",
+        unlaunchable=unlaunchable,
     )
-    if not options:
+    if not options and unlaunchable:
+        reasons = "; ".join(dict.fromkeys(f"{o.label()} on {o.provider}: {o.not_launchable}" for o in unlaunchable[:3]))
+        plan.nothing_fits = (f"{len(unlaunchable)} option(s) fit but none can be launched ({reasons}); "
+                             f"try --provider aws or lambda for multi-node, or {_suggest(cfg, gpus)}")
+    elif not options:
         plan.nothing_fits = _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_hr, mem_for)
     return plan
+
+
+def launch_route(o: PlanOption) -> tuple[str, str, str]:
+    """(launcher, adapter, why not) for an option: what `cloudtune run` would start for it.
+
+    One machine, one GPU: the trainer itself. One machine, several GPUs: the trainer's launcher
+    (`python -m cloudtune.trainer.launch`, accelerate) on the offer's own provider; every adapter
+    rents multi-GPU offers. Several machines: a SkyPilot cluster (providers/skypilot.py), on the
+    clouds where SkyPilot runs multi-node. Anything else is kept out of the ranking, with the reason."""
+    from cloudtune.providers.skypilot import PROVIDER as SKYPILOT
+    from cloudtune.providers.skypilot import launch_problem
+
+    sharding = (o.memory.sharding if o.memory is not None else None) or ("none" if o.gpu_count <= 1 else "fsdp")
+    launcher = LAUNCHERS.get(sharding, sharding)
+    why = ""
+    if o.gpu_count > 1 and sharding not in TRAINER_SHARDINGS:
+        why = f"{sharding} needs DeepSpeed, which the trainer image does not have; use --sharding fsdp"
+    if o.nodes > 1:
+        problem = launch_problem(o.offer, o.nodes, o.spot)
+        return f"skypilot+{launcher}", SKYPILOT, why or (problem or "")
+    return launcher, o.offer.provider, why
 
 
 def _assumptions(cfg: TrainConfig, workload: Workload, spot: bool | None, max_price: float | None) -> dict[str, Any]:

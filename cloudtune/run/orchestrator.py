@@ -70,11 +70,19 @@ AMBIGUOUS: Any = object()
 class Option:
     """One planned way to run the job: an offer, spot or not, its price and estimate."""
 
-    offer: Offer
+    offer: Offer  # per machine; a multi-node option's offer is a `skypilot` offer ("<cloud>:<offer id>")
     spot: bool
-    price_hr: float
+    price_hr: float  # the whole option (all nodes)
     est_hours: float | None
     est_cost_usd: float | None
+    nodes: int = 1
+    gpu_count: int | None = None  # GPUs in total (nodes x offer.gpu_count); None: offer.gpu_count
+    launcher: str = "single"  # plan.launch_route: single | ddp | accelerate-fsdp | skypilot+<launcher>
+    sharding: str | None = None  # the planner's sharding for this GPU count (none, ddp, fsdp)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.gpu_count if self.gpu_count is not None else self.offer.gpu_count * self.nodes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,17 +91,37 @@ class Option:
             "price_hr": self.price_hr,
             "est_hours": self.est_hours,
             "est_cost_usd": self.est_cost_usd,
+            "nodes": self.nodes,
+            "gpu_count": self.total_gpus,
+            "launcher": self.launcher,
+            "sharding": self.sharding,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Option:
+        fields = {f.name for f in dataclasses.fields(Offer)}
         return cls(
-            offer=Offer(**d["offer"]),
+            offer=Offer(**{k: v for k, v in d["offer"].items() if k in fields}),
             spot=bool(d["spot"]),
             price_hr=float(d["price_hr"]),
             est_hours=d.get("est_hours"),
             est_cost_usd=d.get("est_cost_usd"),
+            nodes=int(d.get("nodes") or 1),
+            gpu_count=d.get("gpu_count"),
+            launcher=d.get("launcher") or "single",
+            sharding=d.get("sharding"),
         )
+
+    @classmethod
+    def from_plan(cls, o: Any) -> Option:
+        """The launchable form of a planner option: multi-node offers are launched through SkyPilot."""
+        from cloudtune.providers.skypilot import PROVIDER as SKYPILOT
+        from cloudtune.providers.skypilot import wrap_offer
+
+        offer = wrap_offer(o.offer) if o.launch_via == SKYPILOT else o.offer
+        return cls(offer, bool(o.spot), float(o.price_hr), o.est_hours, o.est_cost_usd, nodes=int(o.nodes),
+                   gpu_count=int(o.gpu_count) if o.gpu_count else None, launcher=o.launcher,
+                   sharding=o.memory.sharding if o.memory is not None else None)
 
 
 @dataclass
@@ -121,38 +149,18 @@ def provider_names(spec: JobSpec, override: str | None) -> list[str]:
     return [check_provider_name(n) for n in names]
 
 
-# How many GPUs the trainer can use today: one process, one device (see docs/operations.md).
-TRAINER_MAX_GPUS = 1
-
-
 def plan_job(spec: JobSpec, providers: list[str]) -> Draft:
-    """Ask the planner for ranked options; the chosen one first, then the rest as failover."""
+    """The planner's ranked options, as `cloudtune plan` shows them: its choice is the first option
+    and the one launched; the rest are the failover order. The planner ranks only options that can
+    be launched (plan.launch_route), so `plan` and `run` agree on provider, GPU, count and nodes."""
     from cloudtune.errors import NothingFits
     from cloudtune.planner.plan import plan_for_spec
 
-    if (spec.resources.gpus or 1) > TRAINER_MAX_GPUS:
-        raise NothingFits(
-            f"resources.gpus is {spec.resources.gpus}, but the trainer trains on {TRAINER_MAX_GPUS} GPU for now "
-            f"(multi-GPU FSDP is not built yet); remove resources.gpus or use `cloudtune plan --gpus N` to price it"
-        )
     plan = plan_for_spec(spec, providers=providers, spot=spec.resources.spot)
-    # The planner prices multi-GPU and multi-node options too, but launching one would run the
-    # single-process trainer on one card of a machine sized for a sharded job: an OOM that bills.
-    runnable = [o for o in plan.options if o.gpu_count <= TRAINER_MAX_GPUS and o.nodes == 1]
-    if plan.options and not runnable:
-        need = min(plan.options, key=lambda o: o.gpu_count)
-        raise NothingFits(
-            f"this job needs {need.gpu_count} GPUs (no single GPU of {', '.join(providers)} holds it), but the "
-            f"trainer trains on one GPU for now; try method qlora, a shorter data.max_seq_len or a smaller model "
-            f"(`cloudtune plan` shows the multi-GPU options)"
-        )
-    options = [Option(o.offer, bool(o.spot), float(o.price_hr), o.est_hours, o.est_cost_usd) for o in runnable]
-    if not options:
-        raise NothingFits(f"no offer of {', '.join(providers)} fits this job; run `cloudtune plan` to see why")
-    chosen = plan.choice
-    if chosen is not None and chosen in runnable:
-        idx = next((i for i, o in enumerate(runnable) if o is chosen), 0)
-        options.insert(0, options.pop(idx))
+    if not plan.options:
+        raise NothingFits(plan.nothing_fits or f"no offer of {', '.join(providers)} fits this job; "
+                          f"run `cloudtune plan` to see why")
+    options = [Option.from_plan(o) for o in plan.options]
     return Draft(spec=spec, provider=options[0].offer.provider, options=options)
 
 
@@ -395,6 +403,7 @@ def build_request(
         secret_env=secret_env,
         disk_gb=spec.resources.disk_gb or 100,
         max_lifetime_s=lifetime,
+        nodes=option.nodes,
     )
 
 
