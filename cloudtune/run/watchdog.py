@@ -133,10 +133,29 @@ def run(job_id: str) -> int:
     except KeyError:
         log.error("job %s does not exist", job_id)
         return 2
+    # The job's lease in its store: one controller at a time, whether this watchdog, another
+    # laptop's or a serverless one (cloudtune.run.controller); the state follows the lease.
+    from cloudtune.run.controller import JobControl, watchdog_site
+    from cloudtune.run.lease import holder_site, new_holder
+
+    site = watchdog_site()
+    # We hold this home's flock for the job, so an earlier watchdog of this home is dead, whatever
+    # its lease says: take over at once instead of waiting for it to expire.
+    control = JobControl(db, orch.store, job_id, new_holder("watchdog", site),
+                         proven_dead=lambda holder: holder_site(holder) == ("watchdog", site))
+    if not control.begin():
+        db.event(job_id, "watchdog", f"job is controlled by {control.holder_now()}; this watchdog stands by")
+        log.info("job %s is leased by %s; exiting", job_id, control.holder_now())
+        return 0
+    if control.previous and not control._same_db(control.previous):
+        orch = Orchestrator(db, job_id)  # the state was imported from the store: start from it
     db.event(job_id, "watchdog", f"watchdog started (pid {os.getpid()})")
     log.info("watching job %s", job_id)
     errors = 0
     while not stop["flag"]:
+        if not control.keep():
+            db.event(job_id, "watchdog", f"lease lost to {control.holder_now()}; this watchdog stands down")
+            return 0
         # The beat is a db write like any other: a db locked past its busy timeout, a full disk or an
         # I/O error is retried with backoff here, never allowed to kill the only process that owns
         # the job's machines.
@@ -145,6 +164,7 @@ def run(job_id: str) -> int:
                 log.warning("another watchdog took the lease of job %s; exiting", job_id)
                 return 0
             more = orch.tick()
+            control.after_tick()
             errors = 0
         except Exception as err:  # noqa: BLE001 - keep watching: the next tick retries the decision
             errors += 1
@@ -157,6 +177,7 @@ def run(job_id: str) -> int:
             time.sleep(min(30.0, POLL_S * 2 ** min(errors, 5)))
             continue
         if not more:
+            control.lease.release()
             break
         time.sleep(POLL_S)
     for _ in range(30):  # the final beat and events: the job is already decided, keep trying a while
