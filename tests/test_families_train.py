@@ -83,7 +83,8 @@ def test_family_trains(family_dirs, tmp_path: Path, monkeypatch, name, method):
     fam = FAMILIES[name]
     train, val = _data(tmp_path, name)
     merge = (name, method) in MERGE
-    spec = _spec(tmp_path, family_dirs[name], method, train, val, merge=merge)
+    over = {"lora": {"rank": 4, "alpha": 8, "targets": "attention"}} if name == "phi3" else {}
+    spec = _spec(tmp_path, family_dirs[name], method, train, val, merge=merge, **over)
     job = _run(tmp_path, "ref", spec)
     final = job / "final"
     summary = json.loads((final / "summary.json").read_text())
@@ -113,8 +114,8 @@ def test_family_trains(family_dirs, tmp_path: Path, monkeypatch, name, method):
                 keys = list(f.keys())
             assert not [k for k in keys if ".mlp.gate." in k], "router got an adapter"
             assert [k for k in keys if ".experts." in k]
-        if name == "phi3":
-            assert "qkv_proj" in acfg["target_modules"]
+        if name == "phi3":  # lora.targets: attention takes the fused qkv_proj, not o_proj alone
+            assert sorted(acfg["target_modules"]) == ["o_proj", "qkv_proj"], acfg["target_modules"]
     if name == "gemma2":
         assert json.loads((final / "config.json").read_text() if method == "full" else "{}").get(
             "_attn_implementation") in (None, "eager")
@@ -131,5 +132,6 @@ def test_family_trains(family_dirs, tmp_path: Path, monkeypatch, name, method):
         assert [p.name for p in ckpts][-2:] == ["00000002", "00000004"], ckpts
         dest = tmp_path / "store" / "again" / "checkpoints" / ckpts[-2].name
         shutil.copytree(ckpts[-2], dest)
-        resumed = _run(tmp_path, "again", _spec(tmp_path, family_dirs[name], method, train, val, merge=merge))
+        resumed = _run(tmp_path, "again", _spec(tmp_path, family_dirs[name], method, train, val, merge=merge,
+                                                **over))
         assert final_files(resumed) == final_files(job)

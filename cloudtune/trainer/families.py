@@ -155,3 +155,17 @@ def quantized_share(model: Any) -> float | None:
         if type(p).__name__ in ("Params4bit", "Int8Params"):
             quant += n
     return round(quant / total, 4) if total and quant else None
+
+
+def keep_adapter_dtype_on_resume(model: Any) -> None:
+    """QLoRA resume, bitwise: TRL casts a quantized model's LoRA weights to bf16 (the QLoRA paper's
+    recipe) when the trainer is built, but HF Trainer's resume reloads the adapter with PEFT's
+    load_adapter, whose default autocast_adapter_dtype=True upcasts them to fp32, so the resumed
+    run trains in another precision than the uninterrupted one (different from the first step
+    after resume). This makes this model's load_adapter keep the dtype the trainer set."""
+    import functools
+
+    load = getattr(type(model), "load_adapter", None)
+    if load is None or not hasattr(model, "peft_config"):
+        return
+    model.load_adapter = functools.partial(load, model, autocast_adapter_dtype=False)

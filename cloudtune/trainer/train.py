@@ -413,6 +413,10 @@ def run(att: Attempt) -> int:
         callback = make_callback(att, monitor, ckpts, req)
         trainer = build_trainer(att, model, tokenizer, train_rows, eval_rows, prec, callback)
 
+        if spec.method == "qlora":
+            from cloudtune.trainer.families import keep_adapter_dtype_on_resume
+
+            keep_adapter_dtype_on_resume(trainer.model)  # resume keeps TRL's bf16 adapter: bitwise
         # 4. train (HF skips the consumed batches and restores optimizer/scheduler/scaler/RNG)
         result = trainer.train(resume_from_checkpoint=str(restored[1]) if restored else None)
         from cloudtune.trainer.families import quantized_share, stop_router_logits
