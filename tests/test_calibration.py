@@ -19,86 +19,24 @@ from pathlib import Path
 
 import pytest
 
-from cloudtune.planner.memory import TRAINER_STACK, Stack, estimate_peak, with_stack
-from cloudtune.planner.models import count_params, resolve_model
-from cloudtune.planner.types import ModelArch, TrainConfig
+from cloudtune.planner.calibration import evaluate_memory, load_archs, load_rows, median_abs
+from cloudtune.planner.models import count_params
 
 DATA = Path(__file__).parent / "data"
-GIB = float(1 << 30)
 
-# The stacks the published rows ran on, as code paths (see docs/planner-memory.md, "Stacks").
-STACKS: dict[str, Stack] = {
-    # transformers <= 4.47 Llama (logits.float() then cross-entropy), TRL <= 0.12 SFTTrainer calling
-    # peft.prepare_model_for_kbit_training (non-4-bit params to fp32), PEFT fp32 adapters.
-    # Unsloth's HF baseline and the Liger examples set lora_dropout=0.
-    "hf_legacy": with_stack(TRAINER_STACK, name="hf_legacy", logits="fp32", kbit_upcast=True,
-                            lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=False,
-                            full_weight_bytes=2),  # the Liger HF example loads bf16 weights
-    # LLaMA-Factory (spring 2024): same HF loss path; its own model prep casts trainable params to
-    # fp32 but does not call prepare_model_for_kbit_training (embeddings stay bf16).
-    # Its lora_dropout defaults to 0.
-    "llamafactory": with_stack(TRAINER_STACK, name="llamafactory", logits="fp32", kbit_upcast=False,
-                               lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=False,
-                               full_weight_bytes=2),
-    # Answer.AI fsdp_qlora train.py: HF Llama loss path; FSDP needs one dtype per flat parameter, so
-    # adapters live in bf16 next to the bf16 (or bf16-stored 4-bit) base. lora_dropout 0.1.
-    "answerai": with_stack(TRAINER_STACK, name="answerai", logits="fp32", kbit_upcast=False,
-                           lora_adapter_bytes=2, qlora_adapter_bytes=2, lora_dropout=True, full_weight_bytes=2),
-    # Qwen-1 remote code: cross-entropy on bf16 logits (no upcast); PEFT of 2023 made fp32 adapters;
-    # finetune.py's lora_dropout 0.05.
-    "qwen1": with_stack(TRAINER_STACK, name="qwen1", logits="bf16", kbit_upcast=False,
-                        lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=True, full_weight_bytes=2),
-}
-
-
-def _calibration_archs() -> dict[str, ModelArch]:
-    archs = {}
-    with (DATA / "vram_calibration_archs.csv").open(newline="") as f:
-        for r in csv.DictReader(f):
-            archs[r["model_id"]] = ModelArch(
-                id=r["model_id"], params_b=float(r["params_b"]), layers=int(r["layers"]), hidden=int(r["hidden"]),
-                intermediate=int(r["intermediate"]), heads=int(r["heads"]), kv_heads=int(r["kv_heads"]),
-                head_dim=int(r["head_dim"]), vocab=int(r["vocab"]), tied_embeddings=r["tied_embeddings"] == "true",
-                qkv_bias=r["qkv_bias"] == "true", source="calibration",
-            )
-    return archs
-
-
-def _rows() -> list[dict[str, str]]:
-    with (DATA / "vram_calibration.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _predict(row: dict[str, str], archs: dict[str, ModelArch]) -> float:
-    """The estimate in the row's counter and unit."""
-    arch = archs.get(row["model"]) or resolve_model(row["model"], allow_network=False)
-    cfg = TrainConfig(
-        method=row["method"],  # type: ignore[arg-type]
-        quant_bits=int(row["quant_bits"]),
-        seq_len=int(row["seq_len"]),
-        micro_batch=int(row["micro_batch"]),
-        lora_rank=int(row["lora_rank"] or 16),
-        lora_targets=row["lora_targets"] or "all-linear",
-        gradient_checkpointing=row["grad_ckpt"] == "true",
-        optimizer=row["optimizer"],
-        attention=row["attention"],
-    )
-    peak = estimate_peak(arch, cfg, int(row["gpus"]), row["sharding"], stack=STACKS[row["stack"]])
-    gib = {"allocated": peak.allocated_gib, "reserved": peak.reserved_gib, "smi": peak.smi_gib}[row["metric"]]
-    return gib if row["unit"] == "GiB" else gib * GIB / 1e9
+# Published "it trained on card X" rows the planner still refuses, each with the reason (docs/planner-memory.md):
+# - US-01: predicted 22.2 GiB pressed footprint against the 22.1 GiB the planner allows on a 24 GiB card
+#   (the row *is* the card's limit: it fitted with nothing to spare);
+# - LIG-02: chart reading, predicted allocated +4.8%, so 75 against 73.6 allowed;
+# - QLP-02: 33B QLoRA on 24 GB: the paper's micro-batch and lengths are not stated; 23.0 against 22.1.
+KNOWN_UNOFFERED = {"US-01", "LIG-02", "QLP-02"}
 
 
 def calibration_table() -> tuple[list[tuple[str, float, float, float]], list[tuple[str, float, float]]]:
-    """([(id, measured, predicted, relative error)], [(id, card GiB, predicted GiB) for OOM rows])."""
-    archs = _calibration_archs()
-    fits, ooms = [], []
-    for row in _rows():
-        pred = _predict(row, archs)
-        if row["kind"] == "oom":
-            ooms.append((row["id"], float(row["card_gib"]), pred))
-        else:
-            meas = float(row["measured"])
-            fits.append((row["id"], meas, pred, (pred - meas) / meas))
+    """([(id, measured, predicted, relative error)], [(id, card GiB, fit test GiB) for OOM rows])."""
+    results = evaluate_memory(DATA)
+    fits = [(r.id, r.measured, r.predicted, r.error) for r in results if r.error is not None]
+    ooms = [(r.id, r.card_gib, r.fit_gib) for r in results if r.kind == "oom"]
     return fits, ooms
 
 
@@ -108,44 +46,61 @@ def format_table() -> str:
     lines += [f"| {i} | {m:.2f} | {p:.2f} | {e:+.1%} |" for i, m, p, e in fits]
     med = statistics.median(abs(e) for *_, e in fits)
     lines.append(f"\nmedian absolute relative error: {med:.1%} over {len(fits)} rows")
-    lines += ["", "| OOM row | card (GiB) | predicted | |", "|---|---:|---:|---|"]
-    lines += [f"| {i} | {c:.0f} | {p:.2f} | {'exceeds the card' if p > c else 'FITS (wrong)'} |"
+    lines += ["", "| OOM row | card (GiB) | fit test | |", "|---|---:|---:|---|"]
+    lines += [f"| {i} | {c:.0f} | {p:.2f} | {'not offered' if p > c * 0.92 else 'OFFERED (wrong)'} |"
               for i, c, p in ooms]
     return "\n".join(lines)
 
 
 def test_calibration_archs_match_their_published_sizes():
-    for arch in _calibration_archs().values():
+    for arch in load_archs(DATA).values():
         dims = {k: getattr(arch, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads",
                                                "head_dim", "vocab", "tied_embeddings", "qkv_bias")}
         assert count_params(**dims) / 1e9 == pytest.approx(arch.params_b, rel=0.01), arch.id
 
 
-def test_median_error_within_15_percent():
-    fits, _ = calibration_table()
+def test_median_error_within_10_percent_on_every_method():
+    results = [r for r in evaluate_memory(DATA) if r.error is not None]
     print("\n" + format_table())
-    assert len(fits) >= 25
-    errors = [abs(e) for *_, e in fits]
-    assert statistics.median(errors) <= 0.15
-    # no single row may be wildly off either: that would mean a missing term, not noise
-    assert max(errors) <= 0.40, max(fits, key=lambda r: abs(r[3]))
+    assert len(results) >= 50
+    for method in ("full", "lora", "qlora"):
+        errors = [r.error for r in results if r.method == method]
+        assert len(errors) >= 10, method
+        assert median_abs(errors) <= 0.10, (method, median_abs(errors))
+    # the held-out rows (not looked at while the constants were set) meet the same bar
+    held = [r.error for r in results if r.split == "holdout"]
+    assert len(held) >= 10 and median_abs(held) <= 0.10
+    # no single row may be wildly off either: that would mean a missing term, not noise. The two worst
+    # are documented misses (TT-06: FSDP CPU offload keeps less on the GPU than modelled; TT-26:
+    # torchtune's NF4 quantize-at-load peak, not modelled for that stack)
+    worst = {r.id for r in results if abs(r.error) > 0.30}
+    assert worst <= {"TT-06", "TT-26"}, worst
 
 
-def test_no_configuration_that_ran_out_of_memory_is_predicted_to_fit():
-    _, ooms = calibration_table()
-    assert ooms
-    for row_id, card, pred in ooms:
-        assert pred > card, f"{row_id}: predicted {pred:.1f} GiB fits a {card:.0f} GiB card that ran out of memory"
+def test_no_configuration_that_ran_out_of_memory_is_offered():
+    results = evaluate_memory(DATA)
+    ooms = [r for r in results if r.kind == "oom"]
+    assert len(ooms) >= 5
+    for r in ooms:
+        assert r.offered is False, f"{r.id}: fit test {r.fit_gib:.1f} GiB passes a {r.card_gib:.0f} GiB card that ran out"
 
 
-def test_capacity_rows_do_not_overflow_their_card_by_much():
-    """A context that really fitted must not be predicted far above the card (the planner would then
-    refuse a configuration people run)."""
-    fits, _ = calibration_table()
-    by_id = {r["id"]: r for r in _rows()}
-    for row_id, _meas, pred, _ in fits:
-        if by_id[row_id]["kind"] == "capacity":
-            assert pred <= float(by_id[row_id]["card_gib"]) * 1.15, (row_id, pred)
+def test_configurations_that_trained_on_a_card_are_offered_it():
+    """A job that really ran on a card must be offered that card (the fit test gives back the allocator
+    cache a full card squeezes out, and paged optimizer states)."""
+    rows = [r for r in evaluate_memory(DATA) if r.kind != "oom" and r.card_gib is not None]
+    assert len(rows) >= 40
+    refused = {r.id for r in rows if not r.offered}
+    assert refused <= KNOWN_UNOFFERED, refused - KNOWN_UNOFFERED
+    assert {"US-02", "US-05", "QLP-01", "TT-03", "TT-05", "AAI-10"} <= {r.id for r in rows if r.offered}
+
+
+def test_every_row_names_its_source_and_split():
+    for row in load_rows(DATA):
+        assert row["split"] in ("tune", "holdout"), row["id"]
+        assert row["stack"] and row["metric"] in ("allocated", "reserved", "smi"), row["id"]
+    ids = [r["id"] for r in load_rows(DATA)]
+    assert len(ids) == len(set(ids))
 
 
 if __name__ == "__main__":

@@ -107,13 +107,37 @@ def test_a10g_time_sits_between_l4_and_a100_for_8b_qlora():
     q = TrainConfig(method="qlora", quant_bits=4, seq_len=2048, micro_batch=1)
     work = tp.Workload(10_000, 1024)
     hours = {g: _est(gpu=g, cfg=q, work=work).train_hours for g in ("L4", "A10G", "A10", "A100-40GB", "RTX3090")}
-    assert hours["A100-40GB"] < hours["A10"] < hours["A10G"] < hours["L4"]
+    assert hours["A100-40GB"] < hours["A10"] < hours["A10G"]
+    # at 1024 tokens per micro-step both the A10G and the L4 run far below their peak (small-step efficiency)
+    assert 0.9 < hours["A10G"] / hours["L4"] < 1.1
     # same GA102 die and rate as the 3090, fewer SMs and less bandwidth: a little slower, not a lot
     assert 1.0 < hours["A10G"] / hours["RTX3090"] < 1.3
     a10g = _est(gpu="A10G", cfg=q, work=work)
-    assert a10g.ok and a10g.hfu == pytest.approx(tp.HFU_BY_CLASS["geforce"])
+    assert a10g.ok and a10g.hfu == pytest.approx(tp.HFU_BY_CLASS["geforce"] * 1024 / (1024 + 512))
     # QLoRA's dequant is bandwidth-bound: 600 GB/s on the A10G against 300 on the L4
     assert a10g.dequant_s_per_step == pytest.approx(_est(gpu="L4", cfg=q, work=work).dequant_s_per_step / 2)
+
+
+def test_small_micro_steps_run_below_peak_on_geforce_class_cards():
+    """#15: the A10G's effective utilisation on 150-500-token LoRA steps is ~20-30%, not 65%; A100 rows
+    (QW-01 at 256 tokens) need no such term."""
+    lora = TrainConfig(method="lora", seq_len=300, micro_batch=1)
+    a10g = _est(gpu="A10G", cfg=lora, work=tp.Workload(1000, 300))
+    assert 0.20 <= a10g.hfu <= 0.30
+    big = _est(gpu="A10G", cfg=replace(lora, seq_len=4096, micro_batch=4), work=tp.Workload(1000, 4096))
+    assert big.hfu > 0.6
+    a100 = _est(gpu="A100-80GB", cfg=lora, work=tp.Workload(1000, 300))
+    assert a100.hfu == pytest.approx(tp.HFU_BY_CLASS["ampere"])
+
+
+def test_eager_attention_and_offload_reach_the_time_model():
+    lora = TrainConfig(method="lora", seq_len=1024, micro_batch=4)
+    eager = _est(cfg=replace(lora, attention="eager"))
+    assert eager.train_hours > _est(cfg=lora).train_hours * 1.15
+    full = TrainConfig(method="full", seq_len=2048, micro_batch=2)
+    plain = _est(cfg=full, gpus=8, sharding="fsdp")
+    off = _est(cfg=replace(full, offload=True), gpus=8, sharding="fsdp")
+    assert off.train_hours > 1.5 * plain.train_hours  # PCIe traffic and a CPU optimizer step
 
 
 def test_qlora_dequant_is_a_fixed_cost_per_step():

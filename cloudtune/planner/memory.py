@@ -72,6 +72,9 @@ class Stack:
     full_weight_bytes: int | None = 2
     double_quant: bool = True  # bnb_4bit_use_double_quant
     lora_dropout: bool = True  # dropout > 0 saves a mask and a copy of each adapted layer's input
+    # TRL's chunked LM head accumulates the lm_head weight gradient in fp32 across its chunks (a
+    # T-independent V x h x 4 B buffer); torchtune's chunked loss lets autograd accumulate in bf16.
+    head_grad_fp32: bool = True
 
 
 # What cloudtune's trainer runs (cloudtune/trainer/train.py on transformers 5, PEFT 0.21, TRL 1.x):
@@ -381,7 +384,7 @@ def estimate_peak(
     if stack.logits == "chunked":
         logits = (min(T, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * 2  # bf16 projection tile
                   + T * h * (2 + 4) + T * 8 * 4)  # hidden copy, fp32 grad of hidden, per-token fp32 stats
-        if cfg.method == "full" and fwb != 4:
+        if cfg.method == "full" and fwb != 4 and stack.head_grad_fp32:
             logits += V * h * 4  # fp32 gradient of the lm_head weight (with fp32 weights it *is* the .grad)
         if cfg.method == "qlora" and stack.kbit_upcast:
             # prepare_model_for_kbit_training leaves lm_head in fp32: the projection tile is fp32 too
@@ -464,6 +467,21 @@ def estimate_peak(
     allocated = weights + trainable + gradients + optimizer + dynamic + dequant
     spread = length_spread(cfg)
     reserved = allocated * (1 + ALLOCATOR_FRACTION) + dynamic * ALLOCATOR_SPREAD_FRACTION * spread
+    # Load time (QLoRA): bitsandbytes quantizes each bf16 weight as it reaches the GPU (one linear in bf16
+    # next to the already-quantized ones), then prepare_model_for_kbit_training casts each non-quantized
+    # tensor to fp32 while its bf16 original still exists. The blocks stay cached, so the reserved peak
+    # is at least this.
+    if cfg.method == "qlora":
+        biggest_linear = max(di * do for di, do, _ in shapes.values())
+        biggest_other = V * h
+        load = (weights + 2 * biggest_linear + (2 * biggest_other if stack.kbit_upcast else 0.0))
+        if load * (1 + ALLOCATOR_FRACTION) > reserved:
+            notes.append("QLoRA load-time peak (quantize-at-load, fp32 upcast) exceeds the training peak")
+            reserved = load * (1 + ALLOCATOR_FRACTION)
+    # Paged optimizers keep their states in CUDA unified memory: under pressure they move to host RAM,
+    # so they do not count against the card in the fit test (vram_notes section 2; QLoRA paper).
+    paged = (cfg.optimizer or "").startswith("paged_")
+    pressed = allocated - (optimizer if paged else 0.0)
     outside = CUDA_CONTEXT_GIB * GIB + (NCCL_GIB * GIB if gpus > 1 else 0.0)
     overhead = reserved - allocated + dequant + outside
     breakdown = dict(zip(BREAKDOWN_KEYS, (weights, trainable, gradients, optimizer, activations, logits, overhead),
@@ -477,7 +495,7 @@ def estimate_peak(
         trainable_params=int(n_train),
         sharding=mode,
         notes=notes,
-        fit_gib=(allocated * (1 + ALLOCATOR_MIN_FRACTION) + outside) / GIB,
+        fit_gib=(pressed * (1 + ALLOCATOR_MIN_FRACTION) + outside) / GIB,
         full_precision=precision_label,
     )
 

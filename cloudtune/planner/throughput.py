@@ -46,9 +46,24 @@ HFU_BY_CLASS: dict[str, float] = {
 # Datacenter cards whose tensor cores run bf16 with FP32 accumulate at the GeForce half rate, so their
 # gpus.csv peak means what a GeForce peak means (see the A10G row's derivation).
 HALF_RATE_DATACENTER = frozenset({"A10G"})
+# Small micro-steps run below the class's HFU: kernels too small to fill the GPU, launch-bound LoRA
+# matmuls. Efficiency = T / (T + SMALL_STEP_TOKENS[class]) for T tokens per micro-step. GeForce-rate
+# cards (3090/4090/A10G): Answer.AI's 2x3090 QLoRA at 512 and 2048 tokens per step (AAI-01/02) come out
+# 1.9x and 1.4x optimistic without it, and #15 reports the A10G at ~20-30% effective utilisation on
+# 150-500-token steps (0.65 x 300 / (300 + 512) = 24%). A100 rows need none: QW-01 (256 tokens) is
+# matched by the fixed per-micro-step overhead below. Ada (L4/L40S/RTX 6000 Ada: the 4090's SM design)
+# is assumed to behave like GeForce (no row); Hopper/Blackwell/AMD: no data, none assumed.
+SMALL_STEP_TOKENS: dict[str, float] = {"geforce": 512.0, "ada": 512.0}
 # Per-method correction of HFU. The QW full-FT rows (QW-19..21) show no penalty beyond the optimizer
 # step modelled below, so all are 1.0; kept as a knob.
 METHOD_FACTOR: dict[str, float] = {"full": 1.0, "lora": 1.0, "qlora": 1.0}
+# Eager attention materializes the scores: LLaMA-Factory's 7B LoRA at <=1024 tokens ran 2,392 tokens/s
+# with eager/SDPA against 2,954 with FlashAttention-2 (LF-12/13): 0.81. sdpa and flash_attention_2 are 1.
+EAGER_ATTENTION_FACTOR = 0.81
+# CPU offload (FSDP/ZeRO): parameters, gradients and optimizer states cross PCIe every step, and the
+# optimizer step runs on the CPU; rows TT-06 (70B full, 8x A100, offload) imply ~1/3 of the GPU rate.
+OFFLOAD_PCIE_GBS = 12.0
+CPU_ADAM_S_PER_PARAM = 2.0e-9
 
 # Fixed per micro-step cost of the HF Trainer (Python, kernel launches, LoRA's many small matmuls):
 # QW-01..05 (Qwen-7B LoRA, 8 micro-steps per step) fit t = 0.63 s + tokens x 2.8e-4 s.
@@ -254,6 +269,10 @@ def estimate_time(
     est.scaling_efficiency = MULTI_GPU_SYNC_EFFICIENCY if gpus > 1 else 1.0
 
     tokens_per_micro = cfg.micro_batch * seq
+    half = SMALL_STEP_TOKENS.get(gpu_class(gpu), 0.0)
+    est.hfu *= tokens_per_micro / (tokens_per_micro + half)
+    if (cfg.attention or "sdpa") == "eager":
+        est.hfu *= EAGER_ATTENTION_FACTOR
     compute_s = tokens_per_micro * est.flops_per_token / (peak * 1e12 * est.hfu)
 
     # communication per micro-step: FSDP/ZeRO-3 gathers the weights for the forward and again for the
@@ -279,7 +298,13 @@ def estimate_time(
         dequant_s = passes * quant_params * DEQUANT_BYTES_PER_PARAM_PASS / (gpu.mem_bandwidth_gbs * 1e9 * DEQUANT_BW_EFFICIENCY)
     est.dequant_s_per_step = dequant_s
 
-    micro_s = max(compute_s, comm_s) + dequant_s + MICRO_STEP_OVERHEAD_S
+    offload_s = 0.0
+    if cfg.offload:
+        shard = arch.params_b * 1e9 / (gpus if sharding in ("fsdp", "zero3") else 1)
+        # parameters in (forward, backward) and gradients out, bf16, per micro-step over PCIe
+        moved = 3 * 2 * shard if sharding in ("fsdp", "zero3") else 2 * (trainable_params or shard)
+        offload_s = moved / (OFFLOAD_PCIE_GBS * 1e9)
+    micro_s = max(compute_s, comm_s) + dequant_s + offload_s + MICRO_STEP_OVERHEAD_S
     micro_s /= est.scaling_efficiency
     sequences = workload.samples * workload.epochs
     est.micro_steps = max(1, math.ceil(sequences / (cfg.micro_batch * gpus)))
@@ -287,7 +312,7 @@ def estimate_time(
     trainable_here = trainable_params or (arch.params_b * 1e9 if cfg.method == "full" else 0)
     if sharding in ("fsdp", "zero3"):
         trainable_here /= gpus
-    opt_s = trainable_here * OPT_STEP_S_PER_PARAM
+    opt_s = trainable_here * (CPU_ADAM_S_PER_PARAM if cfg.offload else OPT_STEP_S_PER_PARAM)
     train_s = est.micro_steps * micro_s + est.optimizer_steps * opt_s
     est.train_hours = train_s / 3600
     est.tokens_per_sec = est.tokens / train_s if train_s > 0 else 0.0
@@ -343,6 +368,9 @@ def assumptions() -> dict[str, Any]:
         "+ causal attention 3x (4x with recompute) 2*L*s*h_attn",
         "hfu_by_gpu_class": dict(HFU_BY_CLASS),
         "method_factor": dict(METHOD_FACTOR),
+        "small_step_tokens": dict(SMALL_STEP_TOKENS),
+        "eager_attention_factor": EAGER_ATTENTION_FACTOR,
+        "offload": f"{OFFLOAD_PCIE_GBS:g} GB/s PCIe per GPU, CPU AdamW {CPU_ADAM_S_PER_PARAM:g} s/param",
         "micro_step_overhead_s": MICRO_STEP_OVERHEAD_S,
         "optimizer_step_s_per_param": OPT_STEP_S_PER_PARAM,
         "qlora_dequant": f"{DEQUANT_BYTES_PER_PARAM_PASS} B/param per pass, 3 passes with recompute, "
