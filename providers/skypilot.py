@@ -161,9 +161,11 @@ class SkyPilotProvider:
         sdk: Any = None,
         autodown_idle_minutes: int = 10,
         refresh_every_s: float = 60.0,
+        local_api_server: bool = False,
         clock: Any = time.monotonic,
     ) -> None:
         self._sdk = sdk
+        self.local_api_server = bool(local_api_server)
         self.autodown_idle_minutes = int(autodown_idle_minutes)
         self.refresh_every_s = float(refresh_every_s)
         self._clock = clock
@@ -172,6 +174,11 @@ class SkyPilotProvider:
     @property
     def sdk(self) -> Any:
         if self._sdk is None:
+            if not (self.local_api_server or _api_server_configured()):
+                # without one, the SDK starts a local API server process: never as a side effect of gc/status
+                raise AuthError("no SkyPilot API server configured; set SKYPILOT_API_SERVER_ENDPOINT or run "
+                                "`sky api login`, or set `skypilot: {local_api_server: true}` in providers.yaml",
+                                provider=PROVIDER)
             try:
                 import sky  # lazy: pandas, sqlalchemy, the API client
             except ModuleNotFoundError:
@@ -245,7 +252,9 @@ class SkyPilotProvider:
     def build_task(self, tc: TaskConfig) -> Any:
         """A real `sky.Task` (with its `sky.Resources`), validated by the SDK."""
         try:
-            return self.sdk.Task.from_yaml_config(tc.config)
+            import copy
+
+            return self.sdk.Task.from_yaml_config(copy.deepcopy(tc.config))  # the SDK pops keys from it
         except Exception as err:  # noqa: BLE001 - the SDK's validation errors, one line
             raise InvalidRequestError(f"skypilot rejected the task: {type(err).__name__}: {str(err)[:300]}",
                                       provider=PROVIDER) from None
@@ -379,6 +388,19 @@ class SkyPilotProvider:
             note=("SkyPilot autodowns the cluster when it has been idle for the configured minutes after the "
                   "job ends (idle_minutes_to_autostop with down=True); cloudtune's watchdog tears it down sooner"),
         )
+
+
+def _api_server_configured() -> bool:
+    import os
+    from pathlib import Path
+
+    if os.environ.get("SKYPILOT_API_SERVER_ENDPOINT"):
+        return True
+    cfg = Path(os.environ.get("SKYPILOT_GLOBAL_CONFIG") or Path.home() / ".sky" / "config.yaml")
+    try:
+        return "api_server" in cfg.read_text()
+    except OSError:
+        return False
 
 
 def _field(rec: Any, key: str) -> Any:
