@@ -49,6 +49,7 @@ from cloudtune.providers.base import (
 )
 from cloudtune.run import state as S
 from cloudtune.run.cost import job_cost_usd
+from cloudtune.run.launch_shape import launch_env
 from cloudtune.run.machine_limits import machine_limits
 from cloudtune.spec import JobSpec
 from cloudtune.store import layout
@@ -155,7 +156,9 @@ def plan_job(spec: JobSpec, providers: list[str]) -> Draft:
     be launched (plan.launch_route), so `plan` and `run` agree on provider, GPU, count and nodes."""
     from cloudtune.errors import NothingFits
     from cloudtune.planner.plan import plan_for_spec
+    from cloudtune.run.launch_shape import check_shape
 
+    check_shape(spec, providers)  # gpus/sharding the launcher or the provider cannot run: one line, exit 2
     plan = plan_for_spec(spec, providers=providers, spot=spec.resources.spot)
     if not plan.options:
         raise NothingFits(plan.nothing_fits or f"no offer of {', '.join(providers)} fits this job; "
@@ -391,6 +394,7 @@ def build_request(
         est_hours=job.est_hours, price_hr=option.price_hr, spent_usd=spent_usd,
     )
     env.update(limits.env)  # the machine enforces these itself (cloudtune/trainer/guards.py)
+    env.update(launch_env(spec, option))  # processes per node, nodes, ddp/fsdp (cloudtune/run/launch_shape.py)
     lifetime = limits.lifetime_s
     return LaunchRequest(
         job_id=job.id,
@@ -398,7 +402,7 @@ def build_request(
         offer=option.offer,
         spot=option.spot,
         image=spec.resources.image,
-        command=["python", "-m", "cloudtune.trainer"],
+        command=list(C.LAUNCH_COMMAND),  # the trainer itself for one process, accelerate launch for more
         env=env,
         secret_env=secret_env,
         disk_gb=spec.resources.disk_gb or 100,
@@ -465,12 +469,36 @@ class Orchestrator:
     # -- machines
 
     def _status(self, att: dict[str, Any]) -> Machine | None:
-        """The attempt's machine, or None when the provider no longer knows it."""
+        """The attempt's machine, or None when the provider no longer knows it.
+
+        Polled within the provider's shared budget (cloudtune/run/polling.py): slowly while the
+        machine runs and the trainer's heartbeat is fresh, faster otherwise; a 429 slows everyone.
+        NotFound within the provider's `not_found_grace_s` of the launch (EC2's eventual
+        consistency) is PENDING, not lost: relaunching then would put two trainers on one store."""
         if not att.get("machine_id"):
             return None
+        from cloudtune.run.polling import PollBudget, StatusPoller
+
+        name = att["provider"]
+        provider = self.provider(name)
+        pollers = self.__dict__.setdefault("_pollers", {})
+        if name not in pollers:
+            pollers[name] = StatusPoller(PollBudget(name))
         try:
-            return self.provider(att["provider"]).status(att["machine_id"])
+            age: float | None = time.time() - float(self.job().heartbeat_at or "nan")
+        except (TypeError, ValueError):
+            age = None
+        if age is not None and age != age:  # NaN: no heartbeat yet
+            age = None
+        try:
+            return pollers[name].status(att["machine_id"], lambda: provider.status(att["machine_id"]),
+                                        heartbeat_age_s=age)
         except NotFoundError:
+            grace = float(getattr(provider, "not_found_grace_s", 0) or 0)
+            if grace and time.time() - float(att.get("created_at") or 0) < grace:
+                return Machine(provider=name, machine_id=att["machine_id"], name=att.get("name") or "",
+                               state=MachineState.PENDING,
+                               detail=f"not visible to the provider yet (within {grace:.0f}s of the launch)")
             return None
 
     def terminate_verified(self, provider_name: str, machine_id: str, timeout_s: float = TERMINATE_VERIFY_S) -> bool:
