@@ -269,8 +269,9 @@ class ModalProvider:
         Billing is per second; a finished sandbox costs nothing (no idle tail)."""
         from dataclasses import replace
 
-        from cloudtune.catalog import bundled_offers
         from cloudtune.providers.modal_pricing import region_multiplier
+
+        from cloudtune.catalog import bundled_offers
 
         mult = region_multiplier(self.region)
         return [
