@@ -219,15 +219,38 @@ class StoreSpec(_Strict):
         return v
 
 
+Sharding = Literal["none", "ddp", "fsdp", "zero2", "zero3"]
+
+
 class ResourcesSpec(_Strict):
     provider: str | list[str] | None = Field(None, description="provider name(s); default: local")
-    gpus: int | None = Field(None, ge=1, description="force N GPUs (data parallel, sharded)")
+    gpus: int | None = Field(None, ge=1, le=1024, description="force N GPUs in total (data parallel, sharded)")
+    nodes: int = Field(1, ge=1, le=128, description="machines; gpus is split evenly across them")
+    sharding: Sharding | None = Field(None, description="auto (None), none, ddp, fsdp, zero2 or zero3")
     gpu: str | None = Field(None, description="force a GPU model, e.g. H100-SXM")
     spot: bool | None = Field(None, description="None: consider both")
     max_price_hr: float | None = Field(None, gt=0)
     region: str | None = None
     image: str = "ghcr.io/cloudtune/trainer:0.1.0"
     disk_gb: int | None = Field(None, ge=1)
+
+
+    @field_validator("sharding", mode="before")
+    @classmethod
+    def _auto_sharding(cls, v: Any) -> Any:
+        return None if v in ("auto", "") else v
+
+    @model_validator(mode="after")
+    def _shape(self) -> ResourcesSpec:
+        gpus = self.gpus or 1
+        if self.gpus is not None and self.gpus % self.nodes:
+            raise ValueError(f"gpus {self.gpus} does not split evenly over nodes {self.nodes}; "
+                             f"use a multiple of {self.nodes}")
+        if self.nodes > 1 and self.gpus is None:
+            raise ValueError(f"nodes {self.nodes} needs gpus (the total over all nodes, e.g. {8 * self.nodes})")
+        if self.sharding == "none" and gpus > 1:
+            raise ValueError(f"sharding none means one GPU, but gpus is {gpus}; use ddp or fsdp")
+        return self
 
 
 class LimitsSpec(_Strict):
@@ -249,6 +272,8 @@ class LocalSpec(_Strict):
         "machine", description="count preemption time from machine start, or from the first training heartbeat"
     )
     notice_s: float = Field(5.0, ge=0)
+    preempt_node: int | None = Field(None, ge=0, description="with resources.nodes > 1: the node preempted "
+                                     "(default: the last); a spot market takes one machine at a time")
     seed: int = 0
     price_hr: float = Field(0.0, ge=0)
 
@@ -288,6 +313,13 @@ class JobSpec(_Strict):
                 raise ValueError(f"qlora needs quant_bits 4 or 8, got {self.quant_bits}; use method lora for 16-bit")
         elif self.quant_bits not in (None, 16):
             raise ValueError(f"quant_bits {self.quant_bits} needs method qlora")
+        sharded = self.resources.sharding in ("fsdp", "zero3")
+        if sharded and self.method == "qlora" and self.quant_bits == 8:
+            raise ValueError(f"8-bit QLoRA cannot be sharded with {self.resources.sharding}: bitsandbytes int8 weights "
+                             "have no quant_storage dtype to shard; use quant_bits 4 (FSDP-QLoRA) or sharding ddp")
+        if sharded and self.stage == "dpo":
+            raise ValueError(f"stage dpo with resources.sharding {self.resources.sharding} is not supported (TRL's "
+                             "reference model would need sharding too); use sharding ddp, or one GPU")
         return self
 
     def to_json(self) -> str:

@@ -55,6 +55,7 @@ from cloudtune.providers.base import (
 TERMINATE_GRACE_S = 3.0
 LIFETIME_GRACE_S = 10.0
 LOG_SHIP_INTERVAL_S = 2.0
+PEER_EXIT_GRACE_S = 60.0  # after one node is preempted, how long the others get to notice and exit
 
 
 def machines_dir() -> Path:
@@ -188,6 +189,7 @@ class LocalProvider:
         local = _spec_local(env)
         price = float(local.get("price_hr") or self.price_hr)
         preempt_at = preemption_time(local, req.attempt)
+        nproc, nodes = _shape(env)
         record: dict[str, Any] = {
             "id": machine_id,
             "name": req.name,
@@ -203,6 +205,12 @@ class LocalProvider:
             "preempt_at_s": preempt_at,
             "notice_s": float(local.get("notice_s", 5.0)),
             "preempt_clock": local.get("preempt_clock") or "machine",
+            # gpus/nodes: N simulated nodes (process groups) of `nproc` gloo processes each, meeting
+            # at a free port of this machine, through the same launcher a cloud machine runs
+            "nodes": nodes,
+            "nproc_per_node": nproc,
+            "master_port": _free_port() if nodes * nproc > 1 else None,
+            "preempt_node": local.get("preempt_node"),
         }
         _write_json(mdir / "machine.json", record)
         log = open(mdir / "supervisor.log", "ab")
@@ -295,8 +303,9 @@ class LocalProvider:
         while True:
             st = _read_json(mdir / "status.json") or {}
             groups = []
-            if _alive(st.get("trainer_pid"), st.get("trainer_start")):
-                groups.append(st["trainer_pid"])
+            for pid, start in st.get("node_pids") or [[st.get("trainer_pid"), st.get("trainer_start")]]:
+                if _alive(pid, start):
+                    groups.append(pid)
             if _alive(record.get("supervisor_pid"), record.get("supervisor_start")):
                 groups.append(record["supervisor_pid"])
             if not groups:
@@ -371,6 +380,28 @@ class LocalProvider:
         return removed
 
 
+def _shape(env: dict[str, str]) -> tuple[int, int]:
+    """(processes per node, nodes) that the orchestrator asked for (contract.py's launcher env)."""
+    from cloudtune.trainer import contract as C
+
+    def num(name: str) -> int:
+        try:
+            return max(1, int(env.get(name) or 1))
+        except ValueError:
+            return 1
+
+    return num(C.ENV_NPROC_PER_NODE), num(C.ENV_NNODES)
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now: the rendezvous port of this machine's simulated nodes."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _this_python(command: list[str]) -> list[str]:
     """On this machine `python` means this interpreter (the one cloudtune is installed in)."""
     if command and command[0] in ("python", "python3"):
@@ -412,7 +443,8 @@ class _Supervisor:
     def __init__(self, mdir: Path) -> None:
         self.mdir = mdir
         self.record = _read_json(mdir / "machine.json") or {}
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | None = None  # node 0 (the master)
+        self.procs: list[subprocess.Popen] = []  # every simulated node
         self.status: dict[str, Any] = {"state": "starting"}
         self._terminating = False
         self._store = None
@@ -425,8 +457,8 @@ class _Supervisor:
     def _on_term(self, signum: int, _frame: Any) -> None:
         # `terminate` SIGTERMs our group; pass it on to the workload's group and let run() finish.
         self._terminating = True
-        if self.proc is not None:
-            _killpg(self.proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            _killpg(proc.pid, signal.SIGTERM)
 
     def _open_store(self):
         """(store, layout) of the job this machine runs, or None when the launch named no store."""
@@ -473,52 +505,105 @@ class _Supervisor:
         return bool(hb) and int(hb.get("attempt", -1)) == int(self.record["attempt"]) and \
             hb.get("phase") == "training" and hb.get("step") is not None
 
+    def _descendants(self, procs: list[subprocess.Popen]) -> list[Any]:
+        """Every process below the node launchers: torchrun starts workers in their own sessions, so
+        a signal to a node's process group does not reach them."""
+        import psutil
+
+        out = []
+        for proc in procs:
+            try:
+                out += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                pass
+        return out
+
+    def _kill_nodes(self, procs: list[subprocess.Popen], notice_s: float) -> None:
+        """Preempt these nodes: SIGTERM (the launcher forwards it to its workers), `notice_s`, SIGKILL."""
+        import psutil
+
+        tree = self._descendants(procs)
+        if notice_s > 0:
+            for proc in procs:
+                _killpg(proc.pid, signal.SIGTERM)
+            deadline = time.time() + notice_s
+            while time.time() < deadline and any(p.poll() is None for p in procs):
+                time.sleep(0.05)
+        tree += self._descendants(procs)
+        for proc in procs:
+            _killpg(proc.pid, signal.SIGKILL)
+        for kid in tree:
+            try:
+                kid.kill()
+            except psutil.Error:
+                pass
+        for proc in procs:
+            proc.wait()
+
     def _kill_workload(self, notice_s: float) -> int | None:
         assert self.proc is not None
-        if notice_s > 0:
-            _killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=notice_s)
-            except subprocess.TimeoutExpired:
-                pass
-        _killpg(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait()
-        # Reap anything the workload left in its group.
-        _killpg(self.proc.pid, signal.SIGKILL)
-        return code
+        self._kill_nodes(self.procs, notice_s)
+        return self._code()
+
+    def _code(self) -> int | None:
+        """The machine's exit code from its nodes' (launch.exit_code: the root cause wins)."""
+        codes = {i: p.returncode for i, p in enumerate(self.procs) if p.returncode is not None}
+        if not codes:
+            return None
+        if len(codes) == 1:
+            return next(iter(codes.values()))
+        from cloudtune.trainer.launch import exit_code
+
+        return exit_code(codes)
+
+    def _start_nodes(self) -> None:
+        """One process group per simulated node, each running the machine's command with its rank."""
+        from cloudtune.trainer import contract as C
+
+        nodes = int(self.record.get("nodes") or 1)
+        self.procs = []
+        for rank in range(nodes):
+            env = os.environ.copy()
+            if nodes > 1 or self.record.get("nproc_per_node", 1) > 1:
+                env.update({C.ENV_NODE_RANK: str(rank), C.ENV_NNODES: str(nodes),
+                            C.ENV_MASTER_ADDR: "127.0.0.1", C.ENV_MASTER_PORT: str(self.record["master_port"])})
+            out = open(self.mdir / "output.log", "ab")
+            # Like PID 1 of the image, the entrypoint runs the workload: the on-machine guards (stall,
+            # budget, lifetime; cloudtune/trainer/guards.py) hold here too when no watchdog is left.
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "cloudtune.trainer.entrypoint", "--", *self.record["command"]],
+                cwd=self.record.get("workdir") or None,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ))
+            out.close()
+        self.proc = self.procs[0]
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if (self.mdir / "terminated.json").exists():
             return 0
-        out = open(self.mdir / "output.log", "ab")
-        # Like PID 1 of the image, the entrypoint runs the workload: the on-machine guards (stall,
-        # budget, lifetime; cloudtune/trainer/guards.py) hold here too when no watchdog is left.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cloudtune.trainer.entrypoint", "--", *self.record["command"]],
-            cwd=self.record.get("workdir") or None,
-            env=os.environ.copy(),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        out.close()
+        self._start_nodes()
+        assert self.proc is not None
         started = time.time()
         self.write_status(
-            state="running", trainer_pid=self.proc.pid, trainer_start=_start_time(self.proc.pid), started_at=started
+            state="running", trainer_pid=self.proc.pid, trainer_start=_start_time(self.proc.pid), started_at=started,
+            node_pids=[[p.pid, _start_time(p.pid)] for p in self.procs],
         )
         if self._terminating:  # terminate arrived while we were starting the workload
-            _killpg(self.proc.pid, signal.SIGTERM)
+            for p in self.procs:
+                _killpg(p.pid, signal.SIGTERM)
         preempt_at = self.record.get("preempt_at_s")
         training_clock = self.record.get("preempt_clock") == "training"
         clock_start = None if training_clock else started
         lifetime = self.record.get("max_lifetime_s")
         last_ship = last_hb = 0.0
         while True:
-            code = self.proc.poll()
-            if code is not None:
+            if all(p.poll() is not None for p in self.procs):
                 break
             now = time.time()
             elapsed = now - started
@@ -528,29 +613,36 @@ class _Supervisor:
                     clock_start = now
                     print(f"training started after {elapsed:.1f}s; preemption in {preempt_at:.1f}s", flush=True)
             if self._terminating:
-                try:
-                    code = self.proc.wait(timeout=TERMINATE_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    code = self._kill_workload(0)
+                deadline = time.time() + TERMINATE_GRACE_S
+                while time.time() < deadline and any(p.poll() is None for p in self.procs):
+                    time.sleep(0.05)
+                self._kill_nodes(self.procs, 0)
                 self._ship_log(force=True)
-                self.write_status(state="terminated", exit_code=code, ended_at=time.time(), detail="terminated")
+                self.write_status(state="terminated", exit_code=self._code(), ended_at=time.time(), detail="terminated")
                 return 0
             if preempt_at is not None and clock_start is not None and now - clock_start >= preempt_at:
                 notice = float(self.record.get("notice_s", 5.0))
-                print(f"simulated preemption after {elapsed:.1f}s (notice {notice:g}s)", flush=True)
-                code = self._kill_workload(notice)
+                victim = self._preempted_nodes()
+                which = "" if len(victim) == len(self.procs) else f" of node {self.procs.index(victim[0])}"
+                print(f"simulated preemption{which} after {elapsed:.1f}s (notice {notice:g}s)", flush=True)
+                self._kill_nodes(victim, notice)
+                # The surviving nodes notice (agreed stop, or a lost peer) and exit on their own.
+                deadline = time.time() + notice + PEER_EXIT_GRACE_S
+                while time.time() < deadline and any(p.poll() is None for p in self.procs):
+                    time.sleep(0.1)
+                self._kill_nodes(self.procs, 0)
                 self._ship_log(force=True)
                 how = f"with {notice:g}s notice" if notice > 0 else "without notice (SIGKILL)"
                 self.write_status(
-                    state="preempted", exit_code=code, ended_at=time.time(),
-                    detail=f"simulated spot preemption after {elapsed:.0f}s {how}",
+                    state="preempted", exit_code=self._code(), ended_at=time.time(),
+                    detail=f"simulated spot preemption{which} after {elapsed:.0f}s {how}",
                 )
                 return 0
             if lifetime is not None and elapsed >= lifetime:
-                code = self._kill_workload(LIFETIME_GRACE_S)
+                self._kill_nodes(self.procs, LIFETIME_GRACE_S)
                 self._ship_log(force=True)
                 self.write_status(
-                    state="lifetime", exit_code=code, ended_at=time.time(),
+                    state="lifetime", exit_code=self._code(), ended_at=time.time(),
                     detail=f"max lifetime of {lifetime:.0f}s reached: machine terminated itself",
                 )
                 return 0
@@ -558,11 +650,20 @@ class _Supervisor:
                 self._ship_log()
                 last_ship = time.time()
             time.sleep(0.1)
-        # Reap anything the workload left in its group, then record how it ended.
-        _killpg(self.proc.pid, signal.SIGKILL)
+        # Reap anything the workload left behind, then record how it ended.
+        self._kill_nodes(self.procs, 0)
+        code = self._code()
         self._ship_log(force=True)
         self.write_status(state="exited", exit_code=code, ended_at=time.time(), detail=f"workload exited with {code}")
         return 0
+
+    def _preempted_nodes(self) -> list[subprocess.Popen]:
+        """A spot market takes one machine: with several nodes, `local.preempt_node` (default: the last)."""
+        if len(self.procs) == 1:
+            return list(self.procs)
+        node = self.record.get("preempt_node")
+        node = len(self.procs) - 1 if node is None else min(int(node), len(self.procs) - 1)
+        return [self.procs[node]]
 
 
 def _main(argv: list[str]) -> int:

@@ -28,6 +28,7 @@ from cloudtune.store.base import Store
 from cloudtune.store.retry import StoreUnavailable
 
 from cloudtune.trainer import contract
+from cloudtune.trainer.distributed import PeerLost
 
 log = logging.getLogger("cloudtune.trainer")
 
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         from cloudtune.trainer.train import Attempt, run
 
         work = Path(args.work_dir) if args.work_dir else home() / "work" / job_id / f"attempt-{attempt}"
+        if int(os.environ.get("GROUP_RANK") or 0) > 0:  # each node of a multi-node run has its own disk
+            work = work.with_name(f"{work.name}-node{os.environ['GROUP_RANK']}")
         return run(Attempt(spec=spec, job_id=job_id, attempt=attempt, store=store, work_dir=work))
     except StoreUnavailable as err:
         # Not the job's fault and not final: stop resumable (75); the watchdog relaunches from the last
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         write_failed(store, job_id, attempt, str(err), "bad_input", contract.EXIT_BAD_INPUT)
         return contract.EXIT_BAD_INPUT
+    except PeerLost as err:  # another rank/node vanished: the orchestrator relaunches and resumes
+        print(f"error: {err}", file=sys.stderr)
+        return contract.EXIT_PEER_LOST
     except Exception as err:  # noqa: BLE001 - unrecoverable: record it, keep the traceback for the log
         traceback.print_exc()
         reason = f"{type(err).__name__}: {err}"

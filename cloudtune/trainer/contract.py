@@ -10,6 +10,7 @@ EXIT_FAILED = 1  # unrecoverable error; FAILED.json written with the reason
 EXIT_BAD_INPUT = 2  # the spec or the data is invalid; FAILED.json written; do not retry
 EXIT_PREEMPTED = 75  # stopped on a signal/notice after an emergency checkpoint: relaunch to resume
 EXIT_STOPPED = 76  # stopped on a controller request (control.json "stop") after a checkpoint
+EXIT_PEER_LOST = 77  # multi-process: another rank/node vanished mid-collective; relaunch to resume
 
 # Environment variables the trainer reads (the orchestrator sets them at launch).
 ENV_SPEC = "CLOUDTUNE_SPEC"  # the JobSpec as JSON (or base64 JSON prefixed 'b64:')

@@ -173,8 +173,13 @@ class Monitor:
         control_s: float | None = None,
         spot_s: float = 5.0,
         imds: str | None = None,
+        main: bool = True,
     ) -> None:
+        # `main`: rank 0 of a multi-process run (or the only process) writes heartbeats and reads
+        # control.json; the other ranks only watch their machine's spot notice (pass imds=None on all
+        # but one process per machine). Their requests reach rank 0 through Dist.agree.
         self.store, self.job_id, self.attempt, self.req = store, job_id, attempt, req
+        self.main = main
         self.heartbeat_s = min(heartbeat_s or _env_float("CLOUDTUNE_HEARTBEAT_S", HEARTBEAT_INTERVAL_S),
                                HEARTBEAT_INTERVAL_S)
         self.control_s = control_s or _env_float("CLOUDTUNE_CONTROL_POLL_S", 10.0)
@@ -193,6 +198,8 @@ class Monitor:
     def beat(self, **fields: Any) -> None:
         """Write heartbeat.json now (after merging fields). Never raises: a heartbeat is best effort."""
         self.update(**fields)
+        if not self.main:
+            return
         with self._lock:
             body = {**self.fields, "job_id": self.job_id, "attempt": self.attempt, "time": time.time()}
         with self._beat_lock:
@@ -240,7 +247,7 @@ class Monitor:
             if now >= next_spot and self.spot is not None:
                 self.poll_spot()
                 next_spot = now + self.spot_s
-            if now >= next_ctl:
+            if now >= next_ctl and self.main:
                 self.poll_control()
                 next_ctl = now + self.control_s
             if now >= next_beat:

@@ -23,6 +23,7 @@ from cloudtune.store import layout
 from cloudtune.store.base import Store
 from cloudtune.trainer import contract
 from cloudtune.trainer.checkpoint import CheckpointStore
+from cloudtune.trainer.distributed import Dist, PeerLost
 from cloudtune.trainer.monitor import (
     Monitor,
     StopRequest,
@@ -207,10 +208,12 @@ def fetch_adapter(ref: str, store: Store, work_dir: Path) -> str:
 # ------------------------------------------------------------------------------ the callback
 
 
-def make_callback(att: Attempt, monitor: Monitor, ckpts: CheckpointStore, req: StopRequest) -> Any:
+def make_callback(att: Attempt, monitor: Monitor, ckpts: CheckpointStore, req: StopRequest,
+                  dist: Dist | None = None) -> Any:
     from transformers import TrainerCallback
 
     every_s = (att.spec.checkpoint.every_minutes or 0) * 60
+    dist = dist or Dist()
 
     class CloudtuneCallback(TrainerCallback):
         """Turns stop/checkpoint requests into saves at step boundaries and commits saves to the store."""
@@ -240,12 +243,14 @@ def make_callback(att: Attempt, monitor: Monitor, ckpts: CheckpointStore, req: S
                            tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else None,
                            peak_mem_bytes=mem, peak_mem_kind=kind, eta_s=round(eta, 1) if eta else eta,
                            last_step_time=time.time())
-            if req.stop:
+            # All ranks agree (one all-reduce) so a request seen by one rank saves/stops every rank here.
+            due = bool(every_s) and time.monotonic() - self.last_save >= every_s
+            agreed = dist.agree(req.stop, req.reason, req.take_checkpoint_request() or due)
+            if agreed.stop:
+                req.request_stop(agreed.reason, "another rank was asked to stop")
                 control.should_save = True
                 control.should_training_stop = True
-            elif req.take_checkpoint_request():
-                control.should_save = True
-            elif every_s and time.monotonic() - self.last_save >= every_s:
+            elif agreed.checkpoint:
                 control.should_save = True
             return control
 
@@ -266,11 +271,15 @@ def make_callback(att: Attempt, monitor: Monitor, ckpts: CheckpointStore, req: S
             step = state.global_step
             local = Path(args.output_dir) / f"checkpoint-{step}"
             monitor.beat(phase="checkpointing", step=step)
-            t = time.monotonic()
-            canonical_adapter_config(local)
-            manifest = ckpts.commit(local, step, {"attempt": att.attempt, "reason": req.reason or "interval"})
-            log.info("checkpoint %d committed (%d files, %.1f MB, %.1fs)", step, len(manifest["files"]),
-                     manifest["bytes"] / 1e6, time.monotonic() - t)
+            dist.barrier()  # every rank's files (rng_state_<rank>.pth, shards) are on disk
+            if dist.is_main:  # rank 0 alone commits: files, then MANIFEST, then LATEST
+                t = time.monotonic()
+                canonical_adapter_config(local)
+                meta = dist.checkpoint_meta(args.per_device_train_batch_size, args.gradient_accumulation_steps)
+                manifest = ckpts.commit(local, step, {"attempt": att.attempt, "reason": req.reason or "interval",
+                                                      **meta})
+                log.info("checkpoint %d committed (%d files, %.1f MB, %.1fs)", step, len(manifest["files"]),
+                         manifest["bytes"] / 1e6, time.monotonic() - t)
             self.last_save = time.monotonic()
             self.committed_step = step
             monitor.beat(phase="training", last_checkpoint_step=step)
@@ -329,6 +338,7 @@ def build_trainer(att: Attempt, model: Any, tokenizer: Any, train_rows: list[dic
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         dataloader_num_workers=0,  # workers would need their own seeding; tokenized data is in memory
+        ddp_find_unused_parameters=False,  # LoRA and full FT use every trainable parameter each step
         include_num_input_tokens_seen=True,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
@@ -365,12 +375,14 @@ def run(att: Attempt) -> int:
     if store.exists(layout.done_key(job)):
         log.info("job %s is already done (DONE.json present); nothing to do", job)
         return contract.EXIT_DONE
-    if not store.exists(layout.spec_key(job)):
+    dist = Dist().init()  # world size 1 without a launcher: every call below is a no-op
+    if dist.is_main and not store.exists(layout.spec_key(job)):
         store.put_bytes(layout.spec_key(job), spec.to_json().encode())
 
     req = StopRequest()
     previous_handlers = install_signal_handlers(req)
-    monitor = Monitor(store, job, att.attempt, req, imds=imds_endpoint()).start()
+    monitor = Monitor(store, job, att.attempt, req, imds=imds_endpoint() if dist.is_local_main else None,
+                      main=dist.is_main).start()
     started = time.time()
     try:
         monitor.beat(phase="loading")
@@ -379,12 +391,12 @@ def run(att: Attempt) -> int:
         log.info("data: %d training records, %d validation, format %s", len(train_recs), len(val_recs), fmt)
 
         # 2. restore the newest committed checkpoint that verifies
-        if att.work_dir.exists():
-            shutil.rmtree(att.work_dir)
-        att.work_dir.mkdir(parents=True)
         ckpts = CheckpointStore(store, job, keep=spec.checkpoint.keep)
-        restored = ckpts.restore(att.work_dir / "resume")
+        restored = dist.restore(ckpts, att.work_dir)
         if restored:
+            # written by another world size? same global batch, or a one-line refusal (distributed.py)
+            spec.training.grad_accum = dist.resume_batch(ckpts.manifest(restored[0]) or {}, restored[0],
+                                                         spec.training.micro_batch, spec.training.grad_accum)
             log.info("resuming from checkpoint %d", restored[0])
             monitor.beat(last_checkpoint_step=restored[0], step=restored[0])
 
@@ -410,7 +422,7 @@ def run(att: Attempt) -> int:
 
         chat = tokenizer.chat_template is not None
         train_rows, eval_rows = training_rows(spec, tokenizer, train_recs, val_recs, fmt, chat)
-        callback = make_callback(att, monitor, ckpts, req)
+        callback = make_callback(att, monitor, ckpts, req, dist)
         trainer = build_trainer(att, model, tokenizer, train_rows, eval_rows, prec, callback)
 
         if spec.method == "qlora":
@@ -441,6 +453,8 @@ def run(att: Attempt) -> int:
         # HF's pickled TrainingArguments hold this attempt's paths (so they differ between an
         # interrupted and an uninterrupted run) and a pickle is no artifact to hand out: the spec is
         # in the store. What stays is the adapter/weights, tokenizer, model card and summary.
+        if not dist.is_main:  # rank 0 alone writes final/ and DONE.json
+            return contract.EXIT_DONE
         (final_dir / "training_args.bin").unlink(missing_ok=True)
         # DPO on a PEFT model: TRL trains against a frozen copy of the starting adapter named "ref", and
         # save_model writes it to final/ref/ (its adapter_config.json in hash-seed order). It is the
@@ -495,9 +509,15 @@ def run(att: Attempt) -> int:
         monitor.beat(phase="done", step=trainer.state.global_step, loss=summary["final_loss"])
         log.info("done: %d steps, final loss %s, %.1fs", summary["steps"], summary["final_loss"], wall)
         return contract.EXIT_DONE
+    except Exception as err:
+        if dist.peer_lost(err):  # a vanished peer is a relaunch (exit 77), not FAILED.json
+            raise PeerLost(f"rank {dist.rank}: another process of the job is gone ({type(err).__name__}: "
+                           f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
+        raise
     finally:
         monitor.close()
         restore_signal_handlers(previous_handlers)
+        dist.close()
 
 
 def training_rows(spec: JobSpec, tokenizer: Any, train_recs: list, val_recs: list, fmt: str,
