@@ -141,6 +141,8 @@ def run_cmd(
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once the job is launched; the watchdog runs it."),
     json_out: bool = typer.Option(False, "--json", help='Print {"job_id", "state"} as the last line (humans read stderr).'),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the launch request (secrets redacted); launch nothing."),
+    controller: str = typer.Option(None, "--controller", help="Hand the job to a controller elsewhere and return: "
+                                   "modal (`cloudtune controller deploy`) or cron (`cloudtune controller tick`)."),
 ) -> None:
     """Validate, plan, launch and follow a job until it is done; the machine is always torn down."""
     from cloudtune.run import state as S
@@ -157,6 +159,11 @@ def run_cmd(
     draft = plan_job(spec, names)
     check_budget(draft)
     check_remote(draft)
+    if controller:
+        from cloudtune.home import default_store_url
+        from cloudtune.run.controller import check_handover
+
+        check_handover(controller, spec.store.url or default_store_url())
     if dry_run:
         _dry_run(console, draft, json_out)
         return
@@ -165,6 +172,21 @@ def run_cmd(
 
     db = S.StateDB()
     job_id = create_job(db, draft)
+    if controller:
+        from cloudtune.run.controller import hand_over
+        from cloudtune.run.orchestrator import store_for
+
+        try:
+            hand_over(db, store_for(spec), job_id, controller)
+        except Exception:
+            start_watchdog(job_id)  # never a job without an owner: this machine keeps it
+            raise
+        console.print(f"job {job_id} handed to the {controller} controller; `cloudtune controller status` to see "
+                      f"who holds it", markup=False)
+        if json_out:
+            print(json.dumps({"job_id": job_id, "state": db.get_job(job_id).state, "controller": controller}),
+                  flush=True)
+        raise typer.Exit(0)
     wd = start_watchdog(job_id)
     console.print(f"job {job_id} created; store {db.get_job(job_id).store_url}/{job_id}", markup=False)
 

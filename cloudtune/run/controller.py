@@ -28,6 +28,9 @@ log = logging.getLogger("cloudtune.controller")
 
 DEFAULT_SECONDS = 50.0  # one invocation of a per-minute schedule
 DEFAULT_POLL_S = 2.0
+# A job handed to a controller goes back to a laptop's watchdog only after the controller has been
+# silent this long (its lease lapsed and nobody renewed it): e.g. after `controller remove`.
+HANDOVER_QUIET_S = float(os.environ.get("CLOUDTUNE_HANDOVER_QUIET_S", "600"))
 
 
 class JobControl:
@@ -39,9 +42,14 @@ class JobControl:
         self.mirror = J.StateMirror(db, store, job_id)
         self.previous: str | None = None  # who held the lease before us
 
-    def begin(self) -> bool:
-        """Take the lease; import the store's state when someone else acted last. False: leased elsewhere."""
+    def begin(self, defer_to_controller: bool = False) -> bool:
+        """Take the lease; import the store's state when someone else acted last. False: leased elsewhere.
+
+        With `defer_to_controller` (a laptop's watchdog), a job handed to a controller is left to it
+        while that controller is recently active, even between its ticks when the lease is free."""
         info, _ = self.lease.read()
+        if defer_to_controller and self._controller_active(info):
+            return False
         if not self.lease.acquire():
             return False
         self.previous = info.holder if info else None
@@ -50,6 +58,13 @@ class JobControl:
         if self.db.job_exists(self.job_id):
             self.mirror.push()
         return True
+
+    def _controller_active(self, info: Any) -> bool:
+        entry = self.store.read_json(J.registry_key(self.job_id))
+        if not isinstance(entry, dict):
+            return False
+        last = max(float(entry.get("time") or 0), info.expires_at if info else 0.0)
+        return time.time() - last < HANDOVER_QUIET_S
 
     def _same_db(self, holder: str) -> bool:
         """A holder that wrote this very state.db (ours, or this host's earlier watchdog) left nothing
@@ -164,3 +179,33 @@ def controller_db_path() -> Path:
 
     override = os.environ.get("CLOUDTUNE_CONTROLLER_DB")
     return Path(override) if override else home() / "controller" / "state.db"
+
+
+CONTROLLERS = ("modal", "cron")
+
+
+def check_handover(controller: str, store_url: str) -> None:
+    """Before a job is created: can that controller reach this job? One line, exit 2, if not."""
+    from cloudtune.errors import UserError
+
+    if controller not in CONTROLLERS:
+        raise UserError(f"--controller {controller!r} is not known; use modal (a deployed `cloudtune controller`) "
+                        f"or cron (whatever runs `cloudtune controller tick --store {store_url}`)")
+    if controller == "modal":
+        from cloudtune.cli.controller_cmd import deployment_for
+
+        if not store_url.startswith("s3://"):
+            raise UserError(f"--controller modal cannot reach the store {store_url!r}; set store.url to an s3:// "
+                            f"store, or use --controller cron on this machine")
+        if deployment_for(store_url.rstrip("/")) is None:
+            raise UserError(f"no controller is deployed for the store {store_url}; run `cloudtune controller deploy "
+                            f"--on modal --store {store_url}` first")
+
+
+def hand_over(db: S.StateDB, store: Any, job_id: str, controller: str) -> None:
+    """Give a new job to a controller elsewhere: its state into the store, then the job into its list.
+
+    The order matters: a controller that finds the job listed must find its state too."""
+    db.event(job_id, "controller", f"handed to the {controller} controller; no watchdog on this machine")
+    J.StateMirror(db, store, job_id).push(force=True)
+    register(store, job_id, controller)

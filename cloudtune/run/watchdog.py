@@ -74,6 +74,24 @@ def start_watchdog(job_id: str) -> subprocess.Popen:
         log.close()
 
 
+def stop_watchdog(job_id: str, timeout_s: float = 30.0) -> bool:
+    """SIGTERM this home's watchdog of the job (it releases the lease, the job keeps running) and wait
+    until it is gone. True when one was running."""
+    from cloudtune.run.state import StateDB
+
+    row = StateDB().watchdog_row(job_id)
+    if not row or not watchdog_alive(job_id):
+        return False
+    try:
+        os.kill(int(row["pid"]), signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.time() + timeout_s
+    while watchdog_alive(job_id) and time.time() < deadline:
+        time.sleep(0.2)
+    return True
+
+
 def ensure_watchdog(db, job_id: str, who: str) -> bool:
     """Restart the watchdog of an unfinished job when it is dead. True when one was started."""
     job = db.get_job(job_id)
@@ -143,7 +161,7 @@ def run(job_id: str) -> int:
     # its lease says: take over at once instead of waiting for it to expire.
     control = JobControl(db, orch.store, job_id, new_holder("watchdog", site),
                          proven_dead=lambda holder: holder_site(holder) == ("watchdog", site))
-    if not control.begin():
+    if not control.begin(defer_to_controller=True):
         db.event(job_id, "watchdog", f"job is controlled by {control.holder_now()}; this watchdog stands by")
         log.info("job %s is leased by %s; exiting", job_id, control.holder_now())
         return 0
@@ -190,6 +208,7 @@ def run(job_id: str) -> int:
     else:
         return 1
     if stop["flag"] and job is not None and not job.is_terminal:
+        control.lease.release()  # the next controller (a hand-over, a restarted watchdog) takes over at once
         db.event(job_id, "watchdog", "watchdog asked to exit (SIGTERM); the job keeps running, "
                  "`cloudtune status` restarts the watchdog")
     else:

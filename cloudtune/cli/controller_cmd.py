@@ -1,0 +1,201 @@
+"""`cloudtune controller deploy|status|remove|tick`: a control loop that does not need this laptop."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cloudtune.errors import UserError
+
+app = typer.Typer(help="Run the job controller somewhere other than this machine (serverless, cron).",
+                  no_args_is_help=True)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="controller")
+
+
+def config_path() -> Path:
+    from cloudtune.home import home
+
+    return home() / "controller.json"
+
+
+def deployments() -> list[dict[str, Any]]:
+    try:
+        got = json.loads(config_path().read_text())
+    except (OSError, ValueError):
+        return []
+    return got if isinstance(got, list) else []
+
+
+def _save(rows: list[dict[str, Any]]) -> None:
+    path = config_path()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=2))
+    os.replace(tmp, path)
+
+
+def deployment_for(store_url: str) -> dict[str, Any] | None:
+    return next((d for d in deployments() if d.get("store_url") == store_url), None)
+
+
+def _check_target(on: str, store: str) -> None:
+    if on != "modal":
+        raise UserError(f"controller --on {on!r} is not available; use --on modal (AWS Lambda + EventBridge is "
+                        f"not built yet: run `cloudtune controller tick --store URL` from cron meanwhile)")
+    if not store.startswith("s3://"):
+        raise UserError(f"controller store {store!r} cannot be reached from Modal; use the s3:// store your jobs "
+                        f"use (store.url in the job spec)")
+
+
+@app.command("deploy")
+def deploy_cmd(
+    on: str = typer.Option("modal", "--on", help="Where the controller runs: modal."),
+    store: str = typer.Option(..., "--store", help="The s3:// store (store.url) whose jobs it controls."),
+    endpoint: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint of that store."),
+    secret_env: str = typer.Option(None, "--secret-env", help="Comma-separated environment variables to put in the "
+                                   "controller's Modal Secret (default: the providers' and AWS's keys that are set)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
+) -> None:
+    """Deploy a scheduled Modal Function (every minute, nothing runs between) that drives the jobs
+    handed to it with `cloudtune run --controller modal`."""
+    from cloudtune.providers.modal import AUTH_HINT, _has_modal_credentials
+    from cloudtune.run import controller_modal as M
+
+    _check_target(on, store)
+    if not _has_modal_credentials():
+        raise UserError(f"controller deploy --on modal: no Modal credentials; {AUTH_HINT}")
+    names = tuple(v.strip() for v in secret_env.split(",") if v.strip()) if secret_env else M.DEFAULT_SECRET_VARS
+    values = M.secret_values(names)
+    missing = [n for n in names if n not in values]
+    if secret_env and missing:
+        raise UserError(f"--secret-env names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                        f"not set in this environment; export {'it' if len(missing) == 1 else 'them'} or drop "
+                        f"{'it' if len(missing) == 1 else 'them'} from the list")
+    dep = M.Deployment(store_url=store.rstrip("/"), store_endpoint=endpoint)
+    app_id = M.deploy(dep, M.SdkControllerClient(), values)
+    rows = [d for d in deployments() if d.get("store_url") != dep.store_url]
+    _save([*rows, {**dep.to_dict(), "app_id": app_id, "deployed_at": time.time(), "secret_vars": sorted(values)}])
+    if json_out:
+        typer.echo(json.dumps({**dep.to_dict(), "app_id": app_id, "secret_vars": sorted(values)}))
+    else:
+        typer.echo(f"deployed {dep.app_name} on Modal ({app_id}): ticks the jobs of {dep.store_url} every minute; "
+                   f"secret {dep.secret_name} holds {', '.join(sorted(values)) or 'nothing'}")
+
+
+@app.command("remove")
+def remove_cmd(
+    on: str = typer.Option("modal", "--on", help="Where the controller runs: modal."),
+    store: str = typer.Option(None, "--store", help="Only the deployment for this store."),
+) -> None:
+    """Stop the deployed controller. Jobs it held keep their machines' own guards; `cloudtune status JOB`
+    on a laptop takes them back once the lease lapses."""
+    from cloudtune.run import controller_modal as M
+
+    rows = [d for d in deployments() if d.get("on") == on and (store is None or d.get("store_url") == store)]
+    if not rows:
+        raise UserError(f"no controller deployed on {on}{f' for {store}' if store else ''}; "
+                        f"`cloudtune controller status` lists them")
+    client = M.SdkControllerClient()
+    for d in rows:
+        client.stop(d["app_name"])
+        typer.echo(f"stopped {d['app_name']} ({d['store_url']})")
+    _save([d for d in deployments() if d not in rows])
+
+
+@app.command("status")
+def status_cmd(
+    store: str = typer.Option(None, "--store", help="Show this store's handed-over jobs (default: every deployment's)."),
+    endpoint: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint of that store."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The deployed controllers and, per store, the jobs handed to them with their lease holders."""
+    from cloudtune.run.controller import registered
+    from cloudtune.run.job_state import state_key
+    from cloudtune.run.lease import Lease
+    from cloudtune.store import open_store
+
+    deps = deployments()
+    stores = [(store, endpoint)] if store else [(d["store_url"], d.get("store_endpoint")) for d in deps]
+    out: dict[str, Any] = {"deployments": deps, "jobs": []}
+    now = time.time()
+    for url, ep in stores:
+        st = open_store(url, endpoint_url=ep)
+        for job_id in registered(st):
+            info, _ = Lease(st, job_id, "status").read()
+            snap = st.read_json(state_key(job_id)) or {}
+            out["jobs"].append({
+                "store": url, "job_id": job_id, "state": (snap.get("job") or {}).get("state"),
+                "holder": info.holder if info and info.live(now) else None,
+                "lease_expires_in_s": round(info.expires_at - now, 1) if info and info.live(now) else None,
+            })
+    if json_out:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    if not deps:
+        typer.echo("no controller deployed (`cloudtune controller deploy --on modal --store s3://...`)")
+    for d in deps:
+        typer.echo(f"{d['on']}: {d['app_name']} for {d['store_url']}")
+    for j in out["jobs"]:
+        holder = f"held by {j['holder']} ({j['lease_expires_in_s']:.0f}s left)" if j["holder"] else "lease free"
+        typer.echo(f"  {j['job_id']}  {j['state'] or '?'}  {holder}")
+
+
+@app.command("tick")
+def tick_cmd(
+    store: str = typer.Option(..., "--store", help="The store whose handed-over jobs to drive."),
+    endpoint: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint of that store."),
+    seconds: float = typer.Option(50.0, "--seconds", help="Tick for about this long, then return."),
+    poll: float = typer.Option(2.0, "--poll", help="Seconds between ticks."),
+    until_done: bool = typer.Option(False, "--until-done", help="Keep going until every job has ended."),
+    json_out: bool = typer.Option(False, "--json", help="Print what was done as JSON."),
+) -> None:
+    """What the deployed controller runs each minute; also for cron on any machine."""
+    from cloudtune.run.controller import control, registered
+    from cloudtune.run.lease import new_holder
+    from cloudtune.store import open_store
+
+    if seconds <= 0 or poll <= 0:
+        raise UserError(f"--seconds and --poll must be > 0, got {seconds:g} and {poll:g}")
+    st = open_store(store, endpoint_url=endpoint)
+    holder = new_holder("controller")
+    reports = control(st, holder=holder, seconds=seconds, poll_s=poll)
+    while until_done and registered(st):
+        reports = control(st, holder=holder, seconds=seconds, poll_s=poll)
+        if all(r.action == "leased-elsewhere" for r in reports):
+            time.sleep(poll)
+    if json_out:
+        typer.echo(json.dumps([r.to_dict() for r in reports]))
+    else:
+        for r in reports:
+            typer.echo(f"{r.job_id}: {r.action} {r.state or ''} {r.detail}".rstrip())
+
+
+@app.command("hand-over")
+def hand_over_cmd(
+    job_id: str = typer.Argument(..., help="A running job of this machine."),
+    to: str = typer.Option(..., "--to", help="modal (a deployed controller) or cron (`controller tick`)."),
+) -> None:
+    """Give a running job to a controller elsewhere: this machine's watchdog hands over its lease and
+    exits; the job keeps running."""
+    from cloudtune.run import state as S
+    from cloudtune.run.controller import check_handover, hand_over
+    from cloudtune.run.orchestrator import store_for
+    from cloudtune.run.watchdog import stop_watchdog
+
+    db = S.StateDB()
+    job = db.get_job(job_id)
+    if job is None:
+        raise UserError(f"job {job_id!r} not found; `cloudtune status` lists this machine's jobs")
+    if job.is_terminal:
+        raise UserError(f"job {job_id} is already {job.state}; nothing to hand over")
+    check_handover(to, job.store_url)
+    hand_over(db, store_for(job.spec), job_id, to)
+    stopped = stop_watchdog(job_id)
+    typer.echo(f"job {job_id} handed to the {to} controller" + ("; this machine's watchdog exited" if stopped else ""))
