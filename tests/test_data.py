@@ -167,3 +167,89 @@ def test_s3_data_over_moto(tmp_path: Path, aws_env):
     spec.data.train = "s3://ct-data-test/sets/missing.jsonl"
     with pytest.raises(DataError, match="does not exist"):
         validate_data(spec)
+
+
+# ------------------------------------------------------------------ shapes users bring (issue 13)
+
+TOOL_CHAT = {"messages": [
+    {"role": "user", "content": "weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "-3C"},
+    {"role": "assistant", "content": [{"type": "text", "text": "It is "}, {"type": "text", "text": "-3C."}]}]}
+
+
+def test_prompt_completion_string_and_conversational(tmp_path: Path):
+    from cloudtune.trainer.data import Record
+
+    s = {"prompt": "2+2=", "completion": "4"}
+    c = {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}
+    for rec in (s, c):
+        assert validate_data(_spec(str(_jsonl(tmp_path / "pc.jsonl", [rec] * 2)))).format == "prompt_completion"
+    assert to_trl_rows([Record(s, "x:1")], "prompt_completion", chat=False, eos="</s>") == [
+        {"prompt": "2+2=", "completion": "4</s>"}]
+    assert to_trl_rows([Record(s, "x:1")], "prompt_completion", chat=True) == [
+        {"prompt": [{"role": "user", "content": "2+2="}], "completion": [{"role": "assistant", "content": "4"}]}]
+    bad = {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "user", "content": "4"}]}
+    with pytest.raises(DataError, match=r"pc\.jsonl:1: field 'completion' has no assistant turn"):
+        validate_data(_spec(str(_jsonl(tmp_path / "pc.jsonl", [bad]))))
+
+
+def test_openai_tool_calls_and_content_parts(tmp_path: Path):
+    from cloudtune.trainer.data import Record
+
+    assert validate_data(_spec(str(_jsonl(tmp_path / "t.jsonl", [TOOL_CHAT])))).format == "messages"
+    msgs = to_trl_rows([Record(TOOL_CHAT, "x:1")], "messages", chat=True)[0]["messages"]
+    assert msgs[1]["content"] == "" and msgs[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert msgs[2]["tool_call_id"] == "c1" and msgs[3]["content"] == "It is -3C."
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                          {"role": "assistant", "content": "a cat"}]}
+    with pytest.raises(DataError, match=r"t\.jsonl:2: field 'messages\[0\]\.content\[0\]' is a 'image_url' part"):
+        validate_data(_spec(str(_jsonl(tmp_path / "t.jsonl", [TOOL_CHAT, image]))))
+    null = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]}
+    with pytest.raises(DataError, match=r"t\.jsonl:1: field 'messages\[1\]\.content' must be a string, a list of"):
+        validate_data(_spec(str(_jsonl(tmp_path / "t.jsonl", [null]))))
+
+
+def test_utf8_bom_is_not_data(tmp_path: Path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(ALPACA) + "\n").encode() * 2)
+    assert validate_data(_spec(str(path))).records == 2
+    arr = tmp_path / "bom.json"
+    arr.write_bytes(b"\xef\xbb\xbf" + json.dumps([ALPACA, ALPACA, ALPACA]).encode())
+    assert validate_data(_spec(str(arr))).records == 3
+
+
+def test_missing_file_with_a_suffix_is_not_a_hub_dataset(tmp_path: Path):
+    with pytest.raises(DataError, match=r"data file 'dir/x\.csv' not found"):
+        validate_data(_spec("dir/x.csv"))
+    assert not validate_data(_spec("someorg/some.dataset")).checked  # a hub id with a dot still is one
+
+
+def test_implicit_prompt_preference_takes_the_shared_start(tmp_path: Path):
+    from cloudtune.trainer.data import Record
+
+    user = {"role": "user", "content": "2+2?"}
+    rec = {"chosen": [user, {"role": "assistant", "content": "4"}], "rejected": [user, {"role": "assistant", "content": "5"}]}
+    spec = parse_spec({"model": "m", "stage": "dpo", "data": {"train": str(_jsonl(tmp_path / "p.jsonl", [rec]))}})
+    assert validate_data(spec).format == "preference"
+    row = to_trl_rows([Record(rec, "x:1")], "preference", chat=True)[0]
+    assert row == {"prompt": [user], "chosen": [{"role": "assistant", "content": "4"}],
+                   "rejected": [{"role": "assistant", "content": "5"}]}
+    text = to_trl_rows([Record({"chosen": "The sky is blue.", "rejected": "The sky is green."}, "x:1")],
+                       "preference", chat=False)[0]
+    assert (text["chosen"], text["rejected"]) == ("blue.", "green.") and "The sky is " in text["prompt"]
+    unrelated = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                 "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    spec.data.train = str(_jsonl(tmp_path / "q.jsonl", [unrelated]))
+    with pytest.raises(DataError, match=r"q\.jsonl:1: field 'prompt' is missing .* add a 'prompt' field"):
+        validate_data(spec)
+
+
+def test_alpaca_frame_matches_the_sft_stage():
+    from cloudtune.trainer.data import ALPACA_TEMPLATE_INPUT, Record
+
+    sft = to_trl_rows([Record(ALPACA, "x:1")], "alpaca", chat=False)[0]["prompt"]
+    dpo = to_trl_rows([Record({"prompt": "Reverse the string.\n\nabc", "chosen": "cba", "rejected": "abc"}, "x:1")],
+                      "preference", chat=False)[0]["prompt"]
+    assert sft == dpo == ALPACA_TEMPLATE_INPUT.format(instruction="Reverse the string.", input="abc")

@@ -19,9 +19,9 @@ from typing import Any
 from cloudtune.trainer.data import (
     ALPACA_TEMPLATE,
     ALPACA_TEMPLATE_INPUT,
-    SHAREGPT_ROLES,
     Record,
     _alpaca_prompt,
+    normalize_messages,
 )
 
 log = logging.getLogger("cloudtune.trainer")
@@ -40,15 +40,21 @@ def _case(d: dict[str, Any], fmt: str, chat: bool) -> dict[str, Any] | None:
             instruction=d["instruction"], input=d.get("input", ""))
         return {"instruction": d["instruction"], "input": d.get("input") or d["instruction"],
                 "messages": [{"role": "user", "content": user}], "text": text, "expected": d["output"]}
-    if fmt in ("sharegpt", "messages"):
-        turns = d["conversations"] if fmt == "sharegpt" else d["messages"]
-        msgs = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} if fmt == "sharegpt"
-                else {"role": t["role"], "content": t["content"]} for t in turns]
+    if fmt in ("sharegpt", "messages", "prompt_completion"):
+        if fmt == "prompt_completion":
+            from cloudtune.trainer.chat import conversation
+
+            msgs = conversation(d, fmt)[0]
+        else:  # content parts joined, tool calls kept (the shapes validation accepts)
+            msgs = normalize_messages(d["conversations"], "from", "value") if fmt == "sharegpt" else \
+                normalize_messages(d["messages"])
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if not last:
+        if not last or not msgs[last]["content"]:  # no prompt before it, or a tool call: nothing to compare
             return None
         prompt = msgs[:last]
         text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in prompt) + "### Assistant:\n"
+        if fmt == "prompt_completion" and isinstance(d["prompt"], str):
+            text = d["prompt"]  # the plain-text path trains on the prompt as given
         return {"instruction": "", "input": prompt[-1]["content"], "messages": prompt, "text": text,
                 "expected": msgs[last]["content"]}
     if fmt == "preference" and isinstance(d.get("prompt"), str) and isinstance(d.get("chosen"), str):

@@ -1,0 +1,55 @@
+"""`cloudtune run` refuses family and template problems as bad input before anything is created.
+
+The tokenizer and config.json of a local model folder are on this machine, so `cloudtune run`'s
+validation renders the data through the real chat template and applies the family rules: exit 2,
+one line naming file:line (or the spec field) and the fix, no job, no store object.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _families import family_dirs  # noqa: F401 - fixture
+
+from tests._run_util import cli, cli_env
+
+
+def _job(tmp: Path, model: Path, rows: list[dict], **training) -> Path:
+    data = tmp / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"model": str(model), "method": "lora", "data": {"train": str(data), "max_seq_len": 128},
+            "training": {"max_steps": 2, **training}, "store": {"url": f"file://{tmp / 'store'}"}}
+    path = tmp / "job.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+OK = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+SYSTEM = {"messages": [{"role": "system", "content": "be brief"}, *OK["messages"]]}
+
+
+@pytest.mark.parametrize("family,rows,training,needles", [
+    ("mistral", [OK, OK, SYSTEM], {}, ["chat.jsonl:3:", "refuses this conversation", "accepts no system turn"]),
+    ("gemma2", [OK], {"attention": "sdpa"}, ["training.attention: sdpa", "set training.attention: eager"]),
+])
+def test_run_refuses_before_renting(family_dirs, tmp_path: Path, family, rows, training, needles):
+    env = cli_env(tmp_path / "home")
+    out = cli(env, "run", str(_job(tmp_path, family_dirs[family], rows, **training)), "--yes")
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out.stderr, out.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "home" / "state.db").exists() or "[]" in cli(env, "status", "--json").stdout
+
+
+def test_gemma2_defaults_to_eager(family_dirs, tmp_path: Path):
+    """Without training.attention, Gemma2 gets eager: validation notes it and the trainer loads."""
+    from cloudtune.spec import load_spec
+    from cloudtune.trainer.data import validate_data
+
+    summary = validate_data(load_spec(_job(tmp_path, family_dirs["gemma2"], [OK])))
+    assert any("gemma2: training.attention eager" in n for n in summary.notes), summary.notes
