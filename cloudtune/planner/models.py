@@ -11,6 +11,9 @@ Accepted refs, in the order they are tried:
   8b, 70B, 1.5b, 8x7b         a size shorthand -> a representative modern model (SHORTHANDS)
   meta-llama/Llama-3.1-8B     a registry id, case-insensitive; the id without its org also works
   ./dir or ./dir/config.json  a local Hugging Face config
+  org/name in the HF cache    HF_HUB_CACHE / HF_HOME/hub / ~/.cache/huggingface/hub snapshots, offline
+  Qwen/Qwen2.5-7B-Instruct    an Instruct/chat/it variant of a registry base: the base's shape (fine-tuning
+                              changes weights, not the architecture)
   org/name                    any other hub id: config.json fetched from the hub (HF_ENDPOINT, HF_TOKEN)
 """
 
@@ -21,6 +24,7 @@ import difflib
 import json
 import os
 import re
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -154,8 +158,106 @@ def _by_key() -> dict[str, ModelArch]:
 def _suggest(ref: str) -> str:
     names = [m.id for m in _registry()] + [m.id.split("/", 1)[-1] for m in _registry()] + list(SHORTHANDS)
     lowered = {n.lower(): n for n in names}
-    near = difflib.get_close_matches(ref.lower(), list(lowered), n=3, cutoff=0.5)
-    return f"did you mean {', '.join(lowered[n] for n in near)}? " if near else ""
+    near: list[str] = []
+    for probe in dict.fromkeys([ref.lower(), *(c.lower() for c in _variant_candidates(ref))]):
+        near += [n for n in difflib.get_close_matches(probe, list(lowered), n=3, cutoff=0.5) if n not in near]
+    return f"did you mean {', '.join(lowered[n] for n in near[:3])}? " if near else ""
+
+
+# Fine-tuned variants keep their base's architecture: a suffix token naming the tuning, not the shape.
+_VARIANT_TOKEN = re.compile(r"-(?:instruct|chat|it|sft|dpo|rlhf)(?=-|$)", re.IGNORECASE)
+_DATE_TAIL = re.compile(r"-\d{4}$")  # Qwen3-4B-Instruct-2507
+# A base id may carry a marker its variants drop (gemma-3-12b-pt -> gemma-3-12b-it, Llama-2-7b-hf -> -chat-hf).
+_BASE_TAILS = ("", "-pt", "-hf", "-v0.1", "-base")
+
+
+def _variant_candidates(ref: str) -> list[str]:
+    """Ids the base of a variant may have: Qwen2.5-7B-Instruct -> Qwen2.5-7B, gemma-2-9b-it -> gemma-2-9b,
+    Mistral-7B-Instruct-v0.3 -> Mistral-7B-v0.3, Llama-2-13b-chat-hf -> Llama-2-13b-hf."""
+    org, _, name = ref.rpartition("/")
+    stripped = _VARIANT_TOKEN.sub("", name)
+    if stripped == name:
+        return []
+    out: list[str] = []
+    for base in dict.fromkeys([stripped, _DATE_TAIL.sub("", stripped)]):
+        for tail in _BASE_TAILS:
+            if tail and base.lower().endswith(tail):
+                continue
+            cand = base + tail
+            out.append(f"{org}/{cand}" if org else cand)
+    return out
+
+
+def _base_of_variant(ref: str) -> ModelArch | None:
+    table = _by_key()
+    for cand in _variant_candidates(ref):
+        hit = table.get(cand.lower())
+        if hit is not None:
+            return replace(hit, id=ref, source=f"registry (architecture of its base {hit.id})")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The local Hugging Face hub cache (what `huggingface-cli download` and from_pretrained fill)
+
+
+def hf_hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloads, by its own precedence (HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE,
+    HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub); read without importing it."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def hf_cached_config(model_id: str) -> Path | None:
+    """The config.json of `model_id` in the local HF cache: the snapshot refs/main points at, else the newest
+    snapshot holding one. A bare name (no org) matches models--*--name. Case-insensitive; None if absent."""
+    root = hf_hub_cache_dir()
+    try:
+        dirs = [d for d in root.iterdir() if d.name.startswith("models--")]
+    except OSError:
+        return None
+    want = model_id.lower().replace("/", "--")
+    repos = [d for d in dirs if d.name[len("models--"):].lower() == want]
+    if not repos and "/" not in model_id:
+        repos = [d for d in dirs if d.name.lower().endswith("--" + want)]
+    for repo in repos:
+        ref = repo / "refs" / "main"
+        try:
+            rev = ref.read_text(encoding="utf-8").strip() if ref.is_file() else ""
+        except OSError:
+            rev = ""
+        if rev and (repo / "snapshots" / rev / "config.json").is_file():
+            return repo / "snapshots" / rev / "config.json"
+        snaps = sorted((p for p in (repo / "snapshots").glob("*/config.json") if p.is_file()),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
+        if snaps:
+            return snaps[0]
+    return None
+
+
+def _from_hf_cache(model_id: str) -> ModelArch | None:
+    file = hf_cached_config(model_id)
+    if file is None:
+        return None
+    repo_id = file.parents[2].name[len("models--"):].replace("--", "/", 1)
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+        return arch_from_config(cfg, model_id=repo_id, source=f"hf cache ({file})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot parse the cached config {str(file)!r} of {model_id!r} ({err.__class__.__name__}); "
+                        f"delete it or re-download with `huggingface-cli download {repo_id} config.json`") from None
+    except ValueError as err:
+        raise UserError(f"the cached config {str(file)!r} of {model_id!r} is not a usable model config: {err}; "
+                        "pass a decoder-only Hugging Face config.json") from None
+
+
+_CONFIG_ROUTE = ("or fetch its config once with `huggingface-cli download ORG/NAME config.json` (then it resolves "
+                 "offline from the HF cache), or pass a local config.json path or a size like 8b")
 
 
 def resolve_model(ref: str, *, allow_network: bool = True) -> ModelArch:
@@ -177,11 +279,18 @@ def resolve_model(ref: str, *, allow_network: bool = True) -> ModelArch:
     path = Path(ref).expanduser()
     if path.is_dir() or path.suffix == ".json" or ref.startswith((".", "/", "~")):
         return _from_local(path, ref)
+    if re.fullmatch(r"[\w.\-]+(?:/[\w.\-]+)?", ref):
+        cached = _from_hf_cache(ref)  # the model's own config beats a base's shape
+        if cached is not None:
+            return cached
+        base = _base_of_variant(ref)
+        if base is not None:
+            return base
     if re.fullmatch(r"[\w.\-]+/[\w.\-]+", ref):
         return _from_hub(ref, allow_network=allow_network)
     raise UserError(
         f"unknown model {ref!r}; {_suggest(ref)}use a size (8b, 70b, 8x7b), a model id from `cloudtune models`, "
-        "a hub id (org/name) or a config.json path"
+        "a hub id (org/name), a model in the local HF cache, or a config.json path"
     )
 
 
@@ -320,8 +429,8 @@ def _from_hub(model_id: str, *, allow_network: bool) -> ModelArch:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     if offline or not allow_network:
         why = "HF_HUB_OFFLINE is set" if offline else "the network is not allowed here"
-        raise UserError(f"cannot fetch config.json for {model_id!r}: {why}; {hint}"
-                        "pass a local config.json path or a size like 8b")
+        raise UserError(f"cannot fetch config.json for {model_id!r}: {why} and it is not in the HF cache "
+                        f"({hf_hub_cache_dir()}); {hint}{_CONFIG_ROUTE.replace('ORG/NAME', model_id)}")
     cfg = fetch_hub_config(model_id)
     try:
         arch = arch_from_config(cfg, model_id=model_id, source="hub")
@@ -352,7 +461,7 @@ def fetch_hub_config(model_id: str, *, timeout_s: float = 5.0) -> dict[str, Any]
         resp = httpx.get(url, headers=headers, timeout=timeout_s, follow_redirects=True)
     except httpx.HTTPError:
         raise UserError(f"cannot fetch config.json for {model_id!r}: network unreachable ({endpoint}); "
-                        "pass a local config.json path or a size like 8b") from None
+                        f"{_suggest(model_id)}pass a local config.json path or a size like 8b") from None
     if resp.status_code in (401, 403):
         raise UserError(f"cannot fetch config.json for {model_id!r}: the hub answered {resp.status_code} "
                         "(gated or private); set HF_TOKEN with access to it, or pass a local config.json path")
