@@ -94,7 +94,10 @@ def test_family_trains(family_dirs, tmp_path: Path, monkeypatch, name, method):
     assert gen is not None and gen["source"] == "validation" and gen["examples"] == 4, summary
     assert all(isinstance(s["after"], str) for s in gen["samples"])
     if method == "qlora":
-        assert summary["quantized_linears"] > 0 and 0 < summary["quantized_weight_share"] <= 1
+        assert summary["quantized_linears"] > 0
+        # bnb quantizes nn.Linear only: the fused experts of an MoE stay 16-bit (the planner must know)
+        share = summary["quantized_weight_share"]
+        assert (0.2 < share < 0.5) if fam.moe else share == 1.0, share
     if method == "full":
         cfg = json.loads((final / "config.json").read_text())
         assert not cfg.get("output_router_logits")
