@@ -53,3 +53,16 @@ def test_gemma2_defaults_to_eager(family_dirs, tmp_path: Path):
 
     summary = validate_data(load_spec(_job(tmp_path, family_dirs["gemma2"], [OK])))
     assert any("gemma2: training.attention eager" in n for n in summary.notes), summary.notes
+
+
+def test_trainer_refuses_on_the_machine_too(family_dirs, tmp_path: Path, monkeypatch):
+    """The trainer repeats the template check (for tokenizers only the machine has): exit 2, FAILED.json."""
+    from cloudtune.trainer import contract
+    from cloudtune.trainer.cli import main
+
+    monkeypatch.setenv("CLOUDTUNE_IMDS_ENDPOINT", "")
+    rc = main(["--spec", str(_job(tmp_path, family_dirs["gemma2"], [OK, SYSTEM])), "--job-id", "bad"])
+    assert rc == contract.EXIT_BAD_INPUT
+    failed = json.loads((tmp_path / "store" / "bad" / "FAILED.json").read_text())
+    assert "chat.jsonl:2: the chat template of" in json.dumps(failed) and "system" in json.dumps(failed), failed
+    assert not (tmp_path / "store" / "bad" / "checkpoints").exists()

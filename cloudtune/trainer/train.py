@@ -412,6 +412,9 @@ def run(att: Attempt) -> int:
             raise UserError(f"cannot load the tokenizer of {spec.model!r}: {str(err).splitlines()[0]}") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        # rows before the model: a template refusal or all-too-long data costs no model load (exit 2)
+        chat = tokenizer.chat_template is not None
+        train_rows, eval_rows = training_rows(spec, tokenizer, train_recs, val_recs, fmt, chat)
         prec = precision(spec)
         model = load_model(spec, path, prec)
         base_adapter = fetch_adapter(spec.dpo.base_adapter, store, att.work_dir) if (
@@ -420,8 +423,6 @@ def run(att: Attempt) -> int:
             raise UserError("dpo.base_adapter needs method lora or qlora (a full fine-tune has no adapter)")
         model = wrap_peft(spec, model, base_adapter)
 
-        chat = tokenizer.chat_template is not None
-        train_rows, eval_rows = training_rows(spec, tokenizer, train_recs, val_recs, fmt, chat)
         callback = make_callback(att, monitor, ckpts, req, dist)
         trainer = build_trainer(att, model, tokenizer, train_rows, eval_rows, prec, callback)
 
