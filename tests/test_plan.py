@@ -11,13 +11,21 @@ from cloudtune.catalog import gpu_specs, load_offers
 from cloudtune.errors import NothingFits, UserError
 from cloudtune.planner.memory import estimate_memory
 from cloudtune.planner.models import resolve_model
-from cloudtune.planner.plan import SAFETY_FRACTION, make_plan, plan_for_spec
+from cloudtune.planner.plan import FEWER_GPUS_WITHIN, SAFETY_FRACTION, make_plan, plan_for_spec
 from cloudtune.planner.throughput import Workload
 from cloudtune.planner.types import TrainConfig
 from cloudtune.spec import parse_spec
 
 WORK = Workload(5000, 1024)
 QLORA = TrainConfig(method="qlora", quant_bits=4, seq_len=2048)
+
+
+def _suffix_min(values):
+    out, low = [], float("inf")
+    for v in reversed(values):
+        low = min(low, v)
+        out.append(low)
+    return out[::-1]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +37,15 @@ def test_every_fitting_offer_is_ranked_by_cost(plan70):
     arch = resolve_model("70b")
     opts = plan70.options
     costs = [o.rank_cost_usd for o in opts]  # listed cost, or a suspect spot price's floor (planner/spot.py)
-    assert costs == sorted(costs)
-    assert plan70.choice is opts[0] and plan70.choice.rank_cost_usd == min(costs)
+    # ranked by cost, except (rank_hygiene, #14) comfortable fits come before tight ones and fewer GPUs
+    # win among options within FEWER_GPUS_WITHIN: no option is more than that dearer than a later one
+    assert [o.tight_fit for o in opts] == sorted(o.tight_fit for o in opts)
+    for tier in (False, True):
+        c = [o.rank_cost_usd for o in opts if o.tight_fit is tier]
+        floor = _suffix_min(c)
+        assert all(x <= f * (1 + FEWER_GPUS_WITHIN) + 1e-9 for x, f in zip(c, floor, strict=True))
+    comfortable = [o.rank_cost_usd for o in opts if not o.tight_fit] or costs
+    assert plan70.choice is opts[0] and plan70.choice.rank_cost_usd <= min(comfortable) * (1 + FEWER_GPUS_WITHIN)
     assert all(o.rank_cost_usd == pytest.approx(o.est_cost_usd) for o in opts if not o.suspect_spot)
     assert all(o.rank_cost_usd > o.est_cost_usd for o in opts if o.suspect_spot)
     # recompute the set of fitting (offer, spot) pairs independently of the ranking code

@@ -56,7 +56,15 @@ def plan(
     epochs: float = typer.Option(1.0, "--epochs", help="passes over the data"),
     dataset: str | None = typer.Option(None, "--dataset", help=".jsonl/.json/.parquet file to count samples and tokens"),
     spot: bool | None = typer.Option(None, "--spot/--on-demand", help="only spot, or only on-demand (default: both)"),
-    provider: list[str] = typer.Option([], "--provider", "-p", help="only these providers (repeatable)"),
+    provider: list[str] = typer.Option([], "--provider", "-p", help="only these providers (comma list, repeatable)"),
+    exclude: list[str] = typer.Option([], "--exclude", help="leave out these providers (comma list, repeatable)"),
+    gpu: list[str] = typer.Option([], "--gpu", "-g", help="only these GPUs or families: h100 = H100-SXM/PCIe/NVL "
+                                                         "(comma list, repeatable, case-insensitive)"),
+    region: list[str] = typer.Option([], "--region", help="only these regions, by prefix: us, us-east, eu-west-1 "
+                                                         "(comma list, repeatable)"),
+    min_vram: float | None = typer.Option(None, "--min-vram", help="only GPUs with at least this many GiB each"),
+    all_regions: bool = typer.Option(False, "--all-regions",
+                                     help="one table row per region (default: regions folded into one row)"),
     max_price_hr: float | None = typer.Option(None, "--max-price-hr", help="skip options above this $/hour"),
     top: int = typer.Option(10, "--top", help="show the N best options (0 = all)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (the plan contract) instead of tables"),
@@ -71,14 +79,21 @@ def plan(
     if max_price_hr is not None and max_price_hr <= 0:
         raise UserError(f"--max-price-hr must be > 0, got {max_price_hr:g}")
     workload = _workload(seq_len, samples, avg_tokens, epochs, dataset)
+    from cloudtune.planner.filters import split_list
     from cloudtune.planner.models import resolve_model
     from cloudtune.providers import check_provider_name
 
-    for name in provider:
+    provider, exclude = split_list(provider), split_list(exclude)
+    for name in provider + exclude:
         check_provider_name(name)
+    if min_vram is not None and min_vram <= 0:
+        raise UserError(f"--min-vram must be > 0 GiB, got {min_vram:g}")
+    if provider and set(provider) <= set(exclude):
+        raise UserError(f"--exclude {','.join(exclude)} leaves none of --provider {','.join(provider)}; drop one")
     arch = resolve_model(model)
     result = make_plan(arch, cfg, workload, providers=provider or None, spot=spot,
-                       max_price_hr=max_price_hr, gpus=gpus)
+                       max_price_hr=max_price_hr, gpus=gpus, gpu_types=split_list(gpu) or None,
+                       region=split_list(region) or None, min_vram_gib=min_vram, exclude=exclude or None)
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(top=top), indent=2) + "\n")
         if not result.options:
@@ -86,7 +101,7 @@ def plan(
             raise typer.Exit(2)
         return
     result.raise_if_empty()
-    _render(result, top)
+    _render(result, top, all_regions=all_regions)
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -183,11 +198,14 @@ def _fmt_hours(h: float | None) -> str:
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
 
 
-def _render(result: Any, top: int) -> None:
+def _render(result: Any, top: int, *, all_regions: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, emoji=False)
+    from cloudtune.planner.plan import fold_regions
+
+    # a pipe or a file gets whole rows (ids, providers, GPUs, regions never cut to 80 columns)
+    console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 200)
     console.width = console.width  # detect the terminal once, not on every measure (~100 ioctl calls)
     arch, cfg, mem = result.model, result.config, result.memory
     bits = f" {cfg.quant_bits}-bit" if cfg.method == "qlora" else ""
@@ -215,17 +233,23 @@ def _render(result: Any, top: int) -> None:
         for note in mem.notes:
             console.print(f"  [dim]{note}[/]")
 
-    shown = result.options if top == 0 else result.options[:top]
-    t = Table(title=f"Options ({len(shown)} of {len(result.options)}, cheapest job first)", title_justify="left")
+    rows = result.options if all_regions else fold_regions(result.options)
+    shown = rows if top == 0 else rows[:top]
+    folded = "" if all_regions else "; regions folded, --all-regions expands"
+    t = Table(title=f"Options ({len(shown)} of {len(rows)}, cheapest job first{folded})", title_justify="left")
     for col, just in (("#", "right"), ("provider", "left"), ("GPU x count", "left"), ("spot", "center"),
                       ("$/h", "right"), ("est. hours", "right"), ("est. cost", "right"), ("headroom", "right"),
                       ("region", "left")):
-        t.add_column(col, justify=just)
+        keep = col in ("provider", "GPU x count", "region")
+        t.add_column(col, justify=just, no_wrap=keep or col != "region", overflow="fold")
     for i, o in enumerate(shown, start=1):
+        where = o.region if all_regions or not o.also_regions else f"{o.region} +{len(o.also_regions)} more"
+        head = f"{o.headroom_gib:.1f} GiB" + (" [yellow]tight[/]" if o.tight_fit else "")
         t.add_row(str(i), o.provider, o.label(), ("suspect" if o.suspect_spot else "yes") if o.spot else "-",
-                  f"{o.price_hr:.2f}",
-                  _fmt_hours(o.est_hours), f"${o.est_cost_usd:,.2f}", f"{o.headroom_gib:.1f} GiB", o.region)
+                  f"{o.price_hr:.2f}", _fmt_hours(o.est_hours), f"${o.est_cost_usd:,.2f}", head, where)
     console.print(t)
+    if any(o.tight_fit for o in shown):
+        console.print("  [dim]tight: under 5% of the card (or 1 GiB) to spare; ranked after comfortable fits[/]")
     choice = result.choice
     extra = f"; {'; '.join(choice.notes)}" if choice.notes else ""
     console.print(f"[bold green]choice:[/] {choice.provider} {choice.offer.offer_id} ({choice.label()}) in {choice.region}"

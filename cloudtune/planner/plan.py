@@ -38,6 +38,12 @@ MULTI_NODE_PROVIDERS = ("aws", "lambda", "runpod")
 # How the trainer's launcher (cloudtune/trainer/launch.py) shards a job across GPUs; zero2/zero3 need
 # DeepSpeed, which the trainer image does not install. tests/test_plan_run_agree.py keeps these equal.
 TRAINER_SHARDINGS = ("none", "ddp", "fsdp")
+# Ranking hygiene (#14): a fit with under 5% of the card (or under 1 GiB) to spare is "tight": one
+# allocator spike or a longer-than-average batch away from an OOM, so comfortable fits rank first.
+# Among options within 3% of the same cost, fewer GPUs win (fewer things to fail, less NCCL, same bill).
+TIGHT_FIT_FRACTION = 0.05
+TIGHT_FIT_GIB = 1.0
+FEWER_GPUS_WITHIN = 0.03
 LAUNCHERS = {"none": "single", "ddp": "ddp", "fsdp": "accelerate-fsdp", "zero2": "accelerate-deepspeed",
              "zero3": "accelerate-deepspeed"}
 
@@ -65,6 +71,8 @@ class PlanOption:
     launcher: str = "single"
     launch_via: str = ""
     not_launchable: str = ""
+    tight_fit: bool = False  # headroom < TIGHT_FIT_FRACTION of the card or < TIGHT_FIT_GIB
+    also_regions: list[str] = field(default_factory=list)  # folded rows: the same option's other regions
 
     @property
     def provider(self) -> str:
@@ -107,6 +115,7 @@ class PlanOption:
             "notes": list(self.notes),
             "launcher": self.launcher,
             "launch_via": self.launch_via or self.offer.provider,
+            "tight_fit": self.tight_fit,
             **({"not_launchable": self.not_launchable} if self.not_launchable else {}),
         }
 
@@ -233,9 +242,11 @@ def make_plan(
     max_price_hr: float | None = None,
     gpus: int | None = None,
     gpu_types: list[str] | None = None,
-    region: str | None = None,
+    region: str | list[str] | None = None,
     checkpoint_minutes: float | None = None,
     offers: list[Offer] | None = None,
+    min_vram_gib: float | None = None,
+    exclude: list[str] | None = None,
 ) -> Plan:
     """Every fitting (offer, spot/on-demand) option, cheapest estimated job first.
 
@@ -257,11 +268,18 @@ def make_plan(
     pool = [o for o in (offers if offers is not None else load_offers(providers)) if o.provider in CLOUD_PROVIDERS]
     if providers:
         pool = [o for o in pool if o.provider in providers]
-    if gpu_types:
-        wanted = {g.lower() for g in gpu_types}
-        pool = [o for o in pool if o.gpu.lower() in wanted]
+    from cloudtune.planner.filters import filter_gpus, region_matches, split_list
+
+    if exclude:
+        pool = [o for o in pool if o.provider not in set(split_list(exclude))]
+    if gpu_types:  # family-tolerant: h100 -> H100-SXM, H100-NVL, ... (never V100)
+        names = filter_gpus({o.gpu for o in pool}, split_list(gpu_types), set(gpu_specs()) | {o.gpu for o in pool})
+        pool = [o for o in pool if o.gpu in names]
     if region:
-        pool = [o for o in pool if o.region == region]
+        regions = split_list(region)
+        pool = [o for o in pool if any(region_matches(o.region, r) for r in regions)]
+    if min_vram_gib is not None:
+        pool = [o for o in pool if o.vram_gib_per_gpu >= min_vram_gib]
 
     specs = gpu_specs()
     memo: dict[tuple[int, str], MemoryEstimate] = {}
@@ -355,6 +373,7 @@ def make_plan(
             else:
                 options.append(option)
     options.sort(key=lambda o: (o.rank_cost_usd, o.est_hours, o.price_hr, o.provider, o.region, o.offer.offer_id))
+    options = rank_hygiene(options)
     for o in options:
         o.launcher, o.launch_via, o.not_launchable = launch_route(o)
     unlaunchable = [o for o in options if o.not_launchable]
@@ -380,6 +399,50 @@ def make_plan(
     elif not options:
         plan.nothing_fits = _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_hr, mem_for)
     return plan
+
+
+def is_tight(o: PlanOption) -> bool:
+    """Headroom under TIGHT_FIT_FRACTION of the card or under TIGHT_FIT_GIB (per GPU)."""
+    if o.headroom_gib is None:
+        return False
+    return o.headroom_gib < max(TIGHT_FIT_GIB, TIGHT_FIT_FRACTION * o.offer.vram_gib_per_gpu)
+
+
+def rank_hygiene(options: list[PlanOption]) -> list[PlanOption]:
+    """Reorder options sorted by rank cost: comfortable fits before tight ones, and within each, the
+    option with the fewest GPUs among those within FEWER_GPUS_WITHIN of the cheapest remaining one.
+    Every option is kept (run fails over through all of them); only the order changes."""
+    for o in options:
+        o.tight_fit = is_tight(o)
+        if o.tight_fit and not any(n.startswith("tight fit") for n in o.notes):
+            o.notes.append(f"tight fit: {o.headroom_gib:.1f} GiB headroom per GPU; an allocator spike or a long "
+                           "batch may OOM")
+    out: list[PlanOption] = []
+    for tier in ([o for o in options if not o.tight_fit], [o for o in options if o.tight_fit]):
+        rest = list(tier)
+        while rest:
+            ceiling = (rest[0].rank_cost_usd or 0.0) * (1 + FEWER_GPUS_WITHIN)
+            end = 1
+            while end < len(rest) and (rest[end].rank_cost_usd or 0.0) <= ceiling:
+                end += 1
+            best = min(range(end), key=lambda i: (rest[i].gpu_count, i))
+            out.append(rest.pop(best))
+    return out
+
+
+def fold_regions(options: list[PlanOption]) -> list[PlanOption]:
+    """One row per provider x GPU x count x nodes x spot: the best-ranked region stands for the rest,
+    which are listed in its `also_regions` (the table's view; `plan.options` keeps every region)."""
+    rows: dict[tuple[str, str, int, int, bool], PlanOption] = {}
+    for o in options:
+        key = (o.provider, o.gpu, o.gpu_count, o.nodes, o.spot)
+        head = rows.get(key)
+        if head is None:
+            o.also_regions = []
+            rows[key] = o
+        elif o.region != head.region and o.region not in head.also_regions:
+            head.also_regions.append(o.region)
+    return list(rows.values())
 
 
 def launch_route(o: PlanOption) -> tuple[str, str, str]:
@@ -409,7 +472,9 @@ def _assumptions(cfg: TrainConfig, workload: Workload, spot: bool | None, max_pr
         "fit": f"pressed per-GPU footprint (allocated + {_min_slack():.0%} allocator slack + CUDA context: torch "
         f"gives its cache back before an OOM) <= {SAFETY_FRACTION:.0%} of the card's usable memory (nvidia-smi total)",
         "ranking": "estimated job cost (billed hours x price), then hours; a spot price under half the "
-        "provider's usual spot discount (suspect_spot) is ranked at that floor",
+        "provider's usual spot discount (suspect_spot) is ranked at that floor; comfortable fits before tight "
+        f"ones (headroom < {TIGHT_FIT_FRACTION:.0%} of the card or < {TIGHT_FIT_GIB:g} GiB); fewer GPUs first "
+        f"among options within {FEWER_GPUS_WITHIN:.0%} of the same cost",
         "spot": {None: "spot and on-demand both considered", True: "spot only", False: "on-demand only"}[spot],
         "max_price_hr": max_price,
         "billing": "per second (AWS: 60 s minimum; Lambda: per minute); hours include boot, model download, "
