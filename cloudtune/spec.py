@@ -166,6 +166,22 @@ class TrainingSpec(_Strict):
     logging_steps: int = Field(1, ge=1)
     eval_steps: int | None = Field(None, ge=1)
     report_to: list[str] = Field(default_factory=list, description="tensorboard, wandb, mlflow")
+    tracker_env: list[str] = Field(
+        default_factory=list,
+        description="extra environment variable names sent to the machine as secrets for the trackers "
+                    "(WANDB_API_KEY etc. are sent for report_to: [wandb] without listing them)",
+    )
+
+    @field_validator("tracker_env")
+    @classmethod
+    def _tracker_env(cls, v: list[str]) -> list[str]:
+        import re
+
+        bad = [n for n in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        if bad:
+            raise ValueError(f"tracker_env {bad[0]!r} is not an environment variable name; list names such as "
+                             "WANDB_API_KEY, not values")
+        return v
 
     @field_validator("lr_scheduler")
     @classmethod

@@ -54,6 +54,7 @@ from cloudtune.run.machine_limits import machine_limits
 from cloudtune.spec import JobSpec
 from cloudtune.store import layout
 from cloudtune.trainer import contract as C
+from cloudtune.trainer import trackers
 
 log = logging.getLogger("cloudtune.orchestrator")
 
@@ -388,6 +389,7 @@ def build_request(
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"):
             if os.environ.get(k):
                 secret_env[k] = os.environ[k]
+    secret_env.update(trackers.secret_env(spec.training.report_to, spec.training.tracker_env, os.environ))
     limits = machine_limits(
         max_hours=spec.limits.max_hours, max_cost_usd=spec.limits.max_cost_usd,
         heartbeat_timeout_s=spec.limits.heartbeat_timeout_s, job_created_at=job.created_at,

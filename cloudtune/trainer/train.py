@@ -21,7 +21,7 @@ from cloudtune.errors import UserError
 from cloudtune.spec import JobSpec
 from cloudtune.store import layout
 from cloudtune.store.base import Store
-from cloudtune.trainer import contract
+from cloudtune.trainer import contract, trackers
 from cloudtune.trainer.checkpoint import CheckpointStore
 from cloudtune.trainer.distributed import Dist, PeerLost
 from cloudtune.trainer.monitor import (
@@ -280,6 +280,7 @@ def make_callback(att: Attempt, monitor: Monitor, ckpts: CheckpointStore, req: S
                                                       **meta})
                 log.info("checkpoint %d committed (%d files, %.1f MB, %.1fs)", step, len(manifest["files"]),
                          manifest["bytes"] / 1e6, time.monotonic() - t)
+                trackers.upload_tensorboard(att.store, att.job_id, att.attempt, args.output_dir)
             self.last_save = time.monotonic()
             self.committed_step = step
             monitor.beat(phase="training", last_checkpoint_step=step)
@@ -504,6 +505,7 @@ def run(att: Attempt) -> int:
             "generation_eval": generation,
         }
         (final_dir / "summary.json").write_text(__import__("json").dumps(summary, indent=2, sort_keys=True))
+        trackers.upload_tensorboard(store, job, att.attempt, trainer.args.output_dir)  # the writer is closed now
         upload_final(store, job, final_dir)
         store.put_json(layout.done_key(job), {"time": time.time(), "attempt": att.attempt,
                                               "steps": summary["steps"], "final": layout.final_prefix(job)})
