@@ -157,8 +157,15 @@ def run_cmd(
     names = provider_names(spec, provider)
     validate_data(spec)
     draft = plan_job(spec, names)
+    from cloudtune.preflight import bootable, report_checks, require_ready
+
+    draft.options = bootable(spec.resources.image, draft.options) or draft.options  # no ARM host for an amd64 image
+    if not dry_run:
+        require_ready(spec, names, draft.options)  # every problem at once, before any job row or upload (exit 2)
     check_budget(draft)
     check_remote(draft)
+    if dry_run:  # shows the checks (a dry run works without credentials); `cloudtune check` also probes the store
+        report_checks(_console(stderr=True), spec, names, draft.options)
     if controller:
         from cloudtune.home import default_store_url
         from cloudtune.run.controller import check_handover
