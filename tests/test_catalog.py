@@ -154,7 +154,7 @@ def test_catalog_show_json_and_filters():
         assert key in rows[0]
     assert sorted(r["gpu_count"] for r in rows) == [1, 2, 4, 8]
     assert all(r["price_includes"].startswith("GPU + CPU + memory") for r in rows)
-    table = _cli("catalog", "show", "--provider", "modal", env={"COLUMNS": "200"})
+    table = _cli("catalog", "show", "--provider", "modal", "--all", env={"COLUMNS": "200"})
     assert table.returncode == 0 and "H100-SXM x8" in table.stdout and "snapshot" in table.stdout
     assert "Modal prices include the CPU and memory" in " ".join(table.stdout.split())
 
@@ -319,5 +319,5 @@ def test_catalog_show_says_where_each_price_came_from_and_how_old_it_is():
     assert by[("lambda", "gpu_1x_h100_sxm5")]["age"] == "5 min ago"
     modal = by[("modal", "modal-h100-1x")]
     assert "snapshot" in modal["source"] and modal["age"].startswith("snapshot")
-    table = _cli("catalog", "show", "--provider", "lambda", "--gpu", "H100-SXM", env={"COLUMNS": "220"})
+    table = _cli("catalog", "show", "--provider", "lambda", "--gpu", "H100-SXM", "--all", env={"COLUMNS": "220"})
     assert "live API" in table.stdout and "5 min ago" in table.stdout
