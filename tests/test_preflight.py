@@ -182,3 +182,22 @@ def test_arm_fallbacks_are_dropped_not_refused(clean_env):
     assert check_arch(spec.resources.image, options) == []
     kept = bootable(spec.resources.image, options)
     assert kept and all(o.offer.gpu != "GH200" for o in kept)
+
+
+def test_plan_takes_the_spec_as_an_argument_and_agrees_with_run(tmp_path):
+    import json
+
+    job = _spec_file(tmp_path, model="8b", method="qlora", store={"url": "s3://some-bucket/jobs"},
+                     resources={"provider": ["runpod", "lambda"]})
+    plan = _cli(tmp_path, "plan", str(job), "--json", "--top", "3")
+    assert plan.returncode == 0, plan.stderr
+    dry = _cli(tmp_path, "run", str(job), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    first = json.loads(plan.stdout)["options"][0]
+    chosen = json.loads(dry.stdout)["plan"][0]["offer"]
+    assert (first["provider"], first["gpu"], first["gpu_count"]) == (chosen["provider"], chosen["gpu"],
+                                                                     chosen["gpu_count"])
+    same = _cli(tmp_path, "plan", "--spec", str(job), "--json", "--top", "3")
+    assert json.loads(same.stdout)["options"][0] == first
+    both = _cli(tmp_path, "plan", str(job), "-m", "8b")
+    assert both.returncode == 2 and "not both" in both.stderr and "Traceback" not in both.stderr

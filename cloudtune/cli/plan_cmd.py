@@ -30,7 +30,11 @@ def register(app: typer.Typer) -> None:
 
 
 def plan(
-    model: str = typer.Option(..., "--model", "-m", help="size (8b, 70b, 8x7b), model id, config.json path or hub id"),
+    spec_path: str | None = typer.Argument(None, metavar="[SPEC]", help="a job spec (YAML/JSON): plan exactly what "
+                                           "`cloudtune run SPEC` would run; the flags below are for spec-less plans"),
+    spec_opt: str | None = typer.Option(None, "--spec", help="the same as the SPEC argument"),
+    model: str | None = typer.Option(None, "--model", "-m", help="size (8b, 70b, 8x7b), model id, config.json path "
+                                     "or hub id (without SPEC)"),
     method: str = typer.Option("lora", "--method", help="full, lora or qlora"),
     quant_bits: int | None = typer.Option(None, "--quant-bits", help="qlora base precision: 4 (NF4) or 8"),
     seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sequence (max_seq_len)"),
@@ -69,6 +73,14 @@ def plan(
     top: int = typer.Option(10, "--top", help="show the N best options (0 = all)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (the plan contract) instead of tables"),
 ) -> None:
+    if spec_path or spec_opt:
+        if model:
+            raise UserError("give either a job spec or --model, not both (the spec names its model)")
+        _plan_spec(spec_path or spec_opt, provider, spot, max_price_hr, top, as_json, all_regions)
+        return
+    if not model:
+        raise UserError("nothing to plan: pass a job spec (`cloudtune plan examples/quickstart.yaml`) or --model, "
+                        "e.g. `cloudtune plan -m 8b --method qlora`")
     from cloudtune.planner.plan import make_plan
 
     cfg = _config(method, quant_bits, seq_len, batch_size, grad_accum, lora_rank, lora_targets,
@@ -102,6 +114,26 @@ def plan(
         return
     result.raise_if_empty()
     _render(result, top, all_regions=all_regions)
+
+
+def _plan_spec(path: str, provider: list[str], spot: bool | None, max_price_hr: float | None, top: int,
+               as_json: bool, all_regions: bool) -> None:
+    """`cloudtune plan SPEC`: the plan `cloudtune run SPEC` executes (same planner call, same providers)."""
+    from cloudtune.planner.filters import split_list
+    from cloudtune.planner.plan import plan_for_spec
+    from cloudtune.spec import load_spec
+
+    spec = load_spec(path)
+    result = plan_for_spec(spec, providers=split_list(provider) or None, spot=spot, max_price_hr=max_price_hr)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(top=top), indent=2) + "\n")
+        if not result.options:
+            print(f"error: {result.nothing_fits}", file=sys.stderr)
+            raise typer.Exit(2)
+        return
+    result.raise_if_empty()
+    _render(result, top, all_regions=all_regions)
+    print(f"next: `cloudtune check {path}` (credentials, store, token), then `cloudtune run {path}`", file=sys.stderr)
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> str:
