@@ -62,6 +62,9 @@ def test_tracker_env_names_and_values():
     environ = {"WANDB_API_KEY": SECRET, "WANDB_PROJECT": "p", "MY_TRACKER_KEY": OTHER}
     assert trackers.secret_env(["wandb"], [], environ) == {"WANDB_API_KEY": SECRET, "WANDB_PROJECT": "p"}
     assert trackers.secret_env(["tensorboard"], ["MY_TRACKER_KEY", "UNSET_ONE"], environ) == {"MY_TRACKER_KEY": OTHER}
+    assert trackers.missing_keys(["wandb"], {}) and not trackers.missing_keys(["wandb"], environ)
+    assert not trackers.missing_keys(["wandb"], {"WANDB_MODE": "offline"}) and not trackers.missing_keys(
+        ["tensorboard"], {})
     from cloudtune.errors import SpecError
 
     with pytest.raises(SpecError, match="tracker_env 'WANDB_API_KEY=abc' is not an environment variable name"):

@@ -25,7 +25,7 @@ log = logging.getLogger("cloudtune.trainer")
 
 # The variables each tracker's client reads for credentials and routing (their documented names).
 TRACKER_ENV: dict[str, tuple[str, ...]] = {
-    "wandb": ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL"),
+    "wandb": ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL", "WANDB_MODE"),
     "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "MLFLOW_EXPERIMENT_NAME"),
     "tensorboard": (),
@@ -49,6 +49,17 @@ def env_names(report_to: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
 def secret_env(report_to: Iterable[str], extra: Iterable[str], environ: Mapping[str, str]) -> dict[str, str]:
     """name -> value for each tracker variable that is set here (unset ones are simply not sent)."""
     return {n: environ[n] for n in env_names(report_to, extra) if environ.get(n)}
+
+
+def missing_keys(report_to: Iterable[str], environ: Mapping[str, str]) -> list[str]:
+    """One line per tracker that would fail on the machine for want of a key (for pre-flight checks):
+    wandb without WANDB_API_KEY dies at `wandb.init` on a machine with no terminal, after it was rented."""
+    problems = []
+    if "wandb" in report_to and not environ.get("WANDB_API_KEY") and environ.get("WANDB_MODE") not in (
+            "offline", "disabled"):
+        problems.append("training.report_to: wandb needs WANDB_API_KEY in the environment of `cloudtune run` (it "
+                        "reaches the machine as a secret); export it, or set WANDB_MODE=offline")
+    return problems
 
 
 def _is_rank0() -> bool:
