@@ -36,22 +36,34 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def _prefix_match(name: str, want: str) -> bool:
+def _boundaries(name: str) -> set[int]:
+    """Offsets in the normalized name where the original had a separator (H100-80GB: after "h100")."""
+    out, n = set(), 0
+    for ch in name.lower():
+        if ch.isalnum():
+            n += 1
+        else:
+            out.add(n)
+    return out
+
+
+def _prefix_match(name: str, want: str, cuts: set[int], skip: int = 0) -> bool:
     if not want or not name.startswith(want):
         return False
     rest = name[len(want):]
-    return not (rest and rest[0].isdigit() and want[-1].isdigit())
+    at_cut = (len(want) + skip) in cuts
+    return not rest or at_cut or not (rest[0].isdigit() and want[-1].isdigit())
 
 
 def gpu_matches(gpu: str, wanted: str) -> bool:
-    """True when `wanted` names this GPU or its family (h100 -> H100-SXM/H100-NVL, 4090 -> RTX4090)."""
-    name, want = _norm(gpu), _norm(wanted)
-    if _prefix_match(name, want):
+    """True when `wanted` names this GPU or its family (h100 -> H100-SXM/H100-NVL/H100-80GB, 4090 -> RTX4090)."""
+    name, want, cuts = _norm(gpu), _norm(wanted), _boundaries(gpu)
+    if _prefix_match(name, want, cuts):
         return True
     for word in _VENDOR_WORDS:  # "4090" or "geforce rtx 4090" against RTX4090
-        if name.startswith(word) and _prefix_match(name[len(word):], want):
+        if name.startswith(word) and _prefix_match(name[len(word):], want, cuts, len(word)):
             return True
-        if want.startswith(word) and _prefix_match(name, want[len(word):]):
+        if want.startswith(word) and _prefix_match(name, want[len(word):], cuts):
             return True
     return False
 
