@@ -30,9 +30,8 @@ def show(
     from dataclasses import asdict
 
     from cloudtune.catalog import catalog_age, gpu_specs, load_offers, offer_age, offer_source, price_includes
-    from cloudtune.providers import check_provider_name
-
     from cloudtune.planner.filters import filter_gpus, split_list
+    from cloudtune.providers import check_provider_name
 
     provider, gpu = split_list(provider), split_list(gpu)
     for name in provider:
