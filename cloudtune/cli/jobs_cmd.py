@@ -263,7 +263,8 @@ def status_cmd(
         return
     t = Table()
     for col in ("id", "name", "state", "provider", "attempts", "step", "loss", "created", "reason"):
-        t.add_column(col)
+        # ids, states and providers are never cut (#14): the name and the reason wrap instead
+        t.add_column(col, no_wrap=col not in ("name", "reason"), overflow="fold")
     for r in rows:
         step = f"{r['step'] if r['step'] is not None else '-'}/{r['total_steps'] or '?'}"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
