@@ -191,14 +191,9 @@ def build_family(name: str, root: str | Path) -> Path:
     return dest
 
 
-try:
-    import pytest
-except ImportError:  # pragma: no cover - the helpers are usable outside pytest
-    pytest = None  # type: ignore[assignment]
 
-if pytest is not None:
-    @pytest.fixture(scope="session")
-    def family_dirs(tmp_path_factory: Any) -> dict[str, Path]:
-        """Every family's model folder, built once per test session (import this fixture by name)."""
-        root = tmp_path_factory.getbasetemp() / "families"
-        return {name: build_family(name, root) for name in FAMILIES}
+def build_all(tmp_path_factory: Any) -> dict[str, Path]:
+    """Every family's model folder under the session's base temp dir, each built once per session
+    (the test modules' session fixtures share the folder: a second call finds the stamps)."""
+    root = tmp_path_factory.getbasetemp() / "families"
+    return {name: build_family(name, root) for name in FAMILIES}

@@ -12,12 +12,17 @@ import json
 from pathlib import Path
 
 import pytest
-from _families import FAMILIES, conversations, family_dirs  # noqa: F401 - fixture
+from _families import FAMILIES, build_all, conversations
 
 from cloudtune.errors import DataError
 from cloudtune.spec import parse_spec
 from cloudtune.trainer.chat import IGNORE, encode_records
 from cloudtune.trainer.data import Record, check_records, validate_data
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    return build_all(tmp_path_factory)
 
 ALL = list(FAMILIES)
 

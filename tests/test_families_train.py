@@ -16,11 +16,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _families import FAMILIES, conversations, family_dirs  # noqa: F401 - fixture
+from _families import FAMILIES, build_all, conversations
 from _trainer_util import final_files
 
 from cloudtune.trainer import contract
 from cloudtune.trainer.cli import main
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    return build_all(tmp_path_factory)
 
 pytestmark = pytest.mark.slow
 

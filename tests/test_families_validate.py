@@ -11,9 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
-from _families import family_dirs  # noqa: F401 - fixture
+from _families import build_all
 
 from tests._run_util import cli, cli_env
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    return build_all(tmp_path_factory)
 
 
 def _job(tmp: Path, model: Path, rows: list[dict], **training) -> Path:

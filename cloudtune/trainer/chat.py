@@ -51,7 +51,7 @@ class Encoded:
 
 def conversation(data: dict[str, Any], fmt: str) -> tuple[list[dict[str, Any]], int]:
     """(messages, index of the first message that may carry loss) of one checked SFT record."""
-    from cloudtune.trainer.data import normalize_messages, _alpaca_prompt
+    from cloudtune.trainer.data import _alpaca_prompt, normalize_messages
 
     if fmt == "alpaca":
         return [{"role": "user", "content": _alpaca_prompt(data)}, {"role": "assistant", "content": data["output"]}], 1
