@@ -71,3 +71,13 @@ def test_trainer_refuses_on_the_machine_too(family_dirs, tmp_path: Path, monkeyp
     failed = json.loads((tmp_path / "store" / "bad" / "FAILED.json").read_text())
     assert "chat.jsonl:2: the chat template of" in json.dumps(failed) and "system" in json.dumps(failed), failed
     assert not (tmp_path / "store" / "bad" / "checkpoints").exists()
+
+
+def test_run_reports_rows_cut_at_max_seq_len(family_dirs, tmp_path: Path):
+    long = {"messages": [{"role": "user", "content": "abcd " * 60}, {"role": "assistant", "content": "yo"}]}
+    env = cli_env(tmp_path / "home")
+    spec = _job(tmp_path, family_dirs["qwen2"], [OK, long, OK])
+    out = cli(env, "run", str(spec), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "data: " in out.stdout + out.stderr and "1 of 3 rows are longer than data.max_seq_len 128" in \
+        (out.stdout + out.stderr).replace("\n", " "), out.stdout + out.stderr

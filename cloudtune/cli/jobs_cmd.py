@@ -155,7 +155,8 @@ def run_cmd(
     console = _console(stderr=json_out)
     spec = load_spec(spec_path)
     names = provider_names(spec, provider)
-    validate_data(spec)
+    for note in validate_data(spec).notes:  # rows cut at max_seq_len, family adjustments
+        console.print(f"data: {note}", markup=False, highlight=False)
     draft = plan_job(spec, names)
     from cloudtune.preflight import bootable, report_checks, require_ready
 
