@@ -69,7 +69,9 @@ def test_gpu_specs_types_and_precision():
     assert h100.nvlink_gbs == 900 and h100.compute_capability == 9.0
     assert not a6000.has_nvlink  # a 2-way bridge is not a fabric for FSDP over 4-8 cards
     assert a10g.peak_tflops == pytest.approx(70.0)  # derived in its source column, see below
-    assert specs["RTX5880-Ada"].peak_tflops is None  # blank in the source: not guessed
+    # every GPU now has a sourced dense figure (issue #15): the RTX 5880 Ada's is derived in its source column
+    assert specs["RTX5880-Ada"].peak_tflops == pytest.approx(277.1)
+    assert all(s.peak_tflops for s in specs.values())
     assert specs["MI300X"].vendor == "amd"
 
 
@@ -228,7 +230,7 @@ def test_the_plan_ranks_a10g_and_blackwell_offers_instead_of_skipping_them():
     skipped = {s["gpu"]: s["reason"] for s in plan["skipped"]}
     for gpu in ("A10G", "B300", "RTXPRO6000", "RTX5090"):
         assert gpu not in skipped, (gpu, skipped.get(gpu))
-    assert "RTX5880-Ada" in skipped and "TFLOPS" in skipped["RTX5880-Ada"]  # still blank, still said so
+    assert not [g for g, why in skipped.items() if "TFLOPS" in why]  # every catalog GPU has a figure now
     options = plan["options"]
     gpus = {o["gpu"] for o in options}
     assert {"A10G", "B300", "RTXPRO6000", "RTX5090"} <= gpus
@@ -243,10 +245,11 @@ def test_the_plan_ranks_a10g_and_blackwell_offers_instead_of_skipping_them():
     assert a10g["offer_id"].startswith("g5.")
     a100 = min((o for o in options if o["gpu"].startswith("A100") and o["gpu_count"] == 1),
                key=lambda o: o["est_hours"])
-    # Same job: the A10G (70 TFLOPS at the GeForce HFU, 600 GB/s for the NF4 dequant) lands between the
-    # L4 (121 TFLOPS at 45%, 300 GB/s) and a single A100.
-    assert a100["est_hours"] < a10g["est_hours"] < l4["est_hours"]
-    assert a10g["tokens_per_sec"] > l4["tokens_per_sec"]
+    # Same job: a single A100 beats both; the A10G (70 TFLOPS, 600 GB/s for the NF4 dequant) and the L4
+    # (121 TFLOPS, 300 GB/s) both run small micro-steps well below peak (issue #15's calibration), so they
+    # land within 10% of each other rather than in a fixed order.
+    assert a100["est_hours"] < min(a10g["est_hours"], l4["est_hours"])
+    assert abs(a10g["tokens_per_sec"] / l4["tokens_per_sec"] - 1) < 0.10
     # a Blackwell GeForce card outruns the 4090 it replaces (209.5 vs 165.2 TFLOPS, same HFU class)
     fastest = {g: max(o["tokens_per_sec"] for o in options if o["gpu"] == g and o["gpu_count"] == 1)
                for g in ("RTX5090", "RTX4090")}
