@@ -35,7 +35,7 @@ def test_dry_run_shows_the_sandbox_definition_without_credentials_or_secrets(tmp
     assert sandbox["gpu"].split(":")[0] in ("T4", "L4", "A10", "L40S", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
     assert choice["offer_id"].startswith("modal-")
     assert 0 < sandbox["timeout"] <= 86400
-    assert sandbox["args"][0] == "timeout" and sandbox["args"][-3:] == ["python", "-m", "cloudtune.trainer"]
+    assert sandbox["args"][0] == "timeout" and sandbox["args"][-3:] == ["python", "-m", "cloudtune.trainer.launch"]
     assert "AWS_SECRET_ACCESS_KEY" in sandbox["secrets"][0] and "***" in sandbox["secrets"][0]
     assert "AWS_SECRET_ACCESS_KEY" not in sandbox["env"]
 

@@ -82,7 +82,7 @@ def test_dry_run_launches_nothing_and_redacts_secrets(tmp_path, env):
     plan = json.loads(out.stdout)
     assert plan["plan"][0]["offer"]["provider"] == "local"
     launch = plan["launch"][0]
-    assert launch["command"][-2:] == ["-m", "cloudtune.trainer"]
+    assert launch["command"][-2:] == ["-m", "cloudtune.trainer.launch"]
     assert "hf_supersecret" not in out.stdout + out.stderr
     _nothing_written(tmp_path, env)
 
