@@ -108,6 +108,23 @@ def _prompt_ids(tokenizer: Any, case: dict[str, Any], chat: bool) -> list[int]:
     return list(tokenizer(case["text"])["input_ids"])
 
 
+def stop_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
+    """Token ids that end a reply: eos, the model's generation_config stops and, for chat, the
+    template's end-of-turn token (<|end|> for Phi-3, <end_of_turn> for Gemma, whose eos differs),
+    so a reply is compared without whatever the model writes after its turn."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += gen if isinstance(gen, list) else [gen]
+    if chat:
+        from cloudtune.trainer.chat import end_of_turn
+
+        eot = end_of_turn(tokenizer).strip()
+        tid = tokenizer.convert_tokens_to_ids(eot) if eot else None
+        if tid is not None and tid != tokenizer.unk_token_id:
+            ids.append(tid)
+    return sorted({i for i in ids if isinstance(i, int)})
+
+
 def _generate(model: Any, tokenizer: Any, cases: list[dict[str, Any]], chat: bool) -> list[str]:
     """Greedy completions of all cases in one left-padded batch (one decode loop, not one per prompt)."""
     import torch
@@ -122,7 +139,7 @@ def _generate(model: Any, tokenizer: Any, cases: list[dict[str, Any]], chat: boo
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     with torch.no_grad():
         y = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=budget, do_sample=False,
-                           num_beams=1, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                           num_beams=1, pad_token_id=pad, eos_token_id=stop_ids(model, tokenizer, chat))
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in y]
 
 
