@@ -45,10 +45,15 @@ def deployment_for(store_url: str) -> dict[str, Any] | None:
     return next((d for d in deployments() if d.get("store_url") == store_url), None)
 
 
+TARGETS = ("modal", "aws-lambda")
+
+
 def _check_target(on: str, store: str) -> None:
-    if on != "modal":
-        raise UserError(f"controller --on {on!r} is not available; use --on modal (AWS Lambda + EventBridge is "
-                        f"not built yet: run `cloudtune controller tick --store URL` from cron meanwhile)")
+    if on not in TARGETS:
+        raise UserError(f"controller --on {on!r} is not available; use --on modal or --on aws-lambda (or run "
+                        f"`cloudtune controller tick --store URL` from cron)")
+    if on == "aws-lambda":
+        return  # controller_aws.check says what Lambda cannot reach
     if not store.startswith("s3://"):
         raise UserError(f"controller store {store!r} cannot be reached from Modal; use the s3:// store your jobs "
                         f"use (store.url in the job spec)")
@@ -56,19 +61,27 @@ def _check_target(on: str, store: str) -> None:
 
 @app.command("deploy")
 def deploy_cmd(
-    on: str = typer.Option("modal", "--on", help="Where the controller runs: modal."),
+    on: str = typer.Option("modal", "--on", help="Where the controller runs: modal or aws-lambda."),
     store: str = typer.Option(..., "--store", help="The s3:// store (store.url) whose jobs it controls."),
     endpoint: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint of that store."),
     secret_env: str = typer.Option(None, "--secret-env", help="Comma-separated environment variables to put in the "
-                                   "controller's Modal Secret (default: the providers' and AWS's keys that are set)."),
+                                   "controller's Modal Secret / AWS secret (default: the providers' keys that are set; "
+                                   "on Modal also AWS's)."),
+    role_arn: str = typer.Option(None, "--role-arn", help="aws-lambda: the IAM role the function runs as."),
+    region: str = typer.Option(None, "--region", help="aws-lambda: the AWS region (default: AWS_DEFAULT_REGION)."),
+    bundle: bool = typer.Option(False, "--bundle-deps", help="aws-lambda: pip-install the controller's dependencies "
+                                "for Lambda's platform into its zip (downloads from PyPI)."),
     json_out: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
 ) -> None:
-    """Deploy a scheduled Modal Function (every minute, nothing runs between) that drives the jobs
-    handed to it with `cloudtune run --controller modal`."""
+    """Deploy a scheduled controller (every minute, nothing runs between) that drives the jobs handed to it
+    with `cloudtune run --controller modal|aws-lambda`: a Modal Function, or a Lambda on EventBridge."""
     from cloudtune.providers.modal import AUTH_HINT, _has_modal_credentials
     from cloudtune.run import controller_modal as M
 
     _check_target(on, store)
+    if on == "aws-lambda":
+        _deploy_aws(store, endpoint, secret_env, role_arn, region, bundle, json_out)
+        return
     if not _has_modal_credentials():
         raise UserError(f"controller deploy --on modal: no Modal credentials; {AUTH_HINT}")
     names = tuple(v.strip() for v in secret_env.split(",") if v.strip()) if secret_env else M.DEFAULT_SECRET_VARS
@@ -89,9 +102,58 @@ def deploy_cmd(
                    f"secret {dep.secret_name} holds {', '.join(sorted(values)) or 'nothing'}")
 
 
+def _secret_names(secret_env: str | None, default: tuple[str, ...]) -> dict[str, str]:
+    from cloudtune.run.controller_modal import secret_values
+
+    names = tuple(v.strip() for v in secret_env.split(",") if v.strip()) if secret_env else default
+    values = secret_values(names)
+    missing = [n for n in names if n not in values]
+    if secret_env and missing:
+        raise UserError(f"--secret-env names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                        f"not set in this environment; export {'it' if len(missing) == 1 else 'them'} or drop "
+                        f"{'it' if len(missing) == 1 else 'them'} from the list")
+    return values
+
+
+def _aws_session(region: str | None) -> Any:
+    try:
+        import boto3
+    except ImportError:
+        raise UserError("controller --on aws-lambda needs boto3; pip install 'cloudtune[aws]'") from None
+    return boto3.Session(region_name=region) if region else boto3.Session()
+
+
+def _deploy_aws(store: str, endpoint: str | None, secret_env: str | None, role_arn: str | None,
+                region: str | None, bundle: bool, json_out: bool) -> None:
+    import tempfile
+    from pathlib import Path as _P
+
+    from cloudtune.run import controller_aws as A
+
+    dep = A.Deployment(store_url=store.rstrip("/"), role_arn=role_arn or "", store_endpoint=endpoint)
+    session = _aws_session(region)
+    A.check(dep, session)  # before pip or any AWS call
+    values = _secret_names(secret_env, A.DEFAULT_SECRET_VARS)
+    with tempfile.TemporaryDirectory(prefix="cloudtune-lambda-") as tmp:
+        if bundle:
+            A.bundle_deps(_P(tmp))
+        code = A.build_zip(_P(tmp) if bundle else None)
+    arns = A.deploy(dep, session, values, code)
+    row = {**dep.to_dict(), "region": session.region_name, "app_id": arns["function_arn"], **arns,
+           "secret_vars": sorted(values), "code_bytes": len(code), "bundled_deps": bundle}
+    _save([*[d for d in deployments() if d.get("store_url") != dep.store_url], {**row, "deployed_at": time.time()}])
+    if json_out:
+        typer.echo(json.dumps(row))
+    else:
+        typer.echo(f"deployed Lambda {dep.function_name} ({len(code) / 2**20:.1f} MiB) on EventBridge {A.SCHEDULE} in "
+                   f"{session.region_name}: ticks the jobs of {dep.store_url}; secret {dep.secret_name} holds "
+                   f"{', '.join(sorted(values)) or 'nothing'}"
+                   + ("" if bundle else "; its dependencies are not bundled (--bundle-deps)"))
+
+
 @app.command("remove")
 def remove_cmd(
-    on: str = typer.Option("modal", "--on", help="Where the controller runs: modal."),
+    on: str = typer.Option("modal", "--on", help="Where the controller runs: modal or aws-lambda."),
     store: str = typer.Option(None, "--store", help="Only the deployment for this store."),
 ) -> None:
     """Stop the deployed controller. Jobs it held keep their machines' own guards; `cloudtune status JOB`
@@ -102,6 +164,14 @@ def remove_cmd(
     if not rows:
         raise UserError(f"no controller deployed on {on}{f' for {store}' if store else ''}; "
                         f"`cloudtune controller status` lists them")
+    if on == "aws-lambda":
+        from cloudtune.run import controller_aws as A
+
+        for d in rows:
+            gone = A.remove(A.Deployment.from_dict(d), _aws_session(d.get("region")))
+            typer.echo(f"removed {d['function_name']} ({d['store_url']}): deleted {', '.join(gone) or 'nothing'}")
+            _save([x for x in deployments() if x != d])
+        return
     client = M.SdkControllerClient()
     for d in rows:
         client.stop(d["app_name"])
@@ -123,7 +193,8 @@ def status_cmd(
 
     deps = deployments()
     stores = [(store, endpoint)] if store else [(d["store_url"], d.get("store_endpoint")) for d in deps]
-    out: dict[str, Any] = {"deployments": deps, "jobs": []}
+    out: dict[str, Any] = {"deployments": [{**d, **_aws_resources(d)} for d in deps] if json_out else deps,
+                           "jobs": []}
     now = time.time()
     for url, ep in stores:
         st = open_store(url, endpoint_url=ep)
@@ -141,10 +212,33 @@ def status_cmd(
     if not deps:
         typer.echo("no controller deployed (`cloudtune controller deploy --on modal --store s3://...`)")
     for d in deps:
-        typer.echo(f"{d['on']}: {d['app_name']} for {d['store_url']}")
+        typer.echo(f"{d['on']}: {d['app_name']} for {d['store_url']}{_aws_exists(d)}")
     for j in out["jobs"]:
         holder = f"held by {j['holder']} ({j['lease_expires_in_s']:.0f}s left)" if j["holder"] else "lease free"
         typer.echo(f"  {j['job_id']}  {j['state'] or '?'}  {holder}")
+
+
+def _aws_resources(d: dict[str, Any]) -> dict[str, Any]:
+    """For a Lambda deployment: {"resources": which of its resources exist now} (one call each)."""
+    if d.get("on") != "aws-lambda":
+        return {}
+    from cloudtune.run import controller_aws as A
+
+    try:
+        return {"resources": A.status(A.Deployment.from_dict(d), _aws_session(d.get("region")))}
+    except Exception as err:  # noqa: BLE001 - status reports; it does not fail on a cloud error
+        return {"resources": None, "resources_error": f"{type(err).__name__}: {err}"}
+
+
+def _aws_exists(d: dict[str, Any]) -> str:
+    if d.get("on") != "aws-lambda":
+        return ""
+    got = _aws_resources(d)
+    have = got["resources"]
+    if have is None:
+        return f" (could not ask AWS: {got['resources_error'].splitlines()[0][:120]})"
+    missing = [k for k, v in have.items() if not v]
+    return f" in {d.get('region')}: " + ("all 5 resources exist" if not missing else f"missing {', '.join(missing)}")
 
 
 @app.command("tick")

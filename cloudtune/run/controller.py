@@ -181,7 +181,7 @@ def controller_db_path() -> Path:
     return Path(override) if override else home() / "controller" / "state.db"
 
 
-CONTROLLERS = ("modal", "cron")
+CONTROLLERS = ("modal", "aws-lambda", "cron")
 
 
 def check_handover(controller: str, store_url: str) -> None:
@@ -189,17 +189,18 @@ def check_handover(controller: str, store_url: str) -> None:
     from cloudtune.errors import UserError
 
     if controller not in CONTROLLERS:
-        raise UserError(f"--controller {controller!r} is not known; use modal (a deployed `cloudtune controller`) "
+        raise UserError(f"--controller {controller!r} is not known; use modal or aws-lambda (a deployed "
+                        f"`cloudtune controller`) "
                         f"or cron (whatever runs `cloudtune controller tick --store {store_url}`)")
-    if controller == "modal":
-        from cloudtune.cli.controller_cmd import deployment_for
+    if controller in ("modal", "aws-lambda"):
+        from cloudtune.cli.controller_cmd import deployments
 
         if not store_url.startswith("s3://"):
-            raise UserError(f"--controller modal cannot reach the store {store_url!r}; set store.url to an s3:// "
-                            f"store, or use --controller cron on this machine")
-        if deployment_for(store_url.rstrip("/")) is None:
-            raise UserError(f"no controller is deployed for the store {store_url}; run `cloudtune controller deploy "
-                            f"--on modal --store {store_url}` first")
+            raise UserError(f"--controller {controller} cannot reach the store {store_url!r}; set store.url to an "
+                            f"s3:// store, or use --controller cron on this machine")
+        if not any(d.get("store_url") == store_url.rstrip("/") and d.get("on") == controller for d in deployments()):
+            raise UserError(f"no controller is deployed for the store {store_url} on {controller}; run `cloudtune "
+                            f"controller deploy --on {controller} --store {store_url}` first")
 
 
 def hand_over(db: S.StateDB, store: Any, job_id: str, controller: str) -> None:
