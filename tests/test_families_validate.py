@@ -81,3 +81,25 @@ def test_run_reports_rows_cut_at_max_seq_len(family_dirs, tmp_path: Path):
     assert out.returncode == 0, out.stderr
     assert "data: " in out.stdout + out.stderr and "1 of 3 rows are longer than data.max_seq_len 128" in \
         (out.stdout + out.stderr).replace("\n", " "), out.stdout + out.stderr
+
+
+def test_hub_model_in_the_local_cache_is_rendered_too(family_dirs, tmp_path: Path):
+    """A hub id whose tokenizer is in the Hugging Face cache (laid out as huggingface_hub writes it)
+    is checked at validation like a local folder; offline, nothing is downloaded."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--mistralai--Mistral-tiny"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(family_dirs["mistral"], snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    spec = _job(tmp_path, Path("mistralai/Mistral-tiny"), [OK, SYSTEM])
+    code = ("from cloudtune.spec import load_spec; from cloudtune.trainer.data import validate_data;"
+            f"validate_data(load_spec({str(spec)!r}))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "chat.jsonl:2: the chat template of mistralai/Mistral-tiny refuses" in out.stderr, \
+        out.stderr[-2000:]
