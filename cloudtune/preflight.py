@@ -35,7 +35,7 @@ HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # GPUs sold only with an ARM (aarch64) host CPU: an amd64-only image cannot start on them.
 ARM_GPUS = ("GH200", "GB200", "GB300")
 # Images known to be built for linux/amd64 only (images/trainer builds amd64 by default).
-AMD64_ONLY_IMAGES = ("ghcr.io/cloudtune/trainer",)
+AMD64_ONLY_IMAGES = ("ghcr.io/cloudtune/trainer", "pytorch/pytorch", "docker.io/pytorch/pytorch")
 PROBE_PREFIX = ".cloudtune-check"
 
 

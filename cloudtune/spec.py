@@ -247,7 +247,9 @@ class ResourcesSpec(_Strict):
     spot: bool | None = Field(None, description="None: consider both")
     max_price_hr: float | None = Field(None, gt=0)
     region: str | None = None
-    image: str = "ghcr.io/cloudtune/trainer:0.1.0"
+    # A public CUDA PyTorch image: the machine installs the wheel `run` staged (cloudtune/run/bootstrap.py).
+    # Set it to an images/trainer build for the fast path (no install at start-up).
+    image: str = "pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime"
     disk_gb: int | None = Field(None, ge=1)
 
 

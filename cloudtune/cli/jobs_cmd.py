@@ -98,6 +98,8 @@ def _confirm(console, draft, yes: bool) -> None:
         return
     if not sys.stdin.isatty():
         raise UserError("this job rents paid machines and stdin is not a terminal; pass --yes to launch it")
+    for line in _options_lines(draft) + _launch_lines(draft):  # what `sky launch` shows before it asks
+        console.print(line, markup=False, soft_wrap=True)
     if not typer.confirm("launch?", default=False):
         raise UserError("not launched (answered no)", exit_code=1)
 
@@ -111,13 +113,75 @@ def _dry_run(console, draft, json_out: bool) -> None:
     store_url = (spec.store.url or __import__("cloudtune.home", fromlist=["x"]).default_store_url())
     fake = Job({"id": "<job-id>", "store_url": store_url, "store_endpoint": spec.store.endpoint_url,
                 "est_hours": draft.choice.est_hours, "created_at": __import__("time").time()})
-    req = build_request(fake, spec, draft.choice, 1)
-    described = make_provider(draft.choice.offer.provider).describe_launch(req)
+    req = build_request(fake, spec, draft.choice, 1, dry_run=True)
     staged = stage_inputs(spec, store_url, "<job-id>") if remote_providers(draft) else None
+    if not json_out:  # a person reads this: the plan table, then what would be launched (--json: everything)
+        from cloudtune.cli.plan_cmd import _render
+
+        if draft.plan is not None:
+            _render(draft.plan, 5)
+        for line in _launch_lines(draft, req, store_url, staged):
+            console.print(line, markup=False, soft_wrap=True)
+        console.print("dry run: nothing was written or launched; --json prints the full launch request")
+        return
+    described = make_provider(draft.choice.offer.provider).describe_launch(req)
     out = {"plan": [o.to_dict() for o in draft.options], "launch": described,
            "staged": [{"local": str(p), "url": f"{store_url.rstrip('/')}/{k}"} for p, k in staged.uploads]
            if staged else []}
     print(json.dumps(out, indent=2, default=str))
+
+
+def _money(v: float | None) -> str:
+    return f"${v:,.2f}" if v is not None else "unknown"
+
+
+def _hours(h: float | None) -> str:
+    return "unknown" if h is None else (f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h")
+
+
+def _options_lines(draft, top: int = 3) -> list[str]:
+    """The first options of the plan, one line each: the choice and its failover order."""
+    lines = [f"options ({len(draft.options)}, cheapest job first; the first is launched, the rest are fallbacks):"]
+    for i, o in enumerate(draft.options[:top], start=1):
+        head = f"{o.headroom_gib:.1f} GiB spare" if o.headroom_gib is not None else "headroom n/a"
+        lines.append(f"  {i}. {o.offer.provider} {o.total_gpus}x {o.offer.gpu}"
+                     f"{f' ({o.nodes} nodes)' if o.nodes > 1 else ''}{' spot' if o.spot else ''} "
+                     f"${o.price_hr:.2f}/h, ~{_hours(o.est_hours)}, ~{_money(o.est_cost_usd)}, {head}")
+    if len(draft.options) > top:
+        lines.append(f"  ... and {len(draft.options) - top} more")
+    return lines
+
+
+def _launch_lines(draft, req=None, store_url: str | None = None, staged=None) -> list[str]:
+    """The launch summary: machine, price, estimate, headroom, image, store, and env/secrets by NAME only."""
+    from cloudtune.home import default_store_url
+    from cloudtune.run.bootstrap import needs_bootstrap, wheel_name
+
+    c, spec = draft.choice, draft.spec
+    store_url = store_url or spec.store.url or default_store_url()
+    head = "unknown" if c.headroom_gib is None else f"{c.headroom_gib:.1f} GiB per GPU"
+    if c.offer.gpu_count and c.offer.vram_gib_per_gpu and c.headroom_gib is not None:
+        head += f" of {c.offer.vram_gib_per_gpu:g} GiB"
+    image = spec.resources.image
+    boot = (f"{image} + bootstrap (pip install {wheel_name()} and pinned training deps staged in "
+            f"{store_url.rstrip('/')}/<job>/bootstrap/)" if needs_bootstrap(image, c.offer.provider)
+            else ("runs in place (local)" if c.offer.provider == "local" else f"{image} (no bootstrap)"))
+    lines = [
+        f"launch: {c.offer.provider} {c.offer.offer_id} in {c.offer.region or 'any region'}",
+        f"  machine: {c.total_gpus}x {c.offer.gpu}{f', {c.nodes} nodes' if c.nodes > 1 else ''}, "
+        f"{'spot' if c.spot else 'on-demand'}, ${c.price_hr:.4f}/h",
+        f"  estimate: ~{_hours(c.est_hours)}, ~{_money(c.est_cost_usd)}"
+        + (f" (cap: max_cost_usd ${spec.limits.max_cost_usd:g})" if spec.limits.max_cost_usd else ""),
+        f"  memory headroom: {head}",
+        f"  image: {boot}",
+        f"  store: {store_url}",
+    ]
+    if staged is not None and staged.uploads:
+        lines.append(f"  uploads: {len(staged.uploads)} local input file(s) to {store_url.rstrip('/')}/<job>/inputs/")
+    if req is not None:
+        lines.append(f"  env: {', '.join(sorted(req.env)) or 'none'}")
+        lines.append(f"  secrets (values never shown): {', '.join(sorted(req.secret_env)) or 'none'}")
+    return lines
 
 
 def _print_learning(console, job) -> None:
@@ -230,7 +294,8 @@ def run_cmd(
     rep = job_report(db, job)
     render({"jobs": [rep], "total_usd": rep["cost_usd"]}, console)
     if job.state == S.DONE:
-        console.print(f"adapter: {job.store_url.rstrip('/')}/{job_id}/final/", markup=False)
+        console.print(f"adapter: {job.store_url.rstrip('/')}/{job_id}/final/; "
+                      f"download it with `cloudtune pull {job_id} [DIR]`", markup=False)
         _print_learning(console, job)
     elif job.reason:
         console.print(f"job {job.state}: {job.reason}", markup=False)

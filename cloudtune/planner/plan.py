@@ -20,6 +20,7 @@ from typing import Any
 from cloudtune.catalog import GpuSpec, catalog_age, gpu_specs, load_offers
 from cloudtune.errors import NothingFits, UserError
 from cloudtune.planner import throughput
+from cloudtune.run.bootstrap import PUBLIC_BASES
 from cloudtune.planner.throughput import TimeEstimate, Workload, billed_hours, estimate_time
 from cloudtune.planner.types import MemoryEstimate, ModelArch, TrainConfig
 from cloudtune.providers.base import Offer
@@ -247,8 +248,11 @@ def make_plan(
     offers: list[Offer] | None = None,
     min_vram_gib: float | None = None,
     exclude: list[str] | None = None,
+    bootstrap: bool = True,
 ) -> Plan:
     """Every fitting (offer, spot/on-demand) option, cheapest estimated job first.
+
+    `bootstrap`: cloud machines start a public image and install cloudtune first (run/bootstrap.py).
 
     `gpus` forces the total GPU count (data parallel, sharded); None tries each offer's own count,
     and multi-node (2 or 4 nodes of 8) only when no single node holds the job."""
@@ -343,7 +347,7 @@ def make_plan(
                 times[key] = estimate_time(
                     arch, config_for_gpu(cfg, spec), workload, spec, gpus=n, nodes=nodes, sharding=mem.sharding,
                     trainable_params=mem.trainable_params, provider=offer.provider, spot=is_spot,
-                    checkpoint_minutes=checkpoint_minutes,
+                    checkpoint_minutes=checkpoint_minutes, bootstrap=bootstrap,
                 )
             t = times[key]
             hours = billed_hours(t.total_hours, offer.provider, offer.billing_granularity_s)
@@ -613,6 +617,7 @@ def plan_for_spec(
         gpu_types=[res.gpu] if res.gpu else None,
         region=res.region,
         checkpoint_minutes=spec.checkpoint.every_minutes,
+        bootstrap=str(res.image).startswith(PUBLIC_BASES),
         offers=offers,
     )
 

@@ -94,6 +94,9 @@ DOWNLOAD_GBS = 0.5  # weights from the hub / S3 into the machine
 # from launch to the first step plus 1-2.5 s after the last; used for clouds too (faster CPUs, but
 # larger weights to move into GPU memory).
 TRAINER_STARTUP_S = 14.0
+# A public PyTorch image installs the staged cloudtune wheel and its pinned training dependencies on
+# every start (cloudtune/run/bootstrap.py BOOTSTRAP_S; docs/trainer.md "Booting on a public image").
+BOOTSTRAP_S = 75.0
 # The local provider (CPU): FLOPs at a rough per-core rate, plus a fixed cost per micro-step
 # (Python, autograd, optimizer, logging) measured on the quickstart's tiny model, where it dominates.
 LOCAL_CPU_GFLOPS_PER_CORE = 20.0
@@ -256,6 +259,7 @@ def estimate_time(
     provider: str = "",
     spot: bool = False,
     checkpoint_minutes: float | None = None,
+    bootstrap: bool = False,
 ) -> TimeEstimate:
     """Time for the whole job on `gpus` GPUs of kind `gpu` (all nodes together)."""
     peak = gpu.peak_tflops
@@ -318,6 +322,8 @@ def estimate_time(
     est.tokens_per_sec = est.tokens / train_s if train_s > 0 else 0.0
 
     startup_s = BOOT_S.get(provider, 180) + arch.params_b * 2 / DOWNLOAD_GBS + TRAINER_STARTUP_S
+    if bootstrap and provider != "local":
+        startup_s += BOOTSTRAP_S  # pip install of the staged wheel + pins on a public image (run/bootstrap.py)
     est.startup_hours = startup_s / 3600
     est.idle_tail_hours = IDLE_TAIL_S.get(provider, 60) / 3600
 
@@ -380,6 +386,7 @@ def assumptions() -> dict[str, Any]:
         "boot_s": dict(BOOT_S),
         "download_gbs": DOWNLOAD_GBS,
         "trainer_startup_s": TRAINER_STARTUP_S,
+        "bootstrap_s": BOOTSTRAP_S,  # public image only: pip install of the staged wheel + pins
         "idle_tail_s": dict(IDLE_TAIL_S),
         "spot_interruptions_per_hour": dict(SPOT_HAZARD_PER_H),
         "spot_lost_work": "half a checkpoint interval + a restart (boot + download + trainer start-up) per interruption",

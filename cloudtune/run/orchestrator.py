@@ -47,6 +47,7 @@ from cloudtune.providers.base import (
     TransientError,
     machine_name,
 )
+from cloudtune.run import bootstrap
 from cloudtune.run import state as S
 from cloudtune.run.cost import job_cost_usd
 from cloudtune.run.launch_shape import launch_env
@@ -81,6 +82,7 @@ class Option:
     gpu_count: int | None = None  # GPUs in total (nodes x offer.gpu_count); None: offer.gpu_count
     launcher: str = "single"  # plan.launch_route: single | ddp | accelerate-fsdp | skypilot+<launcher>
     sharding: str | None = None  # the planner's sharding for this GPU count (none, ddp, fsdp)
+    headroom_gib: float | None = None  # the planner's spare memory per GPU (shown by --dry-run and the confirmation)
 
     @property
     def total_gpus(self) -> int:
@@ -97,6 +99,7 @@ class Option:
             "gpu_count": self.total_gpus,
             "launcher": self.launcher,
             "sharding": self.sharding,
+            "headroom_gib": self.headroom_gib,
         }
 
     @classmethod
@@ -112,6 +115,7 @@ class Option:
             gpu_count=d.get("gpu_count"),
             launcher=d.get("launcher") or "single",
             sharding=d.get("sharding"),
+            headroom_gib=d.get("headroom_gib"),
         )
 
     @classmethod
@@ -123,7 +127,7 @@ class Option:
         offer = wrap_offer(o.offer) if o.launch_via == SKYPILOT else o.offer
         return cls(offer, bool(o.spot), float(o.price_hr), o.est_hours, o.est_cost_usd, nodes=int(o.nodes),
                    gpu_count=int(o.gpu_count) if o.gpu_count else None, launcher=o.launcher,
-                   sharding=o.memory.sharding if o.memory is not None else None)
+                   sharding=o.memory.sharding if o.memory is not None else None, headroom_gib=o.headroom_gib)
 
 
 @dataclass
@@ -133,6 +137,7 @@ class Draft:
     spec: JobSpec
     provider: str
     options: list[Option] = field(default_factory=list)
+    plan: Any = None  # the planner's Plan (memory, assumptions) behind `options`, for the human summary
 
     @property
     def choice(self) -> Option:
@@ -165,7 +170,7 @@ def plan_job(spec: JobSpec, providers: list[str]) -> Draft:
         raise NothingFits(plan.nothing_fits or f"no offer of {', '.join(providers)} fits this job; "
                           f"run `cloudtune plan` to see why")
     options = [Option.from_plan(o) for o in plan.options]
-    return Draft(spec=spec, provider=options[0].offer.provider, options=options)
+    return Draft(spec=spec, provider=options[0].offer.provider, options=options, plan=plan)
 
 
 def check_budget(draft: Draft) -> None:
@@ -337,6 +342,8 @@ def create_job(db: S.StateDB, draft: Draft) -> str:
             except Exception as err:  # noqa: BLE001 - any store failure: one clear line, after cleaning up
                 raise UserError(f"could not upload {local} to {store.url_for(key)}: {err}; check the bucket, "
                                 f"store.endpoint_url and your credentials") from None
+        if any(bootstrap.needs_bootstrap(spec.resources.image, o.offer.provider) for o in draft.options):
+            bootstrap.stage(store, job_id)  # the wheel + pins a public-image machine installs (run/bootstrap.py)
         store.put_bytes(layout.spec_key(job_id), spec.to_json().encode())
         db.insert_job(
             id=job_id,
@@ -365,7 +372,7 @@ def create_job(db: S.StateDB, draft: Draft) -> str:
 
 
 def build_request(
-    job: S.Job, spec: JobSpec, option: Option, attempt: int, spent_usd: float = 0.0
+    job: S.Job, spec: JobSpec, option: Option, attempt: int, spent_usd: float = 0.0, *, dry_run: bool = False
 ) -> LaunchRequest:
     """The launch request of one attempt: the trainer command, its environment and lifetime cap.
 
@@ -398,13 +405,26 @@ def build_request(
     env.update(limits.env)  # the machine enforces these itself (cloudtune/trainer/guards.py)
     env.update(launch_env(spec, option))  # processes per node, nodes, ddp/fsdp (cloudtune/run/launch_shape.py)
     lifetime = limits.lifetime_s
+    command = list(C.LAUNCH_COMMAND)  # the trainer itself for one process, accelerate launch for more
+    if bootstrap.needs_bootstrap(spec.resources.image, option.offer.provider):
+        # a public PyTorch image: install the wheel `create_job` staged, then the same command (run/bootstrap.py)
+        if dry_run:
+            pins = bootstrap.pinned_requirements()
+            secret_env[bootstrap.ENV_WHEEL_URL] = "<presigned GET URL of the staged wheel>"
+        else:
+            from cloudtune.store import open_store
+
+            store = open_store(job.store_url, endpoint_url=job.store_endpoint, region=spec.store.region)
+            pins = bootstrap.staged_requirements(store, job.id)
+            secret_env[bootstrap.ENV_WHEEL_URL] = bootstrap.presigned_url(store, bootstrap.wheel_key(job.id))
+        command = bootstrap.command(pins)
     return LaunchRequest(
         job_id=job.id,
         attempt=attempt,
         offer=option.offer,
         spot=option.spot,
         image=spec.resources.image,
-        command=list(C.LAUNCH_COMMAND),  # the trainer itself for one process, accelerate launch for more
+        command=command,
         env=env,
         secret_env=secret_env,
         disk_gb=spec.resources.disk_gb or 100,
