@@ -274,7 +274,7 @@ def tick_cmd(
 @app.command("hand-over")
 def hand_over_cmd(
     job_id: str = typer.Argument(..., help="A running job of this machine."),
-    to: str = typer.Option(..., "--to", help="modal (a deployed controller) or cron (`controller tick`)."),
+    to: str = typer.Option(..., "--to", help="modal or aws-lambda (a deployed controller) or cron (`controller tick`)."),
 ) -> None:
     """Give a running job to a controller elsewhere: this machine's watchdog hands over its lease and
     exits; the job keeps running."""
