@@ -161,3 +161,28 @@ def test_family_dpo_with_implicit_prompts(family_dirs, tmp_path: Path, monkeypat
     job = _run(tmp_path, "dpo", spec)
     summary = json.loads((job / "final" / "summary.json").read_text())
     assert summary["stage"] == "dpo" and summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+
+
+@pytest.mark.parametrize("config,model,kw", [
+    ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                              "shared_expert_intermediate_size": 64}),
+])
+def test_other_moe_layouts_get_expert_adapters_and_no_router_adapter(config, model, kw):
+    """Mixtral and Qwen2-MoE (shared expert + its scalar gate) under the same rules as the trained qwen3_moe."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from cloudtune.trainer.families import moe_lora
+
+    m = getattr(transformers, model)(getattr(transformers, config)(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, **kw))
+    args = moe_lora(m, "all-linear", 0.05)
+    assert args["lora_dropout"] == 0.0 and args["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    peft = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **args))
+    trained = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert not [n for n in trained if ".mlp.gate." in n or "shared_expert_gate" in n], trained
+    assert [n for n in trained if ".experts." in n] and [n for n in trained if "self_attn.q_proj" in n]
+    if "shared_expert_intermediate_size" in kw:
+        assert [n for n in trained if "shared_expert.up_proj" in n]

@@ -28,7 +28,8 @@ from cloudtune.errors import SpecError
 log = logging.getLogger("cloudtune.trainer")
 
 NO_SDPA = ("gemma2",)  # model types whose attention transformers cannot run through SDPA
-ROUTER_NAMES = ("gate", "router")  # module names of MoE routers (Mixtral, Qwen-MoE, DeepSeek-style)
+# module names of MoE routers (Mixtral, Qwen-MoE, DeepSeek-style) and Qwen2-MoE's shared-expert gate
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def local_config(model: str) -> dict[str, Any] | None:
