@@ -243,9 +243,9 @@ def presigned_url(store: Any, key: str, expiry_s: int = URL_EXPIRY_S) -> str:
 # ---------------------------------------------------------------- the script
 
 _FETCH_PY = """\
-import sys, time, urllib.request
+import os, sys, time, urllib.request
 url, dest = sys.argv[1], sys.argv[2]
-for attempt in range(6):
+for attempt in range(int(os.environ.get("CLOUDTUNE_BOOT_TRIES") or 6)):
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(dest + ".part", "wb") as f:
             f.write(r.read())
@@ -255,7 +255,6 @@ for attempt in range(6):
         time.sleep(2 ** attempt)
 else:
     sys.exit(1)
-import os
 os.replace(dest + ".part", dest)
 """
 

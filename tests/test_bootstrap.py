@@ -1,0 +1,150 @@
+"""The public-image bootstrap (cloudtune/run/bootstrap.py): the staged wheel installs and imports, the
+boot script is valid sh, holds no secret, and runs end to end against an S3 store (moto_server).
+
+What cannot run here: a real GPU machine pulling pytorch/pytorch and installing from PyPI; the script
+runs in a fresh venv whose only packages are this machine's (pip --no-index), with the wheel fetched
+through a presigned URL from moto.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cloudtune.providers.base import Offer
+from cloudtune.run import bootstrap
+from cloudtune.run.orchestrator import Option, build_request
+from cloudtune.run.state import Job
+from cloudtune.spec import parse_spec
+
+SECRET = "wJalrXUtnFEMI-not-a-real-secret-key"
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("wheels")
+
+
+@pytest.fixture(scope="session")
+def wheel(wheel_cache) -> Path:
+    return bootstrap.build_wheel(wheel_cache)
+
+
+def _spec(bucket: str, **resources):
+    return parse_spec({"name": "boot", "model": "tiny:reverse", "data": {"train": "s3://x/train.jsonl"},
+                       "store": {"url": f"s3://{bucket}/jobs"}, "resources": {"provider": "runpod", **resources}})
+
+
+def _option(provider: str = "runpod") -> Option:
+    offer = Offer(provider=provider, offer_id="1x_L40S_SECURE", gpu="L40S", gpu_count=1, vram_gib_per_gpu=45,
+                  region="US", price_hr=0.99)
+    return Option(offer=offer, spot=False, price_hr=0.99, est_hours=0.1, est_cost_usd=0.1)
+
+
+def test_wheel_is_cached_by_source_digest_and_holds_the_package(wheel, wheel_cache):
+    before = wheel.stat().st_mtime_ns
+    again = bootstrap.build_wheel(wheel_cache)
+    assert again == wheel and again.stat().st_mtime_ns == before  # same sources: the cached wheel, not rebuilt
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cloudtune/trainer/entrypoint.py" in names and "cloudtune/providers/runpod.py" in names
+    assert "cloudtune/data/gpus.csv" in names
+    assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
+
+
+def test_pins_are_the_installed_versions_and_leave_torch_to_the_image():
+    from importlib import metadata
+
+    pins = dict(p.split("==") for p in bootstrap.pinned_requirements())
+    assert pins["transformers"] == metadata.version("transformers")
+    assert pins["peft"] == metadata.version("peft") and "trl" in pins and "boto3" in pins
+    assert "torch" not in pins and "sympy" not in pins and not [n for n in pins if n.startswith("nvidia-")]
+
+
+def test_public_image_is_the_default_and_an_own_image_is_the_fast_path():
+    spec = parse_spec({"name": "x", "model": "tiny:reverse", "data": {"train": "a.jsonl"}})
+    assert spec.resources.image == bootstrap.PUBLIC_IMAGE
+    assert bootstrap.needs_bootstrap(spec.resources.image, "runpod")
+    assert not bootstrap.needs_bootstrap(spec.resources.image, "local")  # the local provider runs in place
+    assert not bootstrap.needs_bootstrap("ghcr.io/me/trainer:1", "runpod")
+
+
+def test_own_image_request_keeps_the_trainer_command(aws_env):
+    spec = _spec("boot-own", image="ghcr.io/me/trainer:1")
+    job = Job({"id": "j-own", "store_url": "s3://boot-own/jobs", "store_endpoint": aws_env,
+               "est_hours": 0.1, "created_at": time.time()})
+    req = build_request(job, spec, _option(), 1)
+    assert req.command == ["python", "-m", "cloudtune.trainer.launch"]
+    assert bootstrap.ENV_WHEEL_URL not in req.secret_env
+
+
+@pytest.mark.slow
+def test_staged_bootstrap_runs_in_a_fresh_venv_from_s3(aws_env, monkeypatch, wheel_cache, wheel, tmp_path):
+    """create_job's staging + build_request's command, then the script itself, against moto S3."""
+    import boto3
+
+    from cloudtune.store import open_store
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # moto accepts any; the script must not carry it
+    boto3.client("s3", endpoint_url=aws_env, aws_access_key_id="testing", aws_secret_access_key=SECRET,
+                 region_name="us-east-1").create_bucket(Bucket="boot-run")
+    store = open_store("s3://boot-run/jobs", endpoint_url=aws_env)
+    keys = bootstrap.stage(store, "j-boot", cache_dir=wheel_cache)
+    assert keys == ["j-boot/bootstrap/" + wheel.name, "j-boot/bootstrap/requirements.txt"]
+
+    spec = _spec("boot-run")
+    job = Job({"id": "j-boot", "store_url": "s3://boot-run/jobs", "store_endpoint": aws_env,
+               "est_hours": 0.1, "created_at": time.time()})
+    req = build_request(job, spec, _option(), 1)
+    assert req.image == bootstrap.PUBLIC_IMAGE and req.command[:2] == ["sh", "-c"]
+    text = req.command[2]
+    assert "set -e" in text and "cloudtune.trainer.entrypoint -- python -m cloudtune.trainer.launch" in text
+    assert SECRET not in " ".join(req.command) and "X-Amz" not in text  # the URL travels as a secret env var
+    assert SECRET not in "".join(req.env.values())
+    url = req.secret_env[bootstrap.ENV_WHEEL_URL]
+    from urllib.parse import parse_qs, urlparse
+
+    q = {k: v[0] for k, v in parse_qs(urlparse(url).query).items()}
+    assert url.startswith(aws_env) and "Signature" in "".join(q) or "X-Amz-Signature" in q
+    left = int(q["X-Amz-Expires"]) if "X-Amz-Expires" in q else int(q["Expires"]) - time.time()
+    assert 3 * 3600 - 60 < left <= 3 * 3600  # short-lived: a relaunch gets a fresh URL
+    assert subprocess.run(["sh", "-n", "-c", text]).returncode == 0
+
+    # a fresh venv that sees this machine's packages (as the image has its torch) but not cloudtune
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    vpy = venv / "bin" / "python"
+    site = subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "_image_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    assert subprocess.run([str(vpy), "-c", "import cloudtune"], capture_output=True, cwd=tmp_path).returncode != 0
+
+    pins = bootstrap.staged_requirements(store, "j-boot")
+    check = ["python", "-c", "import cloudtune, cloudtune.trainer.cli, cloudtune.trainer.entrypoint; "
+             "print('TRAINER-OK', cloudtune.__file__)"]
+    script = bootstrap.script(pins, extras=(), then=check)  # the same script; extras need PyPI, not here
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "AWS_", "VIRTUAL_ENV"))}
+    env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", PIP_CONFIG_FILE=os.devnull, CLOUDTUNE_BOOT_DIR=str(tmp_path / "boot"),
+               CLOUDTUNE_PIP_ARGS=f"--no-index --find-links {wheel.parent}", **{bootstrap.ENV_WHEEL_URL: url})
+    proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TRAINER-OK " + site in proc.stdout  # imported from the venv the wheel went into
+    assert (tmp_path / "boot" / wheel.name).read_bytes() == wheel.read_bytes()
+
+
+def test_a_failed_download_exits_for_a_relaunch_and_runs_the_self_terminate_hook(tmp_path):
+    script = bootstrap.script(["six==1.17.0"], then=["true"])
+    marker = tmp_path / "terminated"
+    env = {"PATH": os.environ["PATH"], "CLOUDTUNE_BOOT_DIR": str(tmp_path / "boot"),
+           bootstrap.ENV_WHEEL_URL: f"file://{tmp_path}/missing.whl",
+           "CLOUDTUNE_SELF_TERMINATE": f"touch {marker}", "CLOUDTUNE_BOOT_TRIES": "1"}
+    proc = subprocess.run(["sh", "-c", script], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, proc.stderr
+    assert marker.exists() and "could not download the wheel" in proc.stderr
