@@ -140,3 +140,19 @@ def test_too_long_rows_are_counted_and_all_too_long_refused(family_dirs, tmp_pat
     only_long = _jsonl(tmp_path / "l.jsonl", [long, long])
     with pytest.raises(DataError, match=r"every row is longer than data.max_seq_len 64 .*raise data.max_seq_len"):
         validate_data(_spec(model, only_long, max_seq_len=64))
+
+
+def test_dpo_pairs_are_rendered_at_validation(family_dirs, tmp_path):
+    """A DPO pair the template refuses (a system turn for Gemma) is exit-2 input at validation too."""
+    ok = {"prompt": "Reverse abcd", "chosen": "dcba", "rejected": "abcd"}
+    bad = {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Reverse abcd"}],
+           "chosen": "dcba", "rejected": "abcd"}
+    path = _jsonl(tmp_path / "pref.jsonl", [ok, bad])
+    spec = parse_spec({"model": str(family_dirs["gemma3"]), "stage": "dpo", "data": {"train": str(path)}})
+    assert validate_data(spec).format == "preference"  # gemma3's template takes a system turn
+    spec.model = str(family_dirs["gemma2"])
+    with pytest.raises(DataError, match=r"pref\.jsonl:2: the chat template of .* refuses .*system"):
+        validate_data(spec)
+    long = {"prompt": "abcd " * 80, "chosen": "dcba", "rejected": "abcd"}
+    spec.data.train, spec.data.max_seq_len = str(_jsonl(tmp_path / "l.jsonl", [ok, long])), 64
+    assert any("1 of 2 preference pairs are longer than data.max_seq_len 64" in n for n in validate_data(spec).notes)

@@ -223,3 +223,24 @@ def local_tokenizer(model: str) -> Any | None:
 
 def uses_chat(tokenizer: Any) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
+
+
+def check_preference(tokenizer: Any, records: list[Any], max_len: int, *, model: str) -> list[str]:
+    """Render each DPO pair (prompt + chosen, prompt + rejected) through the chat template: a refused
+    conversation is a DataError naming the record; pairs longer than max_len are counted (TRL cuts them)."""
+    from cloudtune.trainer.data import _preference_row
+
+    too_long = longest = 0
+    for rec in records:
+        row = _preference_row(rec.data, True)
+        n = 0
+        for answer in ("chosen", "rejected"):
+            text = _render(tokenizer, row["prompt"] + row[answer], rec.where, model)
+            n = max(n, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        longest = max(longest, n)
+        too_long += n > max_len
+    if not too_long:
+        return []
+    shown = records[0].where.rsplit(":", 1)[0]
+    return [f"{shown}: {too_long} of {len(records)} preference pairs are longer than data.max_seq_len {max_len} "
+            f"tokens (longest {longest}) and are cut to {max_len}; raise data.max_seq_len to keep them whole"]

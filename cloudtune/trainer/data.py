@@ -407,11 +407,17 @@ def render_check(spec: Any, tokenizer: Any, train: list[Record], val: list[Recor
                  limit: int | None = None) -> list[str]:
     """Render the SFT records through the chat template and measure them; returns the notes
     (rows cut at max_seq_len). Raises DataError on a refused conversation or all-too-long data."""
-    from cloudtune.trainer.chat import encode_records, uses_chat
+    from cloudtune.trainer.chat import check_preference, encode_records, uses_chat
 
-    if spec.stage != "sft" or fmt == "text" or not uses_chat(tokenizer):
+    if fmt == "text" or not uses_chat(tokenizer):
         return []
     notes = []
+    if spec.stage == "dpo":
+        for recs in (train, val):
+            if recs:
+                notes += check_preference(tokenizer, recs[:limit] if limit else recs, spec.data.max_seq_len,
+                                          model=spec.model)
+        return notes
     for recs in (train, val):
         if limit is not None and len(recs) > limit:
             notes.append(f"{recs[0].where.rsplit(':', 1)[0]}: the chat template was checked on the first "
