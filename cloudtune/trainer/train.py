@@ -540,6 +540,12 @@ def training_rows(spec: JobSpec, tokenizer: Any, train_recs: list, val_recs: lis
                 log.warning("%s", note)
             out.append(enc.rows)
         return out[0], out[1]
+    if chat and spec.stage == "dpo":  # a pair the template refuses: exit 2 before the model loads
+        from cloudtune.trainer.chat import check_preference
+
+        for recs in (train_recs, val_recs):
+            for note in check_preference(tokenizer, recs, spec.data.max_seq_len, model=spec.model) if recs else []:
+                log.warning("%s", note)
     return (to_trl_rows(train_recs, fmt, chat=chat, text_field=spec.data.text_field),
             to_trl_rows(val_recs, fmt, chat=chat, text_field=spec.data.text_field))
 
