@@ -156,3 +156,29 @@ def test_dpo_pairs_are_rendered_at_validation(family_dirs, tmp_path):
     long = {"prompt": "abcd " * 80, "chosen": "dcba", "rejected": "abcd"}
     spec.data.train, spec.data.max_seq_len = str(_jsonl(tmp_path / "l.jsonl", [ok, long])), 64
     assert any("1 of 2 preference pairs are longer than data.max_seq_len 64" in n for n in validate_data(spec).notes)
+
+
+def test_trl_batches_carry_these_labels(family_dirs, tmp_path):
+    """Through TRL's SFTTrainer and its collator, a training batch's loss tokens are still exactly
+    the assistant turns (TRL takes given labels as they are; a TRL change would show here)."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from cloudtune.store import open_store
+    from cloudtune.trainer.train import Attempt, build_trainer, training_rows
+
+    fam = FAMILIES["llama"]
+    convs = conversations(4, system=True)
+    records = [Record({"messages": c}, f"d.jsonl:{i + 1}") for i, c in enumerate(convs)]
+    spec = parse_spec({"model": str(family_dirs["llama"]), "data": {"train": "d.jsonl", "max_seq_len": 256},
+                       "training": {"max_steps": 1, "micro_batch": 4, "gradient_checkpointing": False}})
+    tok = _tok(family_dirs, "llama")
+    train_rows, _ = training_rows(spec, tok, records, [], "messages", True)
+    att = Attempt(spec=spec, job_id="j", attempt=1, store=open_store(f"file://{tmp_path / 's'}"), work_dir=tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(family_dirs["llama"], dtype=torch.float32)
+    trainer = build_trainer(att, model, tok, train_rows, [], "fp32", TrainerCallback())
+    batch = next(iter(trainer.get_train_dataloader()))
+    got = sorted(tuple(_spans(tok, {"input_ids": ids.tolist(), "labels": [x if x != -100 else IGNORE for x in lab.tolist()]}))
+                 for ids, lab in zip(batch["input_ids"], batch["labels"], strict=True))
+    want = sorted(tuple(m["content"] + fam.eot for m in c if m["role"] == "assistant") for c in convs)
+    assert got == want
