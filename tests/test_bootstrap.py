@@ -138,13 +138,24 @@ def test_staged_bootstrap_runs_in_a_fresh_venv_from_s3(aws_env, monkeypatch, whe
     assert (tmp_path / "boot" / wheel.name).read_bytes() == wheel.read_bytes()
 
 
+def test_an_installed_cloudtune_is_never_installed_over(tmp_path):
+    """A machine (or a fake provider running the command here) that already has cloudtune starts it."""
+    script = bootstrap.script(["six==1.17.0"], then=["python", "-c", "print('STARTED')"])
+    env = {"PATH": os.environ["PATH"], "CLOUDTUNE_BOOT_DIR": str(tmp_path / "boot"),
+           bootstrap.ENV_WHEEL_URL: f"file://{tmp_path}/missing.whl"}
+    proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "STARTED" in proc.stdout and "already installed" in proc.stdout
+
+
 def test_a_failed_download_exits_for_a_relaunch_and_runs_the_self_terminate_hook(tmp_path):
     script = bootstrap.script(["six==1.17.0"], then=["true"])
     marker = tmp_path / "terminated"
-    env = {"PATH": os.environ["PATH"], "CLOUDTUNE_BOOT_DIR": str(tmp_path / "boot"),
+    bare = tmp_path / "bare"  # a python without cloudtune, as on the public image
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {"PATH": f"{bare / 'bin'}:{os.environ['PATH']}", "CLOUDTUNE_BOOT_DIR": str(tmp_path / "boot"),
            bootstrap.ENV_WHEEL_URL: f"file://{tmp_path}/missing.whl",
            "CLOUDTUNE_SELF_TERMINATE": f"touch {marker}", "CLOUDTUNE_BOOT_TRIES": "1"}
-    proc = subprocess.run(["sh", "-c", script], env=env,
+    proc = subprocess.run(["sh", "-c", script], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 75, proc.stderr
     assert marker.exists() and "could not download the wheel" in proc.stderr

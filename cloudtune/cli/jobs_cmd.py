@@ -118,8 +118,8 @@ def _dry_run(console, draft, json_out: bool) -> None:
     if not json_out:  # a person reads this: the plan table, then what would be launched (--json: everything)
         from cloudtune.cli.plan_cmd import _render
 
-        if draft.plan is not None:
-            _render(draft.plan, 5)
+        if draft.plan is not None and all(o.headroom_gib is not None for o in draft.plan.options):
+            _render(draft.plan, 5)  # (a local CPU plan has no per-GPU memory table: the summary says it all)
         for line in _launch_lines(draft, req, store_url, staged):
             console.print(line, markup=False, soft_wrap=True)
         console.print("dry run: nothing was written or launched; --json prints the full launch request")

@@ -284,6 +284,12 @@ fail() {{
   if [ -n "${{{C.ENV_SELF_TERMINATE}:-}}" ]; then sh -c "${C.ENV_SELF_TERMINATE}" >/dev/null 2>&1 || true; fi
   exit "$1"
 }}
+if "$PY" -c 'import cloudtune.trainer.entrypoint' >/dev/null 2>&1; then
+  # cloudtune is already here (a restarted container, an image with it inside): never install over it
+  echo "cloudtune bootstrap: cloudtune is already installed; starting the trainer"
+  unset {ENV_WHEEL_URL}
+  exec {shlex.join(then)}
+fi
 echo "cloudtune bootstrap: installing {wheel} on $("$PY" -c 'import torch; print("torch", torch.__version__)')"
 [ -n "${{{ENV_WHEEL_URL}:-}}" ] || fail 1 "{ENV_WHEEL_URL} is not set"
 "$PY" -c '{_FETCH_PY}' "${ENV_WHEEL_URL}" "$B/{wheel}" || fail {C.EXIT_PREEMPTED} "could not download the wheel"
