@@ -104,13 +104,14 @@ class FakeSky:
     exceptions = sexc
 
     def __init__(self, *, idle_minute_s: float = 60.0, extra_env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
+                 cwd: str | None = None, log_dir: str | None = None) -> None:
         self.clusters: dict[str, FakeCluster] = {}
         self.launched: list[FakeCluster] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.idle_minute_s = idle_minute_s  # one autostop "minute", scaled down for tests
         self.extra_env = dict(extra_env or {})
         self.cwd = cwd
+        self.log_dir = log_dir  # each node's output to <log_dir>/<cluster>-job<id>-node<rank>.log (`sky logs`)
         self._results: dict[str, tuple[Any, BaseException | None]] = {}
         self._faults: list[tuple[str, BaseException, bool]] = []
         self._lock = threading.RLock()
@@ -232,8 +233,15 @@ class FakeSky:
                "SKYPILOT_NUM_NODES": str(c.num_nodes), "SKYPILOT_NUM_GPUS_PER_NODE": str(c.gpus_per_node),
                "SKYPILOT_TASK_ID": f"sky-fake-{c.name}-{c.job_id}", "SKYPILOT_CLUSTER_INFO": "{}"}
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        return subprocess.Popen(["bash", "-c", task.run], env=env, start_new_session=True, cwd=self.cwd,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out: Any = subprocess.DEVNULL
+        if self.log_dir:
+            out = open(os.path.join(self.log_dir, f"{c.name}-job{c.job_id}-node{rank}.log"), "ab")  # noqa: SIM115
+        try:
+            return subprocess.Popen(["bash", "-c", task.run], env=env, start_new_session=True, cwd=self.cwd,
+                                    stdout=out, stderr=subprocess.STDOUT if self.log_dir else subprocess.DEVNULL)
+        finally:
+            if self.log_dir:
+                out.close()  # the child holds its own copy
 
     def status(self, cluster_names: list[str] | None = None, refresh: StatusRefreshMode = StatusRefreshMode.NONE,
                all_users: bool = False, *, _include_credentials: bool = False,
