@@ -240,6 +240,23 @@ def check_remote_store(providers: Iterable[str], url: str) -> list[str]:
     return []
 
 
+def check_forwarded(spec: Any, providers: Iterable[str], url: str, *, probe: bool = True) -> list[str]:
+    """Names in env:/secrets: must be set here; a third-party machine's scoped store credentials must be mintable."""
+    from cloudtune.run.forward_env import AWS_KEYS, THIRD_PARTY, federation_token, missing_names
+
+    out = [f"{'secrets' if n in spec.secrets else 'env'}: {n} is named in the spec but not set in this shell; "
+           f"export {n}=... or remove it from the spec" for n in missing_names(spec)]
+    third = [p for p in providers if p in THIRD_PARTY]
+    long_lived = os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_SESSION_TOKEN")
+    if probe and third and url.startswith("s3://") and long_lived and not set(AWS_KEYS[:2]) & set(spec.secrets) \
+            and _has_module("boto3"):
+        try:
+            federation_token(url, "check", spec, 0, spec.store.endpoint_url, spec.store.region)
+        except UserError as err:
+            out.append(f"provider {third[0]}: {err}")
+    return out
+
+
 def preflight(spec: Any, providers: list[str], options: Iterable[Any] = (), *, probe_store: bool = True) -> list[str]:
     """Every problem found for this spec on these providers (empty: ready). Writes nothing but the
     store probe, which it deletes."""
@@ -252,6 +269,7 @@ def preflight(spec: Any, providers: list[str], options: Iterable[Any] = (), *, p
     problems += check_provider_settings(providers)
     problems += check_model_access(spec.model)
     problems += check_remote_store(providers, url)
+    problems += check_forwarded(spec, providers, url, probe=probe_store)
     if probe_store:
         problems += check_store(url, spec.store.endpoint_url, spec.store.region)
     problems += check_arch(spec.resources.image, options)

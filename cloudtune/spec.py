@@ -312,6 +312,17 @@ class JobSpec(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     local: LocalSpec = Field(default_factory=LocalSpec)
     merge: bool = False
+    # The user's environment variables a machine gets (cloudtune/run/forward_env.py): plain ones, and
+    # secret ones (redacted in --dry-run/logs/state). Nothing else is forwarded but HF_TOKEN and the store's.
+    env: list[str] = Field(default_factory=list, description="names of environment variables to forward")
+    secrets: list[str] = Field(default_factory=list, description="names forwarded as secret env, never printed")
+
+    @field_validator("env", "secrets")
+    @classmethod
+    def _env_names(cls, v: list[str], info: Any) -> list[str]:
+        from cloudtune.run.forward_env import check_names
+
+        return check_names(v, info.field_name)
 
     @field_validator("name")
     @classmethod

@@ -191,7 +191,7 @@ def test_plan_takes_the_spec_as_an_argument_and_agrees_with_run(tmp_path):
                      resources={"provider": ["runpod", "lambda"]})
     plan = _cli(tmp_path, "plan", str(job), "--json", "--top", "3")
     assert plan.returncode == 0, plan.stderr
-    dry = _cli(tmp_path, "run", str(job), "--dry-run")
+    dry = _cli(tmp_path, "run", str(job), "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     first = json.loads(plan.stdout)["options"][0]
     chosen = json.loads(dry.stdout)["plan"][0]["offer"]

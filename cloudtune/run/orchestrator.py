@@ -50,6 +50,7 @@ from cloudtune.providers.base import (
 from cloudtune.run import bootstrap
 from cloudtune.run import state as S
 from cloudtune.run.cost import job_cost_usd
+from cloudtune.run.forward_env import forwarded_env
 from cloudtune.run.launch_shape import launch_env
 from cloudtune.run.machine_limits import machine_limits
 from cloudtune.spec import JobSpec
@@ -391,17 +392,17 @@ def build_request(
     }
     if job.store_endpoint:
         env[C.ENV_STORE_ENDPOINT] = job.store_endpoint
-    secret_env = {}
-    if job.store_url.startswith("s3://") or option.offer.provider != "local":
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"):
-            if os.environ.get(k):
-                secret_env[k] = os.environ[k]
-    secret_env.update(trackers.secret_env(spec.training.report_to, spec.training.tracker_env, os.environ))
     limits = machine_limits(
         max_hours=spec.limits.max_hours, max_cost_usd=spec.limits.max_cost_usd,
         heartbeat_timeout_s=spec.limits.heartbeat_timeout_s, job_created_at=job.created_at,
         est_hours=job.est_hours, price_hr=option.price_hr, spent_usd=spent_usd,
     )
+    # spec env:/secrets:, HF_TOKEN and the store's credentials (STS-scoped on third-party machines), nothing else
+    user_env, secret_env = forwarded_env(spec, option.offer.provider, job.store_url, job.id,
+                                         lifetime_s=limits.lifetime_s, endpoint_url=job.store_endpoint,
+                                         dry_run=dry_run)
+    env.update({k: v for k, v in user_env.items() if k not in env})
+    secret_env.update(trackers.secret_env(spec.training.report_to, spec.training.tracker_env, os.environ))
     env.update(limits.env)  # the machine enforces these itself (cloudtune/trainer/guards.py)
     env.update(launch_env(spec, option))  # processes per node, nodes, ddp/fsdp (cloudtune/run/launch_shape.py)
     lifetime = limits.lifetime_s
