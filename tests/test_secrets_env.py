@@ -60,8 +60,7 @@ def _request(endpoint: str, bucket: str, provider: str, **over):
     return job, build_request(job, job.spec, option, 1)
 
 
-@pytest.mark.parametrize("provider", ["runpod", "vast"])
-def test_third_party_machines_get_scoped_sts_credentials_and_only_named_variables(env, provider):
+def test_third_party_machines_get_scoped_sts_credentials_and_only_named_variables(env, provider="vast"):
     endpoint, bucket = env
     job, req = _request(endpoint, bucket, provider)
     everything = {**req.env, **req.secret_env}
