@@ -158,3 +158,22 @@ def test_gguf_refusals_come_first(tmp_path: Path):
     assert "llama-quantize" in r.stderr and "Q4_K_M" in r.stderr
     r = _cli("export", "gguf", "nosuchjob", "--quant", "q9")
     assert r.returncode == 2 and "--quant 'q9' is not a GGUF type" in r.stderr
+
+
+def test_gguf_refuses_a_tokenizer_the_converter_cannot_read(tmp_path: Path, _isolated_home: Path):
+    """tiny.py's character-level WordLevel tokenizer: llama.cpp's converter fails on it after loading the
+    whole model ("BPE pre-tokenizer was not recognized"); cloudtune refuses it first, in one line."""
+    from cloudtune.tiny import build_tokenizer
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny:reverse"}))
+    build_tokenizer().save_pretrained(folder)
+    out = tmp_path / "tiny.gguf"
+    r = _cli("export", "gguf", str(folder), str(out), "--converter", str(tmp_path / "never-used"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: {folder / 'tokenizer.json'}: a WordLevel tokenizer, which llama.cpp's convert_hf_to_gguf.py cannot "
+        "convert; GGUF needs a sentencepiece or BPE tokenizer (real model families have one)"]
+    assert not out.exists() and not (_isolated_home / "cache" / "tiny").exists()  # no model was even built
+

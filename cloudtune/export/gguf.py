@@ -34,6 +34,24 @@ def check_quant(quant: str) -> str:
     raise UserError(f"--quant {quant!r} is not a GGUF type; use one of {', '.join(OUTTYPES)}")
 
 
+def check_tokenizer(folder: Path) -> None:
+    """Refuse, before any merge or conversion, a tokenizer the converter cannot read: it takes sentencepiece
+    (tokenizer.model) or BPE/Unigram tokenizer.json files; WordLevel/WordPiece ones (such as the tiny
+    model's character tokenizer) end in "BPE pre-tokenizer was not recognized" after a full model load."""
+    import json
+
+    if (folder / "tokenizer.model").is_file():
+        return
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        raise UserError(f"{folder} has no tokenizer.json or tokenizer.model; llama.cpp's converter needs the "
+                        "tokenizer next to the weights (save it with tokenizer.save_pretrained)")
+    kind = json.loads(tj.read_text()).get("model", {}).get("type")
+    if kind not in ("BPE", "Unigram"):
+        raise UserError(f"{tj}: a {kind} tokenizer, which llama.cpp's convert_hf_to_gguf.py cannot convert; GGUF "
+                        "needs a sentencepiece or BPE tokenizer (real model families have one)")
+
+
 def convert(model_dir: Path, out: Path, quant: str, script: Path, log_path: Path) -> Path:
     """Run the converter on a whole-weights HF folder; its output goes to `log_path`."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +83,7 @@ def export_gguf(src: Source, out: Path, quant: str = "q8_0", converter: str | No
     quant = check_quant(quant)
     if out.exists():
         raise UserError(f"output {out} already exists; choose another path or remove it")
+    check_tokenizer(src.merged_dir or src.dir)
     script = converter_script(converter)
     log_path = out.with_name(out.name + ".log")
     if src.kind == "full":
