@@ -98,7 +98,12 @@ def from_job(job_id: str, work: Path, base: str | None = None) -> Source:
             for key in sorted(keys, key=lambda k: k.endswith("/summary.json")):
                 store.download_file(key, tmp / key[len(prefix):])
             shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
+            try:
+                tmp.rename(dest)
+            except OSError:  # a concurrent export of the same job renamed its (identical) copy first
+                if not ((dest / "summary.json").is_file() and (dest / "summary.json").read_bytes() == summary):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
