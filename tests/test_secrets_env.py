@@ -60,7 +60,7 @@ def _request(endpoint: str, bucket: str, provider: str, **over):
     return job, build_request(job, job.spec, option, 1)
 
 
-def test_third_party_machines_get_scoped_sts_credentials_and_only_named_variables(env, provider="vast"):
+def test_third_party_machines_get_scoped_sts_credentials_and_only_named_variables(env, provider="runpod"):
     endpoint, bucket = env
     job, req = _request(endpoint, bucket, provider)
     everything = {**req.env, **req.secret_env}
@@ -117,3 +117,13 @@ def test_dry_run_shows_plain_env_and_hides_secrets(tmp_path):
     out = proc.stdout + proc.stderr
     assert "flag-value" in proc.stdout and "WANDB_API_KEY" in proc.stdout
     assert "wandb-secret-value" not in out and USER_SECRET not in out
+
+
+def test_vast_needs_the_keys_named_because_sts_tokens_do_not_fit(env):
+    endpoint, bucket = env
+    spec = parse_spec({"model": "tiny:reverse", "data": {"train": str(TRAIN)},
+                       "store": {"url": f"s3://{bucket}/jobs", "endpoint_url": endpoint}})
+    (problem,) = check_forwarded(spec, ["vast"], spec.store.url)
+    assert "provider vast" in problem and "AWS_ACCESS_KEY_ID" in problem
+    _, req = _request(endpoint, bucket, "vast")
+    assert USER_SECRET not in json.dumps(req.secret_env) and "AWS_SESSION_TOKEN" not in req.secret_env

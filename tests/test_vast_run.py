@@ -39,7 +39,8 @@ def test_vast_bid_run_survives_being_outbid(tmp_path, aws_env, monkeypatch):
     t0 = time.time()
     bucket = "ct-vast-full-run"
     s3 = s3_bucket(aws_env, bucket)
-    spec = s3_job_spec(tmp_path, aws_env, bucket, resources={"spot": True})
+    spec = s3_job_spec(tmp_path, aws_env, bucket, resources={"spot": True},
+                       secrets=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])  # Vast: no room for STS tokens
     home = tmp_path / "home"
     machine_env(monkeypatch)
     with VastFake(api_key=KEY, run_commands=True, cwd=str(tmp_path), log_dir=str(tmp_path)) as fake:

@@ -26,6 +26,9 @@ from typing import Any
 from cloudtune.errors import UserError
 
 THIRD_PARTY = ("runpod", "vast", "lambda", "modal")
+# Vast passes env as Docker flags of at most 256 characters each: an STS session token (350-1000+) does
+# not fit, so a Vast machine gets store keys only when the user names them in secrets: (pre-flight says so).
+NO_STS = ("vast",)
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STS_MIN_S, STS_MAX_S = 900, 129600  # GetFederationToken's DurationSeconds bounds
@@ -109,7 +112,7 @@ def forwarded_env(spec: Any, provider: str, store_url: str, job_id: str, *, life
         keys = {k: environ[k] for k in AWS_KEYS if environ.get(k)}
         if provider not in THIRD_PARTY or "AWS_SESSION_TOKEN" in keys:
             secret.update(keys)  # this machine / the same AWS account, or already short-lived
-        elif keys:
+        elif keys and provider not in NO_STS:
             bucket, prefix = _split(store_url)
             if dry_run:
                 scope = f"s3://{bucket}/{prefix + '/' if prefix else ''}{job_id}/"
