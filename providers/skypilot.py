@@ -179,12 +179,7 @@ class SkyPilotProvider:
                 raise AuthError("no SkyPilot API server configured; set SKYPILOT_API_SERVER_ENDPOINT or run "
                                 "`sky api login`, or set `skypilot: {local_api_server: true}` in providers.yaml",
                                 provider=PROVIDER)
-            try:
-                import sky  # lazy: pandas, sqlalchemy, the API client
-            except ModuleNotFoundError:
-                raise AuthError("the SkyPilot SDK is not installed; pip install 'cloudtune[skypilot]'",
-                                provider=PROVIDER) from None
-            self._sdk = sky
+            self._sdk = _import_sky()
         return self._sdk
 
     def _call(self, fn, *args: Any, **kwargs: Any) -> Any:
@@ -250,11 +245,16 @@ class SkyPilotProvider:
         return shlex.join(cmd)
 
     def build_task(self, tc: TaskConfig) -> Any:
-        """A real `sky.Task` (with its `sky.Resources`), validated by the SDK."""
+        """A real `sky.Task` (with its `sky.Resources`), validated by the SDK.
+
+        Building a Task is client-side (no API server request), so a dry run validates it without one."""
         try:
             import copy
 
-            return self.sdk.Task.from_yaml_config(copy.deepcopy(tc.config))  # the SDK pops keys from it
+            sdk = self._sdk if self._sdk is not None else _import_sky()
+            return sdk.Task.from_yaml_config(copy.deepcopy(tc.config))  # the SDK pops keys from it
+        except AuthError:
+            raise
         except Exception as err:  # noqa: BLE001 - the SDK's validation errors, one line
             raise InvalidRequestError(f"skypilot rejected the task: {type(err).__name__}: {str(err)[:300]}",
                                       provider=PROVIDER) from None
@@ -388,6 +388,15 @@ class SkyPilotProvider:
             note=("SkyPilot autodowns the cluster when it has been idle for the configured minutes after the "
                   "job ends (idle_minutes_to_autostop with down=True); cloudtune's watchdog tears it down sooner"),
         )
+
+
+def _import_sky() -> Any:
+    try:
+        import sky  # lazy: pandas, sqlalchemy, the API client
+    except ModuleNotFoundError:
+        raise AuthError("the SkyPilot SDK is not installed; pip install 'cloudtune[skypilot]'",
+                        provider=PROVIDER) from None
+    return sky
 
 
 def _api_server_configured() -> bool:
