@@ -265,11 +265,20 @@ def ensure_tiny_model(ref: str, cache: str | Path | None = None) -> Path:
         cache = cache_dir() / "tiny"
     dest = Path(cache) / task
     stamp = dest / "cloudtune_tiny.json"
-    if stamp.is_file():
-        if stamp.read_text() == _stamp():
-            return dest
-        shutil.rmtree(dest, ignore_errors=True)  # built by an older cloudtune: rebuild
-    save_tiny(dest)  # a concurrent builder's identical folder wins the rename; ours is dropped
+    if stamp.is_file() and stamp.read_text() == _stamp():
+        return dest
+    # One builder at a time (the ranks of a distributed job all start here at once): the others wait
+    # for it and then find its folder, instead of racing a rebuild against a reader.
+    import fcntl
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{task}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file():
+            if stamp.read_text() == _stamp():
+                return dest
+            shutil.rmtree(dest, ignore_errors=True)  # built by an older cloudtune: rebuild
+        save_tiny(dest)
     return dest
 
 

@@ -446,7 +446,8 @@ class RunPodProvider:
 
     def self_terminate(self) -> SelfTerminate:
         url = f"{self.api_url}/pods/$RUNPOD_POD_ID"
-        cmd = (f'curl -fsS --retry 5 --retry-all-errors --max-time 30 -X DELETE "{url}" '
+        # --retry covers timeouts, 408, 429 and 5xx; a 404 (the controller deleted it first) ends at once
+        cmd = (f'curl -fsS --retry 5 --retry-connrefused --max-time 30 -X DELETE "{url}" '
                '-H "Authorization: Bearer $RUNPOD_API_KEY"')
         return SelfTerminate(
             command=["sh", "-c", cmd],

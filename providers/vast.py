@@ -528,7 +528,8 @@ class VastProvider:
     def self_terminate(self) -> SelfTerminate:
         url = f"{self.api_url}/api/v0/instances/$CONTAINER_ID/"
         # no quotes: it travels in Vast's Docker-flag env string (docker_env)
-        cmd = f"curl -fsS --retry 5 --retry-all-errors --max-time 30 -X DELETE --oauth2-bearer $CONTAINER_API_KEY {url}"
+        # --retry covers timeouts, 408, 429 and 5xx; a 404 (the controller deleted it first) ends at once
+        cmd = f"curl -fsS --retry 5 --retry-connrefused --max-time 30 -X DELETE --oauth2-bearer $CONTAINER_API_KEY {url}"
         return SelfTerminate(
             command=["sh", "-c", cmd],
             env=("CONTAINER_ID", "CONTAINER_API_KEY"),

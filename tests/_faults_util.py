@@ -12,9 +12,9 @@ from pathlib import Path
 
 from cloudtune.providers import get_provider
 from cloudtune.providers.base import LaunchRequest
+
 from cloudtune.run import state as S
 from cloudtune.spec import parse_spec
-
 from tests._run_util import ROOT, cli_env, wait_for
 
 

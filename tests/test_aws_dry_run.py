@@ -28,7 +28,7 @@ def _job(tmp_path: Path, store: str) -> Path:
 def _run(tmp_path: Path, job: Path, **env: str) -> subprocess.CompletedProcess:
     full = {**os.environ, "CLOUDTUNE_HOME": str(tmp_path / "home"), "HF_TOKEN": "hf_dryrunsecret",
             "AWS_ACCESS_KEY_ID": "AKIADRYRUNKEY", "AWS_SECRET_ACCESS_KEY": "dryrunsecretkey", **env}
-    return subprocess.run([sys.executable, "-m", "cloudtune", "run", str(job), "--provider", "aws", "--dry-run"],
+    return subprocess.run([sys.executable, "-m", "cloudtune", "run", str(job), "--provider", "aws", "--dry-run", "--json"],
                           capture_output=True, text=True, env=full, timeout=120, cwd=tmp_path)
 
 

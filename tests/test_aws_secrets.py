@@ -271,8 +271,14 @@ def test_gc_deletes_a_parameter_whose_machine_is_gone(aws_env, tmp_path, _isolat
     rep = json.loads(out.stdout)
     assert {s["name"]: s["deleted"] for s in rep["orphan_secrets"]}[gone_param] is True
     assert not _parameter_exists(aws_env, region, gone_param)
-    # The live machine had no job in the state db: gc terminated it, and that deleted its parameter.
-    assert live.machine_id in {o["machine_id"] for o in rep["orphans"] if o["terminated"]}
+    # The live machine's job is unknown to this state db: foreign, so listed but not ended (issue #16) ...
+    assert live.machine_id in {o["machine_id"] for o in rep["foreign"] if not o["terminated"]}
+    assert _parameter_exists(aws_env, region, live_param)
+    out = cli(env, "gc", "--yes", "--foreign", "--provider", "aws", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    # ... until --foreign widens the sweep: gc terminated it, and that deleted its parameter.
+    assert live.machine_id in {o["machine_id"] for o in rep["foreign"] if o["terminated"]}
     assert not _parameter_exists(aws_env, region, live_param)
 
 

@@ -17,8 +17,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from cloudtune.providers.base import Offer
+
 from cloudtune.run import bootstrap
 from cloudtune.run.orchestrator import Option, build_request
 from cloudtune.run.state import Job

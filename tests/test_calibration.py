@@ -13,7 +13,6 @@ Run with -s to see the per-row table.
 
 from __future__ import annotations
 
-import csv
 import statistics
 from pathlib import Path
 

@@ -8,14 +8,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cloudtune.run.job_state import registry_key, state_key
 from cloudtune.run.lease import Lease
 from cloudtune.store import layout, open_store
-from tests._run_util import ROOT, assert_nothing_left, cli, cli_env, db_rows, last_json, quickstart_spec, wait_for
+from tests._run_util import (
+    ROOT,
+    assert_nothing_left,
+    cli,
+    cli_env,
+    db_rows,
+    last_json,
+    quickstart_spec,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

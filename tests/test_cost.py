@@ -88,6 +88,7 @@ def test_ledger_closes_at_the_providers_end_time_not_when_noticed(tmp_path, _iso
 
     from cloudtune.providers import get_provider
     from cloudtune.providers.base import LaunchRequest
+
     from cloudtune.run.orchestrator import Orchestrator
     from cloudtune.spec import parse_spec
 

@@ -49,8 +49,10 @@ def test_capacity_error_fails_over_to_the_next_option(tmp_path, aws_env, monkeyp
     machine_env(monkeypatch)
     with RunPodFake(api_key=KEY, run_commands=True, cwd=str(tmp_path), log_dir=str(tmp_path)) as fake:
         env = runpod_env(home, fake, KEY)
-        body = problem(500, "Internal Server Error", CAPACITY_MSG).body
-        fake.inject("POST", r"^/v2/pods$", status=500, body=body, times=1, content_type="application/problem+json")
+        # RunPod documents capacity exhaustion on create as a 400 whose only signal is the free-text detail
+        # (../shared/apis/runpod/openapi-v2.json, createPod); a 500 is a server error, retried on the same offer.
+        body = problem(400, "Bad Request", CAPACITY_MSG).body
+        fake.inject("POST", r"^/v2/pods$", status=400, body=body, times=1, content_type="application/problem+json")
 
         run = RunProcess(env, tmp_path, str(spec), "--provider", "runpod", "--yes", "--json")
         try:
@@ -145,7 +147,8 @@ def test_vast_failed_create_that_names_a_contract_leaves_no_instance(tmp_path, a
     t0 = time.time()
     bucket = "ct-failover-vast-contract"
     s3_bucket(aws_env, bucket)
-    spec = s3_job_spec(tmp_path, aws_env, bucket)
+    # Vast has no room for STS tokens (256 characters per variable): the job names the keys it sends
+    spec = s3_job_spec(tmp_path, aws_env, bucket, secrets=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
     home = tmp_path / "home"
     machine_env(monkeypatch)
     key = "vast-failover-key-6021"

@@ -81,6 +81,7 @@ def _planted(tmp_path: Path, store: FileStore, path: str, payload: bytes) -> Non
     "sub\\..\\..\\escaped.py",
 ])
 def test_manifest_paths_are_confined_to_the_checkpoint(tmp_path, path):
+    Path("/tmp/cloudtune-escaped-abs.py").unlink(missing_ok=True)  # a stale one from an older, unfixed run
     store, ck = _two_checkpoints(tmp_path)
     _planted(tmp_path, store, path, b"import os  # planted code\n")
     work = tmp_path / "deep" / "er" / "work"

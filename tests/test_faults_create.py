@@ -10,6 +10,7 @@ import time
 from cloudtune.providers.base import Offer
 from cloudtune.providers.http import RetryPolicy
 from cloudtune.providers.runpod import RunPodProvider
+
 from cloudtune.run import state as S
 from cloudtune.run.gc import scan
 from cloudtune.run.orchestrator import Option, Orchestrator

@@ -40,7 +40,7 @@ def test_dry_run_prints_the_launch_request_redacted_and_sends_nothing(tmp_path):
         url = fake.url
         env = {"LAMBDA_API_KEY": KEY, "CLOUDTUNE_LAMBDA_API_URL": url + "/api/v1",
                "CLOUDTUNE_LAMBDA_SSH_KEY": "my-key"}
-        proc = cli(tmp_path, "run", str(job), "--provider", "lambda", "--dry-run", **env)
+        proc = cli(tmp_path, "run", str(job), "--provider", "lambda", "--dry-run", "--json", **env)
         assert proc.returncode == 0, proc.stderr
         assert not fake.log  # a dry run talks to nobody
     for secret in (KEY, "hf_lambdadrysecret"):

@@ -8,6 +8,7 @@ import sys
 import pytest
 from cloudtune.providers.base import Machine, MachineState, RateLimitedError
 from cloudtune.providers.http import HttpClient
+
 from cloudtune.run.polling import LIMITS, PollBudget, StatusPoller
 
 

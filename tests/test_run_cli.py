@@ -75,7 +75,7 @@ def test_unknown_job_id(env):
 
 def test_dry_run_launches_nothing_and_redacts_secrets(tmp_path, env):
     spec = quickstart_spec(tmp_path, "dry")
-    out = cli({**env, "HF_TOKEN": "hf_supersecret"}, "run", str(spec), "--dry-run", "--provider", "local")
+    out = cli({**env, "HF_TOKEN": "hf_supersecret"}, "run", str(spec), "--dry-run", "--json", "--provider", "local")
     assert out.returncode == 0, out.stderr
     import json
 

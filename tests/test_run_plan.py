@@ -66,8 +66,8 @@ def test_max_steps_trains_max_steps_batches_even_past_one_pass_of_the_data():
 def test_cloud_estimate_grows_with_max_steps_past_one_pass():
     # data on S3: the default workload is 10,000 samples, one pass is 10,000 / 4 = 2,500 steps
     def hours(max_steps: int) -> float:
-        spec = parse_spec({"model": "8b", "method": "qlora", "data": {"train": "s3://b/d.jsonl", "max_seq_len": 1024},
-                           "store": {"url": "s3://b/store"}, "resources": {"provider": "aws"},
+        spec = parse_spec({"model": "8b", "method": "qlora", "data": {"train": "s3://my-bucket/d.jsonl", "max_seq_len": 1024},
+                           "store": {"url": "s3://my-bucket/store"}, "resources": {"provider": "aws"},
                            "training": {"micro_batch": 4, "max_steps": max_steps}})
         return plan_job(spec, ["aws"]).choice.est_hours
 

@@ -185,7 +185,7 @@ def test_dry_run_shows_the_staged_urls_and_uploads_nothing(tmp_path, aws_env):
     spec["store"] = {"url": f"s3://{name}/jobs", "endpoint_url": endpoint}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     with LambdaFake(api_key="k-stage") as fake:
-        proc = _cli(tmp_path, "run", str(tmp_path / "job.yaml"), "--provider", "lambda", "--dry-run",
+        proc = _cli(tmp_path, "run", str(tmp_path / "job.yaml"), "--provider", "lambda", "--dry-run", "--json",
                     LAMBDA_API_KEY="k-stage", CLOUDTUNE_LAMBDA_API_URL=fake.url + "/api/v1",
                     CLOUDTUNE_LAMBDA_SSH_KEY="my-key")
     assert proc.returncode == 0, proc.stderr

@@ -25,7 +25,7 @@ def test_catalog_refresh_and_dry_run_against_the_fake(tmp_path):
         assert "1x_RTX4090_COMMUNITY" in text and "1x_A100-80GB_SECURE" not in text  # live stock, not the snapshot
         assert fake.calls("GET", "/v2/catalog/gpus")
 
-        r = cli("run", str(s3_quickstart(tmp_path)), "--provider", "runpod", "--dry-run", env=env)
+        r = cli("run", str(s3_quickstart(tmp_path)), "--provider", "runpod", "--dry-run", "--json", env=env)
         assert r.returncode == 0, r.stderr
         assert KEY not in r.stdout + r.stderr
         launch = json.loads(r.stdout)["launch"]

@@ -71,7 +71,9 @@ def test_runpod_run_survives_an_interruption(tmp_path, aws_env, monkeypatch):
         assert len(fake.calls("POST", r"^/v2/pods$")) == 2
         # The create carried the trainer command and the job's environment, keys never in the clear.
         create = fake.calls("POST", r"^/v2/pods$")[0].json
-        assert create["args"] == "python -m cloudtune.trainer.launch" and create["env"]["CLOUDTUNE_JOB_ID"] == job
+        # the default public PyTorch image bootstraps the staged wheel, then runs the launcher (run/bootstrap.py)
+        assert create["args"].startswith("sh -c ") and create["env"]["CLOUDTUNE_JOB_ID"] == job
+        assert "exec python -m cloudtune.trainer.entrypoint -- python -m cloudtune.trainer.launch" in create["args"]
         assert create["cloud"] in ("SECURE", "COMMUNITY") and create["gpu"]["count"] == 1
 
         # Attempt 2 resumed from the store rather than starting over.

@@ -23,7 +23,8 @@ def _bucket(aws_env: str, prefix: str = "jobs", **kw) -> S3Store:
 
 def test_roundtrip_under_a_prefix(aws_env, tmp_path: Path):
     store = _bucket(aws_env)
-    assert isinstance(open_store(store.url, endpoint_url=aws_env), S3Store)
+    opened = open_store(store.url, endpoint_url=aws_env)
+    assert isinstance(opened.inner, S3Store)  # behind the retrying wrapper (cloudtune/store/retry.py)
     store.put_json("job/a.json", {"x": 1})
     store.put_bytes("job/sub/b.bin", b"abc")
     assert store.get_json("job/a.json") == {"x": 1}

@@ -22,7 +22,7 @@ def test_catalog_refresh_and_dry_run_against_the_fake(tmp_path):
         rows = json.loads(next((Path(os.environ["CLOUDTUNE_HOME"]) / "cache").glob("*vast*")).read_text())
         text = json.dumps(rows)
         assert '"101"' in text and '"102"' not in text  # the unreliable host stays out
-        r = cli("run", str(s3_quickstart(tmp_path)), "--provider", "vast", "--dry-run", env=env)
+        r = cli("run", str(s3_quickstart(tmp_path)), "--provider", "vast", "--dry-run", "--json", env=env)
         assert r.returncode == 0, r.stderr
         assert KEY not in r.stdout + r.stderr
         launch = json.loads(r.stdout)["launch"]

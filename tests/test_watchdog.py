@@ -83,8 +83,12 @@ def test_hung_machine_is_replaced_then_stopped(tmp_path):
     job_id = _start(tmp_path, env, "hang", limits={"heartbeat_timeout_s": 8, "max_restarts": 2})
     _training(home, job_id)
     mdir = next((home / "local" / "machines").glob(f"cloudtune-{job_id}-1-*"))
-    trainer = json.loads((mdir / "status.json").read_text())["trainer_pid"]
-    os.kill(trainer, signal.SIGSTOP)  # a hung machine: alive, billing, silent
+    trainer = json.loads((mdir / "status.json").read_text())["trainer_pid"]  # the machine's entrypoint
+    import psutil
+
+    entry = psutil.Process(trainer)
+    for p in [entry, *entry.children(recursive=True)]:
+        p.suspend()  # a hung machine: alive, billing, silent (SIGSTOP, entrypoint and trainer alike)
     _training(home, job_id, attempt=2)
     att = db_rows(home, "SELECT * FROM attempts WHERE job_id = ? ORDER BY n", job_id)
     assert att[0]["end_reason"].startswith("heartbeat stale") and att[0]["state"] == "ended"

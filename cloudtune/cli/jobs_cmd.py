@@ -219,6 +219,11 @@ def run_cmd(
     console = _console(stderr=json_out)
     spec = load_spec(spec_path)
     names = provider_names(spec, provider)
+    if controller:
+        from cloudtune.home import default_store_url
+        from cloudtune.run.controller import check_handover
+
+        check_handover(controller, spec.store.url or default_store_url())
     for note in validate_data(spec).notes:  # rows cut at max_seq_len, family adjustments
         console.print(f"data: {note}", markup=False, highlight=False)
     draft = plan_job(spec, names)
@@ -231,11 +236,6 @@ def run_cmd(
     check_remote(draft)
     if dry_run:  # shows the checks (a dry run works without credentials); `cloudtune check` also probes the store
         report_checks(_console(stderr=True), spec, names, draft.options)
-    if controller:
-        from cloudtune.home import default_store_url
-        from cloudtune.run.controller import check_handover
-
-        check_handover(controller, spec.store.url or default_store_url())
     if dry_run:
         _dry_run(console, draft, json_out)
         return

@@ -20,12 +20,12 @@ from typing import Any
 from cloudtune.catalog import GpuSpec, catalog_age, gpu_specs, load_offers
 from cloudtune.errors import NothingFits, UserError
 from cloudtune.planner import throughput
-from cloudtune.run.bootstrap import PUBLIC_BASES
 from cloudtune.planner.throughput import TimeEstimate, Workload, billed_hours, estimate_time
 from cloudtune.planner.types import MemoryEstimate, ModelArch, TrainConfig
 from cloudtune.providers.base import Offer
 from cloudtune.providers.modal_pricing import cpu_memory_usd_per_hour as modal_cpu_memory
 from cloudtune.providers.modal_pricing import surcharge_note as modal_surcharge_note
+from cloudtune.run.bootstrap import PUBLIC_BASES
 
 # Plan to at most this fraction of what the card exposes: the estimate's own error (median ~15%
 # on the calibration rows is the target), allocator fragmentation spikes and NCCL buffers that

@@ -226,8 +226,15 @@ def stage(store: Any, job_id: str, *, cache_dir: Path | None = None) -> list[str
 
 
 def staged_requirements(store: Any, job_id: str) -> list[str]:
-    """The pins `run` staged (every attempt of a job installs the same versions)."""
-    text = store.get_bytes(requirements_key(job_id)).decode()
+    """The pins `run` staged (every attempt of a job installs the same versions). A job made without
+    them (an older cloudtune, a job row written by hand) gets them staged now, once."""
+    from cloudtune.store import StoreNotFound
+
+    try:
+        text = store.get_bytes(requirements_key(job_id)).decode()
+    except StoreNotFound:
+        stage(store, job_id)
+        text = store.get_bytes(requirements_key(job_id)).decode()
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
 

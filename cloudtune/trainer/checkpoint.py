@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor

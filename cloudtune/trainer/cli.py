@@ -26,7 +26,6 @@ from cloudtune.spec import JobSpec, load_spec, parse_spec
 from cloudtune.store import layout, open_store
 from cloudtune.store.base import Store
 from cloudtune.store.retry import StoreUnavailable
-
 from cloudtune.trainer import contract
 from cloudtune.trainer.distributed import PeerLost
 

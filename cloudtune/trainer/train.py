@@ -370,7 +370,7 @@ def build_trainer(att: Attempt, model: Any, tokenizer: Any, train_rows: list[dic
 
 def run(att: Attempt) -> int:
     """Run one attempt; returns the exit code (see contract.py). Writes DONE.json on success."""
-    from cloudtune.trainer.data import load_for_training, to_trl_rows
+    from cloudtune.trainer.data import load_for_training
 
     spec, store, job = att.spec, att.store, att.job_id
     if store.exists(layout.done_key(job)):
