@@ -235,3 +235,17 @@ def test_fast_and_import_light():
             "bad = [x for x in ('torch', 'httpx', 'transformers', 'pandas') if x in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_moe_qlora_budgets_the_fused_experts_in_bf16_not_4bit():
+    """bitsandbytes quantizes nn.Linear only; transformers' fused MoE experts stay bf16 (issue #13,
+    measured on a tiny Qwen3-MoE: 33% of block weights quantized), so the planner must not budget 4-bit."""
+    from cloudtune.planner.memory import estimate_memory
+    from cloudtune.planner.models import resolve_model
+    from cloudtune.planner.types import TrainConfig
+
+    arch = resolve_model("8x7b")
+    est = estimate_memory(arch, TrainConfig(method="qlora", quant_bits=4), gpus=1)
+    experts = arch.layers * 3 * arch.hidden * arch.intermediate * arch.num_experts
+    assert est.breakdown_gib["weights"] * 2**30 >= experts * 2  # at least the experts at 2 B/param
+    assert any("MoE QLoRA" in n for n in est.notes)

@@ -301,6 +301,15 @@ def estimate_peak(
 
     # ---- weights (the frozen or trained base) ----
     if cfg.method == "qlora":
+        # MoE: transformers keeps the routed experts as fused parameter tensors, not nn.Linear, and
+        # bitsandbytes quantizes nn.Linear only, so the experts stay bf16 (measured on a tiny Qwen3-MoE:
+        # 33% of block weights quantized; issue #13). Budget them at 2 B/param, not 4-bit.
+        p_experts = (L * sum(di * do * c for k, (di, do, c) in shapes.items() if k in ("gate", "up", "down"))
+                     if arch.num_experts > 1 else 0)
+        if p_experts:
+            notes.append(f"MoE QLoRA: {p_experts / 1e9:.2f}B routed-expert weights are fused tensors that "
+                         f"bitsandbytes does not quantize: budgeted in bf16")
+        p_linear -= p_experts
         if cfg.quant_bits == 4:
             qbytes = NF4_DQ_BYTES if stack.double_quant else NF4_BYTES
             notes.append(f"QLoRA 4-bit: nn.Linear layers in NF4 ({qbytes:.3f} B/param"
@@ -311,9 +320,9 @@ def estimate_peak(
             q_weight = p_linear * INT8_BYTES + L * sum(4 * do * c for _, do, c in shapes.values())
             notes.append("QLoRA 8-bit: nn.Linear layers in LLM.int8 (1 B/param + fp32 row scales)")
         other_bytes = 4 if stack.kbit_upcast else 2
-        weights = q_weight + p_other * other_bytes
-        layer_weight = q_weight / L
-        layer_unpacked = 2 * p_linear / L
+        weights = q_weight + p_other * other_bytes + p_experts * 2
+        layer_weight = (q_weight + p_experts * 2) / L
+        layer_unpacked = 2 * (p_linear + p_experts) / L
         root_unit = p_other * 2  # FSDP's mixed precision gathers the non-quantized params in bf16
     else:
         wbytes = fwb if cfg.method == "full" else 2
