@@ -145,3 +145,17 @@ def test_run_handed_to_cron_registers_the_job_with_its_state_and_starts_no_watch
     rows = json.loads(status.stdout)["jobs"]
     assert rows == [{"store": f"file://{tmp_path / 'store'}", "job_id": job_id, "state": "pending",
                      "holder": None, "lease_expires_in_s": None}]
+
+
+def test_hand_over_of_a_job_a_live_controller_already_holds_is_refused(tmp_path):
+    from cloudtune.run.lease import Lease
+    from cloudtune.store import open_store
+
+    spec = quickstart_spec(tmp_path, "job")
+    proc = _cli(tmp_path, "run", str(spec), "--yes", "--controller", "cron", "--json")
+    job_id = json.loads(proc.stdout.strip().splitlines()[-1])["job_id"]
+    assert Lease(open_store(f"file://{tmp_path / 'store'}"), job_id, "controller:elsewhere:1:x", ttl_s=300).acquire()
+    again = _cli(tmp_path, "controller", "hand-over", job_id, "--to", "cron")
+    assert again.returncode == 2, again.stderr
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and "already controlled by controller:elsewhere:1:x" in lines[0]

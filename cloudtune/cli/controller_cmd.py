@@ -290,6 +290,13 @@ def hand_over_cmd(
     if job.is_terminal:
         raise UserError(f"job {job_id} is already {job.state}; nothing to hand over")
     check_handover(to, job.store_url)
-    hand_over(db, store_for(job.spec), job_id, to)
+    store = store_for(job.spec)
+    from cloudtune.run.lease import Lease, holder_site
+
+    info, _ = Lease(store, job_id, "hand-over").read()
+    if info is not None and info.live(time.time()) and holder_site(info.holder)[0] != "watchdog":
+        raise UserError(f"job {job_id} is already controlled by {info.holder} (lease for another "
+                        f"{info.expires_at - time.time():.0f}s); `cloudtune controller status` shows who")
+    hand_over(db, store, job_id, to)
     stopped = stop_watchdog(job_id)
     typer.echo(f"job {job_id} handed to the {to} controller" + ("; this machine's watchdog exited" if stopped else ""))
