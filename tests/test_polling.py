@@ -107,3 +107,19 @@ def test_http_429_retry_after_reaches_the_budget_through_the_typed_error():
         server.shutdown()
     assert info.value.retry_after_s == pytest.approx(45.0)
     assert PollBudget("lambda", clock=clock).blocked_for() == pytest.approx(45.0)
+
+
+def test_gc_shares_the_providers_budget_a_429_penalty_delays_its_listing(tmp_path, monkeypatch):
+    """`gc` takes its requests from the same per-provider bucket as the watchdogs (issue #12): while a
+    429's Retry-After holds, its listing waits instead of adding to the burst."""
+    import time
+
+    from cloudtune.run import gc
+    from cloudtune.run.state import StateDB
+
+    PollBudget("local").penalize(1.5)
+    assert PollBudget("local").wait(max_wait_s=0.2) is False  # blocked longer than it may wait
+    t0 = time.time()
+    gc.scan(StateDB(), only=["local"])
+    assert time.time() - t0 >= 1.2
+    assert PollBudget("local").wait(max_wait_s=0.5) is True

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudtune.providers.base import Machine, MachineState, ProviderError
+from cloudtune.providers.base import Machine, MachineState, ProviderError, RateLimitedError
 from cloudtune.run import state as S
 
 
@@ -114,7 +114,10 @@ def scan(db: S.StateDB, only: list[str] | None = None) -> Scan:
     results: dict[str, tuple[bool, Any, BaseException | None]] = {}
 
     def listing(name: str):
+        from cloudtune.run.polling import PollBudget
+
         provider = make_provider(name)
+        PollBudget(name).wait(max_wait_s=timeout / 2)  # the provider's request budget, shared with watchdogs
         return provider, provider.list_machines()
 
     # All providers at once, each with its own deadline: the sweep takes the slowest answer, not the sum.
@@ -215,12 +218,18 @@ def terminate_orphans(orphans: list[Orphan], timeout_s: float = 120.0) -> list[t
         provider = make_provider(o.machine.provider)
         deadline = time.time() + timeout_s
         gone = False
+        from cloudtune.run.polling import PollBudget
+
+        budget = PollBudget(o.machine.provider)
         while not gone:
+            budget.wait(cost=2.0, max_wait_s=max(0.0, deadline - time.time()))  # terminate + status
             try:
                 provider.terminate(o.machine.machine_id)
                 gone = provider.status(o.machine.machine_id).state is MachineState.TERMINATED
             except NotFoundError:
                 gone = True
+            except RateLimitedError as err:
+                budget.penalize(err.retry_after_s)  # every process backs off, watchdogs included
             except ProviderError:
                 pass
             if gone or time.time() >= deadline:

@@ -107,6 +107,20 @@ class PollBudget:
 
         return float(self._update(take))
 
+    def wait(self, cost: float = 1.0, max_wait_s: float = 60.0) -> bool:
+        """Block until `cost` tokens are granted (True) or `max_wait_s` has passed (False): for one-off
+        callers such as `gc`, which share the watchdogs' budget instead of bursting past it."""
+        import time
+
+        deadline = time.time() + max_wait_s
+        while True:
+            wait = self.try_acquire(cost)
+            if wait <= 0:
+                return True
+            if time.time() + wait > deadline:
+                return False
+            time.sleep(min(wait, 5.0))
+
     def penalize(self, retry_after_s: float | None, *, default_s: float = 30.0) -> None:
         """The provider said 429 (Retry-After, RateLimit) or throttled: everyone waits that long."""
         wait = retry_after_s if retry_after_s and retry_after_s > 0 else default_s
