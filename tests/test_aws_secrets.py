@@ -74,8 +74,10 @@ def provider(aws_env) -> AWSProvider:
                        instance_profile=ensure_instance_profile(aws_env))
 
 
-def test_launch_puts_one_securestring_and_user_data_only_names_it(provider, aws_env, caplog):
+def test_launch_puts_one_securestring_and_user_data_only_names_it(provider, aws_env, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)  # botocore's debug log must not carry the PutParameter body either
+    caplog.set_level(logging.DEBUG, logger="botocore")  # whatever level an earlier test's import left it at
+    monkeypatch.setattr(logging.getLogger("botocore"), "propagate", True)
     job, hf, wandb = new_job_id(), _secret(), _secret()
     req = request(job, region="eu-west-1", attempt=1,
                   secret_env={"HF_TOKEN": hf, "WANDB_API_KEY": wandb, "AWS_SECRET_ACCESS_KEY": "AKIAneverhere"})

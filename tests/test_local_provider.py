@@ -61,7 +61,8 @@ def test_exit_code_and_secret_env_reach_the_workload_but_not_disk():
 
 
 def test_preemption_with_notice_sends_sigterm_first():
-    p, req = _req(local={"preempt_after_s": 1.0, "notice_s": 3.0})
+    # 2.5 s: the entrypoint and the workload must both be up (and have their handlers) on a loaded CI box
+    p, req = _req(local={"preempt_after_s": 2.5, "notice_s": 3.0})
     m = p.launch(req)
     m = _wait(p, m.machine_id, {MachineState.PREEMPTED})
     assert m.exit_code == 75  # the workload's SIGTERM handler ran

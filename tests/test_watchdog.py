@@ -99,6 +99,25 @@ def test_hung_machine_is_replaced_then_stopped(tmp_path):
     assert_nothing_left(job_id)
 
 
+def _tree(pid: int) -> list:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(proc, how: str) -> None:
+    import psutil
+
+    try:
+        getattr(proc, how)()
+    except psutil.NoSuchProcess:
+        pass
+
+
 def test_budget_reached_mid_run_checkpoints_and_stops(tmp_path):
     """A job planned under its budget whose trainer then runs slower than estimated (it stalls: alive,
     billing, heartbeat within the timeout) is stopped by the watchdog when the spending reaches the
@@ -119,13 +138,15 @@ def test_budget_reached_mid_run_checkpoints_and_stops(tmp_path):
     mdir = next((home / "local" / "machines").glob(f"cloudtune-{job_id}-1-*"))
     trainer = json.loads((mdir / "status.json").read_text())["trainer_pid"]
     stalled = job["state"] == "running" and _pid_alive(trainer)
-    if stalled:
-        os.kill(trainer, signal.SIGSTOP)
+    tree = _tree(trainer) if stalled else []
+    for p in tree:
+        _signal(p, "suspend")  # the machine's entrypoint and the trainer under it
     try:
         wait_for(lambda: "stopping" in _kinds(home, job_id), 120, "the watchdog to stop the job on its budget")
     finally:
         if stalled:
-            os.kill(trainer, signal.SIGCONT)  # it reads control.json, checkpoints and exits 76
+            for p in tree:
+                _signal(p, "resume")  # it reads control.json, checkpoints and exits 76
     final = wait_for(lambda: (lambda j: j if j["state"] in ("stopped", "done", "failed") else None)(
         _job(home, job_id)), 120, "the budget stop")
     assert final["state"] == "stopped" and final["reason"].startswith("budget reached"), final["reason"]

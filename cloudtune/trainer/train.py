@@ -411,6 +411,9 @@ def run(att: Attempt) -> int:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load the tokenizer of {spec.model!r}: {str(err).splitlines()[0]}") from None
+        # a load-time option (HF_HUB_OFFLINE sets it) is not part of the tokenizer: saved, it made final/
+        # differ between an offline and an online attempt of the same job
+        tokenizer.init_kwargs.pop("local_files_only", None)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         # rows before the model: a template refusal or all-too-long data costs no model load (exit 2)
