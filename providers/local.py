@@ -524,8 +524,14 @@ class _Supervisor:
 
         tree = self._descendants(procs)
         if notice_s > 0:
+            # Like a container runtime, the notice goes to the machine's PID 1 (the entrypoint), which
+            # forwards it; signalling the whole group too delivered it twice, and a second SIGTERM landing
+            # while the workload was already exiting killed it (-15) instead of letting it exit 75.
             for proc in procs:
-                _killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             deadline = time.time() + notice_s
             while time.time() < deadline and any(p.poll() is None for p in procs):
                 time.sleep(0.05)
