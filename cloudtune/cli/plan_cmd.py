@@ -106,6 +106,11 @@ def plan(
     result = make_plan(arch, cfg, workload, providers=provider or None, spot=spot,
                        max_price_hr=max_price_hr, gpus=gpus, gpu_types=split_list(gpu) or None,
                        region=split_list(region) or None, min_vram_gib=min_vram, exclude=exclude or None)
+    _show(result, top, as_json, all_regions)
+
+
+def _show(result, top: int, as_json: bool, all_regions: bool) -> None:
+    """JSON (exit 2 after it when nothing fits) or the table; shared by `plan` and `plan SPEC`."""
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(top=top), indent=2) + "\n")
         if not result.options:
@@ -125,14 +130,7 @@ def _plan_spec(path: str, provider: list[str], spot: bool | None, max_price_hr: 
 
     spec = load_spec(path)
     result = plan_for_spec(spec, providers=split_list(provider) or None, spot=spot, max_price_hr=max_price_hr)
-    if as_json:
-        sys.stdout.write(json.dumps(result.to_dict(top=top), indent=2) + "\n")
-        if not result.options:
-            print(f"error: {result.nothing_fits}", file=sys.stderr)
-            raise typer.Exit(2)
-        return
-    result.raise_if_empty()
-    _render(result, top, all_regions=all_regions)
+    _show(result, top, as_json, all_regions)
     print(f"next: `cloudtune check {path}` (credentials, store, token), then `cloudtune run {path}`", file=sys.stderr)
 
 
