@@ -133,6 +133,16 @@ class GpuSpec:
         return self.nvlink_gbs is not None
 
 
+def tidy_region(region: str) -> str:
+    """Drop the empty parts of a "city, country, continent" location.
+
+    Vast reports some hosts without a city, and SkyPilot's catalog copies that as ", CN, AS": a
+    table cell that starts with a comma, and a `--region cn` prefix filter that never matches.
+    """
+    parts = [p.strip() for p in region.split(",")]
+    return ", ".join(p for p in parts if p) or region.strip() or "unknown"
+
+
 def _float(value: str) -> float | None:
     value = (value or "").strip()
     if not value:
@@ -249,7 +259,7 @@ def bundled_offers() -> tuple[Offer, ...]:
                     gpu=gpu,
                     gpu_count=count,
                     vram_gib_per_gpu=usable_gib(gpu, float(r[i_vram])),
-                    region=r[i_region],
+                    region=tidy_region(r[i_region]),
                     price_hr=price,
                     spot_price_hr=spot,
                     as_of=r[i_as_of] or "unknown",

@@ -54,6 +54,19 @@ def test_bundled_offers_match_the_snapshot_rows():
     assert {o.billing_granularity_s for o in offers if o.provider == "lambda"} == {60}
 
 
+def test_regions_have_no_empty_parts():
+    """Vast hosts without a city come as ", CN, AS" in the snapshot; a region cell must not start
+    with a comma, and `--region cn` must match it by its parts."""
+    from cloudtune.planner.filters import region_matches
+
+    assert catalog.tidy_region(", CN, AS") == "CN, AS"
+    assert catalog.tidy_region("Sichuan, CN, AS") == "Sichuan, CN, AS"
+    assert catalog.tidy_region("  ") == "unknown"
+    regions = {o.region for o in catalog.bundled_offers()}
+    assert not [r for r in regions if r.startswith(",") or ", ," in r or r.endswith(",") or not r.strip()]
+    assert any(region_matches(r, "cn") for r in regions if r.startswith("CN"))
+
+
 def test_usable_memory_of_known_cards():
     assert catalog.usable_gib("H100-SXM", 80) == pytest.approx(79.65, abs=0.01)
     assert catalog.usable_gib("A10G", 24) == pytest.approx(22.49, abs=0.01)
