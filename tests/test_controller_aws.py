@@ -122,6 +122,58 @@ def test_deploy_creates_exactly_these_resources_and_every_call_matches_botocores
     A.remove(dep, aws.session)
 
 
+def test_deploy_goes_on_when_the_account_refuses_any_reserved_concurrency(aws, capsys):
+    """New accounts have a concurrency limit of 10 and AWS keeps 10 unreserved: PutFunctionConcurrency
+    answers 400 InvalidParameterValueException (the message AWS sends, below). The deploy must still
+    complete: the invocation lease, not the reservation, keeps invocations apart."""
+    from botocore.awsrequest import AWSResponse
+
+    refused = []
+
+    def refuse(model, **_):
+        refused.append(model.name)
+        body = {"Error": {"Code": "InvalidParameterValueException", "Message": (
+            "Specified ReservedConcurrentExecutions for function decreases account's "
+            "UnreservedConcurrentExecution below its minimum value of [10].")},
+            "ResponseMetadata": {"HTTPStatusCode": 400}}
+        return AWSResponse("https://lambda.invalid", 400, {}, None), body
+
+    aws.session.events.register("before-call.lambda.PutFunctionConcurrency", refuse)
+    dep = _dep(aws.role)
+    A.deploy(dep, aws.session, {"RUNPOD_API_KEY": SECRET}, A.build_zip())
+    assert refused == ["PutFunctionConcurrency"]
+    assert A.status(dep, aws.session) == dict.fromkeys(("function", "rule", "target", "permission", "secret"), True)
+    assert "reserved concurrency not set" in capsys.readouterr().err
+    A.remove(dep, aws.session)
+
+
+def test_a_second_invocation_while_one_runs_does_nothing(aws, tmp_path, monkeypatch):
+    """What reserved concurrency 1 gave, without it: an invocation whose predecessor still runs (its
+    invocation lease live in the store) returns at once and touches no job; once the lease is
+    released the next invocation ticks."""
+    from cloudtune.run.job_state import REGISTRY_PREFIX
+    from cloudtune.store import open_store
+
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    store.put_json(f"{REGISTRY_PREFIX}job-x.json", {"job_id": "job-x", "controller": "aws-lambda", "time": 0})
+    monkeypatch.setenv("CLOUDTUNE_STORE_URL", store_url)
+    monkeypatch.delenv("CLOUDTUNE_SECRET_ID", raising=False)
+    monkeypatch.setenv("CLOUDTUNE_CONTROLLER_SECONDS", "1")
+    context = SimpleNamespace(function_name="ctl-fn", aws_request_id="req-2",
+                              get_remaining_time_in_millis=lambda: 120_000)
+
+    running = A.invocation_lease(store, "ctl-fn", "req-1")
+    assert running.acquire()
+    assert A.handler({}, context) == []
+    assert store.list("job-x/") == []  # no lease taken on the job, nothing written
+    running.release()
+    out = A.handler({}, context)
+    assert [r["job_id"] for r in out] == ["job-x"]  # ticked (no state in the store: reported, not skipped)
+    info, _ = A.invocation_lease(store, "ctl-fn", "observer").read()
+    assert info.holder == "lambda-invocation:ctl-fn:req-2" and info.expires_at == 0.0  # released at the end
+
+
 def test_deploy_twice_updates_in_place_then_remove_deletes_everything(aws, tmp_path):
     dep = _dep(aws.role)
     first = A.deploy(dep, aws.session, {"RUNPOD_API_KEY": "old"}, A.build_zip())

@@ -10,8 +10,12 @@ What `deploy` creates (and `remove` deletes, `status` reports):
   at start.
 - the function `cloudtune-controller` (python3.11, handler `cloudtune.run.controller_aws.handler`),
   its code a zip of cloudtune's own source (cloudtune/ and cloudtune/providers/) plus, with
-  `bundle_deps`, its dependencies installed by pip for Lambda's platform; reserved concurrency 1 so
-  two invocations never tick at once under the one holder name (Modal's `max_containers=1`).
+  `bundle_deps`, its dependencies installed by pip for Lambda's platform. Two invocations must never
+  tick at once under the one holder name (Modal's `max_containers=1`): each invocation first takes an
+  invocation lease in the store (`_controller/invocations/<function>.json`, compare-and-swap, TTL the
+  function's timeout) and returns at once when another live invocation holds it. Reserved concurrency
+  1 is asked for as well, but only as a cost backstop: accounts whose concurrency limit is 10 (new
+  accounts) refuse any reservation, and deploy goes on without it.
 - the rule `cloudtune-controller` with the function as its target, and the lambda:InvokeFunction
   permission for events.amazonaws.com from that rule.
 
@@ -192,8 +196,26 @@ def _put_function(lam: Any, dep: Deployment, code: bytes, secret_arn: str) -> st
         lam.get_waiter("function_updated_v2").wait(FunctionName=dep.function_name)
         arn = lam.update_function_configuration(FunctionName=dep.function_name, **config)["FunctionArn"]
         lam.get_waiter("function_updated_v2").wait(FunctionName=dep.function_name)
-    lam.put_function_concurrency(FunctionName=dep.function_name, ReservedConcurrentExecutions=1)
+    _reserve_one(lam, dep.function_name)
     return arn
+
+
+def _reserve_one(lam: Any, function_name: str) -> bool:
+    """Reserved concurrency 1, where the account allows it (a backstop; the invocation lease is the guard).
+
+    AWS keeps at least 10 unreserved executions per account, so an account whose limit is 10 refuses
+    every reservation with InvalidParameterValueException; that must not fail the deploy."""
+    from botocore.exceptions import ClientError
+
+    try:
+        lam.put_function_concurrency(FunctionName=function_name, ReservedConcurrentExecutions=1)
+        return True
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("InvalidParameterValueException", "LimitExceededException"):
+            raise
+        print(f"note: reserved concurrency not set on {function_name} ({err.response['Error'].get('Message', '')[:160]});"
+              f" the controller's invocation lease keeps invocations apart", file=sys.stderr)
+        return False
 
 
 def _put_schedule(lam: Any, events: Any, dep: Deployment, function_arn: str) -> str:
@@ -295,10 +317,23 @@ def load_secrets(secret_id: str, client: Any = None) -> list[str]:
     return sorted(values)
 
 
+def invocation_lease(store: Any, function_name: str, request_id: str | None) -> Any:
+    """The lease that keeps two invocations of one function apart (see the module docstring).
+
+    Its TTL is the function's timeout: Lambda kills an invocation by then, so a lease left behind by
+    a killed one lapses no later than the next-but-one tick."""
+    import uuid
+
+    from cloudtune.run.lease import Lease
+
+    return Lease(store, function_name, f"lambda-invocation:{function_name}:{request_id or uuid.uuid4().hex}",
+                 ttl_s=float(FUNCTION_TIMEOUT_S), key=f"_controller/invocations/{function_name}.json")
+
+
 def handler(event: dict[str, Any] | None, context: Any) -> list[dict[str, Any]]:
     """One invocation: load the secret, then `control()` the store's handed-over jobs for ~50 s.
 
-    The holder name is fixed per function (reserved concurrency 1: one invocation at a time), so the
+    The holder name is fixed per function (the invocation lease: one invocation at a time), so the
     lease taken in one minute is renewed in the next; the state.db is fresh each time, in a temporary
     directory, so every invocation imports the jobs' state from the store, which is the truth
     (a warm container's old db may predate another controller's decisions)."""
@@ -314,10 +349,18 @@ def handler(event: dict[str, Any] | None, context: Any) -> list[dict[str, Any]]:
         seconds = max(1.0, min(seconds, context.get_remaining_time_in_millis() / 1000 - 30))  # room to write back
     name = getattr(context, "function_name", None) or os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or FUNCTION_NAME
     store = open_store(os.environ["CLOUDTUNE_STORE_URL"], endpoint_url=os.environ.get("CLOUDTUNE_STORE_ENDPOINT"))
-    with tempfile.TemporaryDirectory(prefix="cloudtune-controller-") as tmp:
-        db = StateDB(Path(tmp) / "state.db")
-        started = time.time()
-        reports = control(store, holder=f"controller:aws-lambda/{name}:0:scheduled", db=db, seconds=seconds)
-        out = [r.to_dict() for r in reports]
+    invocation = invocation_lease(store, name, getattr(context, "aws_request_id", None))
+    if not invocation.acquire():  # a slow invocation is still ticking under our one holder name
+        info, _ = invocation.read()
+        print(json.dumps({"skipped": "another invocation is running", "holder": info.holder if info else None}))
+        return []
+    try:
+        with tempfile.TemporaryDirectory(prefix="cloudtune-controller-") as tmp:
+            db = StateDB(Path(tmp) / "state.db")
+            started = time.time()
+            reports = control(store, holder=f"controller:aws-lambda/{name}:0:scheduled", db=db, seconds=seconds)
+            out = [r.to_dict() for r in reports]
+    finally:
+        invocation.release()
     print(json.dumps({"ticked_s": round(time.time() - started, 1), "jobs": out}))  # CloudWatch Logs
     return out

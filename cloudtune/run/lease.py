@@ -60,8 +60,10 @@ class Lease:
     """The lease of one job, as seen by one would-be holder."""
 
     def __init__(self, store: Any, job_id: str, holder: str, ttl_s: float | None = None,
-                 proven_dead: Any = None) -> None:
+                 proven_dead: Any = None, key: str | None = None) -> None:
         self.store = store
+        # `key`: a lease on something other than a job (e.g. one serverless function's invocations)
+        self.key = key or lease_key(job_id)
         # proven_dead(holder) -> True when that holder's live-looking lease may be taken now (e.g. a
         # watchdog of this very home whose flock we hold: it is dead, whatever its lease says).
         self.proven_dead = proven_dead
@@ -72,7 +74,7 @@ class Lease:
         self._expires_at = 0.0
 
     def read(self) -> tuple[LeaseInfo | None, str | None]:
-        got = read_versioned(self.store, lease_key(self.job_id))
+        got = read_versioned(self.store, self.key)
         if got is None:
             return None, None
         data, etag = got
@@ -100,7 +102,7 @@ class Lease:
             "renewed_at": now,
         }
         try:
-            self._etag = put_versioned(self.store, lease_key(self.job_id), json.dumps(body).encode(), expect=etag)
+            self._etag = put_versioned(self.store, self.key, json.dumps(body).encode(), expect=etag)
         except PreconditionFailed:
             return False
         self._expires_at = body["expires_at"]
@@ -121,7 +123,7 @@ class Lease:
         body = {"holder": self.holder, "expires_at": 0.0, "acquired_at": info.acquired_at,
                 "generation": info.generation, "released_at": time.time()}
         try:
-            put_versioned(self.store, lease_key(self.job_id), json.dumps(body).encode(), expect=etag)
+            put_versioned(self.store, self.key, json.dumps(body).encode(), expect=etag)
         except PreconditionFailed:
             pass
         self._etag = None
