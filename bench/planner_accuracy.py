@@ -64,10 +64,14 @@ def summary() -> dict:
         "by_split": {k: {"n": len(v), "median_abs_error": median_abs(v)} for k, v in sorted(by_split.items())},
         "rows": [{"id": r.id, "method": r.method, "split": r.split, "stack": r.stack, "measured": r.measured,
                   "predicted": round(r.predicted, 2), "error": None if r.error is None else round(r.error, 3),
-                  "card_gib": r.card_gib, "fit_gib": round(r.fit_gib, 2), "offered": r.offered, "kind": r.kind}
+                  "card_gib": r.card_gib, "fit_gib": round(r.fit_gib, 2), "offered": r.offered, "tight": r.tight,
+                  "kind": r.kind}
                  for r in mem],
         "oom_rows": len(ooms), "oom_flagged": sum(1 for r in ooms if r.offered is False),
         "fits_rows": len(fits), "fits_offered": sum(1 for r in fits if r.offered),
+        "fits_tight": sorted(r.id for r in fits if r.tight),
+        "fit_gap": {"fullest_fit": max((r.fit_gib / r.card_gib for r in fits), default=None),
+                    "least_oom": min((r.fit_gib / r.card_gib for r in ooms), default=None)},
         "throughput": {
             "single_gpu": _quantiles(single), "multi_gpu_one_node": _quantiles(multi),
             "single_gpu_small_steps_le_512_tokens": _quantiles(small),
@@ -86,15 +90,18 @@ def markdown(s: dict) -> str:
                        ("split", "by_split")):
         for k, v in s[key].items():
             out.append(f"| {title} {k} | {v['n']} | {pct(v['median_abs_error'])} |")
+    gap = s["fit_gap"]
     out += ["", f"OOM rows flagged (not offered): {s['oom_flagged']} of {s['oom_rows']}; "
-            f"fits rows offered: {s['fits_offered']} of {s['fits_rows']}", "",
+            f"fits rows offered: {s['fits_offered']} of {s['fits_rows']} (tight: {', '.join(s['fits_tight']) or 'none'})",
+            "", f"fit test = pressed footprint <= the card; fullest published fit {gap['fullest_fit']:.3f} of its card, "
+            f"least-over published OOM {gap['least_oom']:.3f}", "",
             "| row | split | stack | kind | measured | predicted | error | card | fit test | offered |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in s["rows"]:
         err = "" if r["error"] is None else f"{r['error']:+.1%}"
         meas = "" if r["measured"] is None else f"{r['measured']:g}"
         card = "" if r["card_gib"] is None else f"{r['card_gib']:g}"
-        off = {None: "", True: "yes", False: "no"}[r["offered"]]
+        off = {None: "", True: "yes", False: "no"}[r["offered"]] + (" (tight)" if r["tight"] else "")
         out.append(f"| {r['id']} | {r['split']} | {r['stack']} | {r['kind']} | {meas} | {r['predicted']:.2f} | {err} "
                    f"| {card} | {r['fit_gib']:.1f} | {off} |")
     t = s["throughput"]

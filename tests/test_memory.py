@@ -249,3 +249,38 @@ def test_moe_qlora_budgets_the_fused_experts_in_bf16_not_4bit():
     experts = arch.layers * 3 * arch.hidden * arch.intermediate * arch.num_experts
     assert est.breakdown_gib["weights"] * 2**30 >= experts * 2  # at least the experts at 2 B/param
     assert any("MoE QLoRA" in n for n in est.notes)
+
+
+def test_kbit_recast_keeps_embeddings_bf16_in_training_but_fp32_at_load():
+    """qlora.py / TRL <= 0.12 peft_module_casting_to_bf16: after prepare_model_for_kbit_training the
+    embeddings and lm_head go back to bf16, so training holds 2 B less per embedding parameter than our
+    trainer (which leaves them fp32); the fp32 copies existed at load time, and the fit test keeps that."""
+    recast = with_stack(TRAINER_STACK, kbit_recast_bf16=True)
+    ours = estimate_peak(L8, cfg(), stack=TRAINER_STACK)
+    back = estimate_peak(L8, cfg(), stack=recast)
+    p_embed = 2 * L8.vocab * L8.hidden
+    assert ours.breakdown_gib["weights"] - back.breakdown_gib["weights"] == pytest.approx(2 * p_embed / GIB, abs=0.01)
+    assert any("back to bf16" in n for n in back.notes)
+    assert ours.fit_gib > back.fit_gib
+    # a tiny step on a 70B: the load-time peak (NF4 base + fp32 embeddings + one bf16 linear) decides
+    tiny = cfg(seq_len=16, optimizer="paged_adamw_32bit")
+    peak = estimate_peak(L70, tiny, stack=recast)
+    nf4 = L70.layers * (2 * L70.hidden * L70.heads * L70.head_dim + 2 * L70.hidden * L70.kv_heads * L70.head_dim
+                        + 3 * L70.hidden * L70.intermediate) * (0.5 + 1 / 64 + 4 / (64 * 256))
+    load = nf4 + 4 * 2 * L70.vocab * L70.hidden + 2 * L70.hidden * L70.intermediate
+    assert peak.fit_gib >= load / GIB
+
+
+def test_fit_test_is_the_card_and_the_slack_shrinks_as_the_card_fills():
+    """`fits`: the pressed footprint within the card (context already counted), not 92% of it; on a card
+    between the pressed and the unpressed peak, nvidia-smi reads about the card (`peak_on_card`)."""
+    from cloudtune.planner.memory import fits, peak_on_card
+
+    est = estimate_memory(L8, cfg(seq_len=8192, micro_batch=2, length_spread=1.0))
+    assert est.per_gpu_gib > est.fit_gib
+    assert fits(est, est.fit_gib) and fits(est, est.fit_gib + 0.01)
+    assert not fits(est, est.fit_gib - 0.01)
+    between = (est.fit_gib + est.per_gpu_gib) / 2
+    assert peak_on_card(est, between) == pytest.approx(between)
+    assert peak_on_card(est, est.per_gpu_gib + 10) == pytest.approx(est.per_gpu_gib)
+    assert peak_on_card(est, est.fit_gib - 1) == pytest.approx(est.fit_gib)

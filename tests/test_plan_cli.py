@@ -61,8 +61,7 @@ def test_top_zero_lists_every_fitting_offer_sorted_and_the_choice_is_real(qlora7
     row = rows[0]
     assert (choice["price_hr"] == (row.spot_price_hr if choice["spot"] else row.price_hr))
     assert choice["fit_gib"] <= row.vram_gib_per_gpu * SAFETY_FRACTION and choice["fit_gib"] <= choice["per_gpu_gib"]
-    assert choice["headroom_gib"] == pytest.approx(row.vram_gib_per_gpu * SAFETY_FRACTION - choice["fit_gib"],
-                                                   abs=0.02)
+    assert choice["headroom_gib"] == pytest.approx(row.vram_gib_per_gpu - choice["fit_gib"], abs=0.02)
 
 
 def test_table_output_has_options_breakdown_assumptions_and_age():

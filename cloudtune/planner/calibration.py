@@ -26,7 +26,8 @@ from cloudtune.planner.memory import TRAINER_STACK, Stack, estimate_peak, with_s
 from cloudtune.planner.types import ModelArch, TrainConfig
 
 GIB = float(1 << 30)
-# The planner's safety fraction, repeated so this module does not import plan.py (catalog, providers).
+# The planner's comfort fraction (plan.py SAFETY_FRACTION), repeated so this module does not import
+# plan.py (catalog, providers): an offer whose pressed footprint is above it is offered as a tight fit.
 SAFETY_FRACTION = 0.92
 
 # The stacks the published rows ran on, as code paths (see docs/planner-memory.md, "Stacks").
@@ -52,6 +53,12 @@ STACKS: dict[str, Stack] = {
     # master weights) under the Trainer's bf16 autocast: "mixed".
     "qwen1": with_stack(TRAINER_STACK, name="qwen1", logits="bf16", kbit_upcast=False,
                         lora_adapter_bytes=4, qlora_adapter_bytes=4, lora_dropout=True, full_weight_bytes=4),
+    # artidoro/qlora qlora.py (the QLoRA paper's code, 2023): prepare_model_for_kbit_training, then
+    # get_accelerate_model casts the LoRA layers to bf16, the norms to fp32 and embed_tokens/lm_head back
+    # to bf16 (--bf16); paged_adamw_32bit; the Guanaco scripts set lora_dropout 0.05.
+    "qlora_paper": with_stack(TRAINER_STACK, name="qlora_paper", logits="fp32", kbit_upcast=True,
+                              kbit_recast_bf16=True, lora_adapter_bytes=2, qlora_adapter_bytes=2,
+                              lora_dropout=True, full_weight_bytes=2),
     # torchtune (2024-09 and later recipes): everything bf16 (weights, adapters, AdamW states), chunked
     # cross-entropy (CEWithChunkedOutputLoss: 8 chunks upcast one at a time, ~TRL's chunked path),
     # torchao NF4 on the LoRA linears only, embeddings/output in bf16, lora_dropout 0.0.
@@ -74,6 +81,7 @@ class MemoryResult:
     card_gib: float | None
     fit_gib: float  # the planner's pressed footprint (nvidia-smi GiB)
     offered: bool | None  # the planner's fit test on the row's card (None: no card known)
+    tight: bool | None = None  # offered above the comfort fraction: ranked after comfortable fits
 
     @property
     def error(self) -> float | None:
@@ -131,7 +139,8 @@ def evaluate_memory(data: Path) -> list[MemoryResult]:
             id=row["id"], source=row["id"].split("-")[0], method=row["method"], kind=row["kind"],
             split=row.get("split") or "tune", stack=row["stack"],
             measured=float(row["measured"]) if row["measured"] else None, predicted=pred, card_gib=card,
-            fit_gib=peak.fit_gib, offered=None if card is None else peak.fit_gib <= card * SAFETY_FRACTION,
+            fit_gib=peak.fit_gib, offered=None if card is None else peak.fit_gib <= card,
+            tight=None if card is None else card * SAFETY_FRACTION < peak.fit_gib <= card,
         ))
     return out
 

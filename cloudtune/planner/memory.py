@@ -65,6 +65,10 @@ class Stack:
     logits: str = "chunked"
     # PEFT prepare_model_for_kbit_training casts every non-quantized param (embeddings, lm_head, norms) to fp32.
     kbit_upcast: bool = False
+    # ... and the script then casts embeddings and lm_head back to bf16 (norms stay fp32): artidoro/qlora
+    # qlora.py's get_accelerate_model and TRL <= 0.12 SFTTrainer's peft_module_casting_to_bf16 (given a
+    # peft_config and bf16=True). The fp32 copies still exist at load time (the load-time peak below).
+    kbit_recast_bf16: bool = False
     lora_adapter_bytes: int = 4  # PEFT autocast_adapter_dtype=True keeps LoRA A/B in fp32
     qlora_adapter_bytes: int = 2  # TRL's SFTTrainer casts adapters of a quantized model to bf16
     # full fine-tune weight bytes: 2 = pure bf16 (AdamW states follow the param dtype), 4 = fp32 master
@@ -155,11 +159,22 @@ def estimate_memory(
     )
 
 
-def fits(est: MemoryEstimate, usable_gib: float, safety: float) -> bool:
-    """The planner's fit test: the pressed footprint (allocator cache given back) within `safety` of the
-    card. A job whose unpressed peak exceeds the card still runs there: torch empties its cache and
-    retries before raising OOM (docs/planner-memory.md, "Allocator slack")."""
-    return (est.fit_gib or est.per_gpu_gib) <= usable_gib * safety
+def fits(est: MemoryEstimate, usable_gib: float) -> bool:
+    """The planner's fit test: the pressed footprint (`fit_gib`: what is allocated, a minimal allocator
+    slack, the CUDA context and NCCL) within the card's usable memory (nvidia-smi total). Not a flat
+    fraction of the card: near a full card torch empties its cache and retries before it raises OOM, so
+    the unpressed peak may exceed the card and the job still runs; the context is already counted. How
+    close to the card an offer is (the estimate's own error, a spike) is the ranking's business
+    (plan.py: tight fits rank last), not a refusal (docs/planner-memory.md, "Fit test")."""
+    return (est.fit_gib or est.per_gpu_gib) <= usable_gib
+
+
+def peak_on_card(est: MemoryEstimate, usable_gib: float) -> float:
+    """What nvidia-smi should read at the peak on a card of `usable_gib`: the unpressed peak where it fits,
+    else the card itself (the allocator's cache is the part that shrinks as the card fills: it gives blocks
+    back and retries rather than fail), never below the pressed footprint."""
+    fit = est.fit_gib or est.per_gpu_gib
+    return max(fit, min(est.per_gpu_gib, usable_gib))
 
 
 def full_weight_bytes(cfg: TrainConfig, stack: Stack = None) -> int:  # type: ignore[assignment]
@@ -314,17 +329,22 @@ def estimate_peak(
             qbytes = NF4_DQ_BYTES if stack.double_quant else NF4_BYTES
             notes.append(f"QLoRA 4-bit: nn.Linear layers in NF4 ({qbytes:.3f} B/param"
                          f"{' with double quant' if stack.double_quant else ''}); embeddings, lm_head and norms "
-                         f"stay {'fp32 (prepare_model_for_kbit_training)' if stack.kbit_upcast else 'bf16'}")
+                         f"stay {_kbit_dtypes(stack)}")
             q_weight = p_linear * qbytes
         else:
             q_weight = p_linear * INT8_BYTES + L * sum(4 * do * c for _, do, c in shapes.values())
             notes.append("QLoRA 8-bit: nn.Linear layers in LLM.int8 (1 B/param + fp32 row scales)")
-        other_bytes = 4 if stack.kbit_upcast else 2
-        weights = q_weight + p_other * other_bytes + p_experts * 2
+        # embeddings + lm_head and the rest (norms, biases): fp32 after k-bit prep, unless recast to bf16
+        embed_bytes = 4 if stack.kbit_upcast and not stack.kbit_recast_bf16 else 2
+        rest_bytes = 4 if stack.kbit_upcast else 2
+        weights = q_weight + p_embed * embed_bytes + (p_other - p_embed) * rest_bytes + p_experts * 2
+        # at load time the embeddings and lm_head are fp32 after k-bit prep (the recast comes later)
+        recast_extra = p_embed * 2.0 if stack.kbit_upcast and stack.kbit_recast_bf16 else 0.0
         layer_weight = (q_weight + p_experts * 2) / L
         layer_unpacked = 2 * (p_linear + p_experts) / L
         root_unit = p_other * 2  # FSDP's mixed precision gathers the non-quantized params in bf16
     else:
+        recast_extra = 0.0
         wbytes = fwb if cfg.method == "full" else 2
         weights = p_total * wbytes
         # FSDP's mixed precision gathers parameters in bf16 whatever their sharded dtype
@@ -395,7 +415,7 @@ def estimate_peak(
                   + T * h * (2 + 4) + T * 8 * 4)  # hidden copy, fp32 grad of hidden, per-token fp32 stats
         if cfg.method == "full" and fwb != 4 and stack.head_grad_fp32:
             logits += V * h * 4  # fp32 gradient of the lm_head weight (with fp32 weights it *is* the .grad)
-        if cfg.method == "qlora" and stack.kbit_upcast:
+        if cfg.method == "qlora" and stack.kbit_upcast and not stack.kbit_recast_bf16:
             # prepare_model_for_kbit_training leaves lm_head in fp32: the projection tile is fp32 too
             logits += min(T, TRL_TOKEN_TILE) * min(V, TRL_VOCAB_TILE) * 2
     else:
@@ -404,6 +424,7 @@ def estimate_peak(
 
     # ---- multi-GPU ----
     gathered = 0.0
+    weight_share = 1.0  # the fraction of the base each GPU holds
     if mode == "zero2" and n_states > 1:
         trainable /= n_states
         gradients /= n_states
@@ -424,6 +445,7 @@ def estimate_peak(
                          "other parameter")
         if shard_base:
             weights /= n
+            weight_share = 1.0 / n
             # the root unit (embeddings, lm_head) and two decoder layers (current + prefetch) are gathered
             gathered = root_unit * (n - 1) / n + 2 * (layer_weight if cfg.method == "qlora" else layer_unpacked)
         else:
@@ -476,6 +498,7 @@ def estimate_peak(
     allocated = weights + trainable + gradients + optimizer + dynamic + dequant
     spread = length_spread(cfg)
     reserved = allocated * (1 + ALLOCATOR_FRACTION) + dynamic * ALLOCATOR_SPREAD_FRACTION * spread
+    load_allocated = 0.0
     # Load time (QLoRA): bitsandbytes quantizes each bf16 weight as it reaches the GPU (one linear in bf16
     # next to the already-quantized ones), then prepare_model_for_kbit_training casts each non-quantized
     # tensor to fp32 while its bf16 original still exists. The blocks stay cached, so the reserved peak
@@ -483,14 +506,17 @@ def estimate_peak(
     if cfg.method == "qlora":
         biggest_linear = max(di * do for di, do, _ in shapes.values())
         biggest_other = V * h
-        load = (weights + 2 * biggest_linear + (2 * biggest_other if stack.kbit_upcast else 0.0))
+        load = (weights + recast_extra * weight_share
+                + 2 * biggest_linear + (2 * biggest_other if stack.kbit_upcast else 0.0))
+        load_allocated = load
         if load * (1 + ALLOCATOR_FRACTION) > reserved:
             notes.append("QLoRA load-time peak (quantize-at-load, fp32 upcast) exceeds the training peak")
             reserved = load * (1 + ALLOCATOR_FRACTION)
     # Paged optimizers keep their states in CUDA unified memory: under pressure they move to host RAM,
     # so they do not count against the card in the fit test (vram_notes section 2; QLoRA paper).
     paged = (cfg.optimizer or "").startswith("paged_")
-    pressed = allocated - (optimizer if paged else 0.0)
+    # what must fit: the training peak (paged states evictable) or the load-time peak, whichever is larger
+    pressed = max(allocated - (optimizer if paged else 0.0), load_allocated)
     outside = CUDA_CONTEXT_GIB * GIB + (NCCL_GIB * GIB if gpus > 1 else 0.0)
     overhead = reserved - allocated + dequant + outside
     breakdown = dict(zip(BREAKDOWN_KEYS, (weights, trainable, gradients, optimizer, activations, logits, overhead),
@@ -507,6 +533,14 @@ def estimate_peak(
         fit_gib=(pressed * (1 + ALLOCATOR_MIN_FRACTION) + outside) / GIB,
         full_precision=precision_label,
     )
+
+
+def _kbit_dtypes(stack: Stack) -> str:
+    if not stack.kbit_upcast:
+        return "bf16"
+    if stack.kbit_recast_bf16:
+        return "fp32 at load (prepare_model_for_kbit_training), then embeddings and lm_head back to bf16, norms fp32"
+    return "fp32 (prepare_model_for_kbit_training)"
 
 
 def length_spread(cfg: TrainConfig) -> float:
