@@ -20,17 +20,19 @@ def register(app: typer.Typer) -> None:
 
 def check_cmd(
     spec_path: Path = typer.Argument(None, help="Job spec to check; without it, the providers' setup only."),
-    provider: str = typer.Option(None, "--provider", "-p", help="Provider(s), comma-separated; overrides "
-                                 "resources.provider (without SPEC: default all cloud providers)."),
+    provider: list[str] = typer.Option([], "--provider", "-p", help="Provider(s), repeatable or comma-separated "
+                                       "(-p runpod -p vast, -p runpod,vast); overrides resources.provider "
+                                       "(without SPEC: default all cloud providers)."),
 ) -> None:
     """Report every problem that would stop the job before a machine is rented."""
     from cloudtune.errors import UserError
+    from cloudtune.planner.filters import split_list
     from cloudtune.preflight import PreflightFailed, check_credentials, check_extras, check_provider_settings
     from cloudtune.providers import CLOUD_PROVIDERS, check_provider_name
 
+    wanted = split_list(provider)
     if spec_path is None:
-        names = [check_provider_name(p.strip()) for p in provider.split(",") if p.strip()] if provider \
-            else list(CLOUD_PROVIDERS)
+        names = [check_provider_name(p) for p in wanted] if wanted else list(CLOUD_PROVIDERS)
         rows = []
         for p in names:
             probs = check_extras([p], "") + check_credentials([p]) + check_provider_settings([p])
@@ -39,18 +41,23 @@ def check_cmd(
             typer.echo(f"{p}: {'ready' if not probs else 'not ready'}")
             for line in probs:
                 typer.echo(f"  - {line}")
-        if provider and any(probs for _, probs in rows):
+        if wanted and any(probs for _, probs in rows):
             raise typer.Exit(2)
         return
 
     from cloudtune.preflight import preflight
     from cloudtune.run.orchestrator import plan_job, provider_names
     from cloudtune.spec import load_spec
+    from cloudtune.trainer.data import validate_data
 
     spec = load_spec(spec_path)
-    names = provider_names(spec, provider)
+    names = provider_names(spec, ",".join(wanted) or None)
     problems: list[str] = []
     options = []
+    try:  # the head of the data (a ranged GET on S3), before the plan so it sizes the workload
+        typer.echo(f"data: {validate_data(spec).line()}", err=True)
+    except UserError as err:
+        problems.append(f"data: {str(err).splitlines()[0]}")
     try:
         options = plan_job(spec, names).options
     except UserError as err:

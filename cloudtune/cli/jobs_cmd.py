@@ -104,7 +104,7 @@ def _confirm(console, draft, yes: bool) -> None:
         raise UserError("not launched (answered no)", exit_code=1)
 
 
-def _dry_run(console, draft, json_out: bool) -> None:
+def _dry_run(console, draft, json_out: bool, data=None) -> None:
     from cloudtune.run.orchestrator import build_request, remote_providers, stage_inputs
     from cloudtune.run.providers_config import make_provider
     from cloudtune.run.state import Job
@@ -126,6 +126,7 @@ def _dry_run(console, draft, json_out: bool) -> None:
         return
     described = make_provider(draft.choice.offer.provider).describe_launch(req)
     out = {"plan": [o.to_dict() for o in draft.options], "launch": described,
+           "data": data.to_dict() if data is not None else None,
            "staged": [{"local": str(p), "url": f"{store_url.rstrip('/')}/{k}"} for p, k in staged.uploads]
            if staged else []}
     print(json.dumps(out, indent=2, default=str))
@@ -200,7 +201,8 @@ def _print_learning(console, job) -> None:
 
 def run_cmd(
     spec_path: Path = typer.Argument(..., help="Job spec (YAML or JSON), e.g. examples/quickstart.yaml."),
-    provider: str = typer.Option(None, "--provider", "-p", help="Provider(s), comma-separated; overrides resources.provider."),
+    provider: list[str] = typer.Option([], "--provider", "-p", help="Provider(s), repeatable or comma-separated "
+                                       "(-p runpod -p vast, -p runpod,vast); overrides resources.provider."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Launch without asking (needed for paid jobs without a TTY)."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once the job is launched; the watchdog runs it."),
     json_out: bool = typer.Option(False, "--json", help='Print {"job_id", "state"} as the last line (humans read stderr).'),
@@ -209,6 +211,7 @@ def run_cmd(
                                    "modal (`cloudtune controller deploy`) or cron (`cloudtune controller tick`)."),
 ) -> None:
     """Validate, plan, launch and follow a job until it is done; the machine is always torn down."""
+    from cloudtune.planner.filters import split_list
     from cloudtune.run import state as S
     from cloudtune.run.orchestrator import check_budget, check_remote, create_job, plan_job, provider_names
     from cloudtune.run.progress import follow
@@ -218,14 +221,16 @@ def run_cmd(
 
     console = _console(stderr=json_out)
     spec = load_spec(spec_path)
-    names = provider_names(spec, provider)
+    names = provider_names(spec, ",".join(split_list(provider)) or None)
     if controller:
         from cloudtune.home import default_store_url
         from cloudtune.run.controller import check_handover
 
         check_handover(controller, spec.store.url or default_store_url())
-    for note in validate_data(spec).notes:  # rows cut at max_seq_len, family adjustments
-        console.print(f"data: {note}", markup=False, highlight=False)
+    data = validate_data(spec)  # the head only: a ranged GET on S3 (trainer/data_head.py)
+    console.print(f"data: {data.line()}", markup=False, highlight=False, soft_wrap=True)
+    for note in data.notes:  # rows cut at max_seq_len, family adjustments, how much was checked
+        console.print(f"data: {note}", markup=False, highlight=False, soft_wrap=True)
     draft = plan_job(spec, names)
     from cloudtune.preflight import bootable, report_checks, require_ready
 
@@ -237,7 +242,7 @@ def run_cmd(
     if dry_run:  # shows the checks (a dry run works without credentials); `cloudtune check` also probes the store
         report_checks(_console(stderr=True), spec, names, draft.options)
     if dry_run:
-        _dry_run(console, draft, json_out)
+        _dry_run(console, draft, json_out, data)
         return
     _show_plan(console, draft)
     _confirm(console, draft, yes)
@@ -307,18 +312,39 @@ def status_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON list of jobs."),
     limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many jobs (newest first)."),
     events: bool = typer.Option(False, "--events", "-e", help="With JOB: also print the job's event history."),
+    no_restart: bool = typer.Option(False, "--no-restart", help="Only report unattended jobs; start no watchdog."),
 ) -> None:
-    """Jobs and their state; restarts the watchdog of any unfinished job whose watchdog died."""
-    from cloudtune.run.watchdog import ensure_watchdog
+    """Jobs, their state and who attends them; restarts the watchdog of an unattended job (unless the
+    job's lease is held elsewhere, or --no-restart)."""
+    from cloudtune.run.cost import iso, job_cost_usd
+    from cloudtune.run.watchdog import attendance, restart, restart_blocker
 
     db = _db()
     jobs = [_job_or_fail(db, job_id)] if job_id else db.list_jobs(limit=limit)
     console = _console(stderr=json_out)
+    attended = {}
     for j in jobs:
-        if ensure_watchdog(db, j.id, "status"):
-            console.print(f"job {j.id}: its watchdog was not running; restarted it", markup=False)
+        a = attendance(db, j)
+        if a.kind is None and a.unattended_since is not None:  # nobody attends an unfinished job
+            blocker = None if no_restart else restart_blocker(db, j)
+            if no_restart:
+                did = "not restarted (--no-restart)"
+            elif blocker:
+                did = blocker
+            else:
+                did = f"restarted its watchdog (pid {restart(db, j, 'status').pid})"
+            a.action = f"{did}; {a.action}" if a.action else did  # (a.action: the store could not be read)
+        attended[j.id] = a
     jobs = [db.get_job(j.id) for j in jobs]
-    rows = [_status_row(db, j) for j in jobs]
+    rows = []
+    for j in jobs:
+        r = _status_row(db, j)
+        a = attended[j.id]
+        r.update(a.to_dict())
+        r["cost_usd"] = round(job_cost_usd(db, j.id), 6)
+        # an unattended job's open ledger row is priced to now: an estimate since its last attended moment
+        r["cost_estimated_since"] = iso(a.unattended_since)
+        rows.append(r)
     if json_out:
         print(json.dumps(rows, indent=2))
         return
@@ -328,15 +354,23 @@ def status_cmd(
         console.print("no jobs yet; start one with `cloudtune run examples/quickstart.yaml`")
         return
     t = Table()
-    for col in ("id", "name", "state", "provider", "attempts", "step", "loss", "created", "reason"):
-        # ids, states and providers are never cut (#14): the name and the reason wrap instead
-        t.add_column(col, no_wrap=col not in ("name", "reason"), overflow="fold")
+    for col in ("id", "name", "state", "provider", "attempts", "step", "loss", "cost", "attended by", "created",
+                "reason"):
+        # ids, states and providers are never cut (#14): the name, attendance and the reason wrap instead
+        t.add_column(col, no_wrap=col not in ("name", "reason", "attended by", "created"), overflow="fold")
     for r in rows:
         step = f"{r['step'] if r['step'] is not None else '-'}/{r['total_steps'] or '?'}"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
-        t.add_row(r["id"], r["name"], r["state"], r["provider"], str(r["attempts"]), step, loss,
+        cost = f"${r['cost_usd']:.4f}" + ("*" if r["cost_estimated_since"] else "")
+        who = r["attended_by"] or ("UNATTENDED" if r["unattended_since"] else "-")
+        t.add_row(r["id"], r["name"], r["state"], r["provider"], str(r["attempts"]), step, loss, cost, who,
                   r["created_at"] or "", (r["reason"] or "")[:60])
     console.print(t)
+    for r in rows:  # the whole story of each unattended job, one line each, below the table
+        if r["unattended_since"]:
+            console.print(f"job {r['id']}: UNATTENDED since {r['unattended_since']} (no watchdog beat or "
+                          f"controller lease since); {r['attendance_action']}; * its cost is an estimate since "
+                          f"then", markup=False, soft_wrap=True)
     if job_id:
         console.print(f"store: {rows[0]['store']}", markup=False)
         if events:
@@ -442,7 +476,8 @@ def cost_cmd(
 
 def gc_cmd(
     yes: bool = typer.Option(False, "--yes", "-y", help="Terminate the orphans (otherwise only list them)."),
-    provider: str = typer.Option(None, "--provider", "-p", help="Only these provider(s), comma-separated."),
+    provider: list[str] = typer.Option([], "--provider", "-p", help="Only these provider(s), repeatable or "
+                                       "comma-separated (-p runpod -p vast, -p runpod,vast)."),
     json_out: bool = typer.Option(False, "--json", help="Print the scan as JSON."),
     foreign: bool = typer.Option(False, "--foreign", help="Also end machines of jobs this state db does not know "
                                  "(another installation's, or a lost db): list first, then --foreign --yes."),
@@ -451,10 +486,11 @@ def gc_cmd(
 
     A machine of a job id this state db does not know is only listed ("foreign"), unless --foreign.
     Also lists (and with --yes deletes) machine secrets left in the cloud (AWS SSM parameters)."""
+    from cloudtune.planner.filters import split_list
     from cloudtune.providers import check_provider_name
     from cloudtune.run.gc import delete_orphan_secrets, scan, terminate_orphans
 
-    only = [check_provider_name(p.strip()) for p in provider.split(",")] if provider else None
+    only = [check_provider_name(p) for p in split_list(provider)] or None
     db = _db()
     result = scan(db, only)
     console = _console(stderr=json_out)

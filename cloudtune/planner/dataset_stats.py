@@ -4,8 +4,11 @@ Why an estimate and not the tokenizer: `cloudtune plan` must answer in well unde
 offline, and the model's tokenizer may not be on this machine. English text averages about 4
 characters per token with the BPE vocabularies of Llama-3, Qwen and Mistral (32k-152k tokens), so
 tokens ~ characters of every string value / 4, plus a few tokens per record for the chat template
-(role markers, BOS/EOS). Records are all counted; the characters are measured on the first
-`SAMPLE_RECORDS` records and averaged, which keeps a multi-GB file cheap.
+(role markers, BOS/EOS). The characters are measured on the first `SAMPLE_RECORDS` records and
+averaged. Only the head of a file is read (trainer/data_head.py's byte budget, 8 MiB): a larger file's
+record count is *estimated* from the head's records per byte times its size (stat, S3 HEAD), and
+flagged as such; Parquet's count is exact (its footer). So a multi-GB file or an s3:// object costs
+one small read, the same head `cloudtune run` validates.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ class DatasetStats:
     avg_tokens: float
     sampled: int
     method: str = f"chars/{CHARS_PER_TOKEN:g} + {TEMPLATE_TOKENS_PER_RECORD} template tokens per record"
+    estimated: bool = False  # `records` scaled from the head (the file is larger than what was read)
+    size_bytes: int | None = None
+
+    def records_text(self) -> str:
+        return f"~{self.records:,} records (estimated from the file's head)" if self.estimated else \
+            f"{self.records:,} records"
 
 
 def _chars(value: Any) -> int:
@@ -61,12 +70,20 @@ def dataset_stats(path: str | Path) -> DatasetStats:
 
 
 def _jsonl(p: Path) -> DatasetStats:
+    from cloudtune.trainer.data_head import head_bytes
+
     records = 0
     total = 0.0
     sampled = 0
+    budget = head_bytes()
+    consumed = 0
     try:
+        size = p.stat().st_size
         with p.open("rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                if consumed >= budget and records:
+                    break  # the head is spent: the rest is estimated from it
+                consumed += len(raw)
                 if not raw.strip():
                     continue
                 records += 1
@@ -78,10 +95,21 @@ def _jsonl(p: Path) -> DatasetStats:
                     sampled += 1
     except OSError as err:
         raise DataError(f"dataset {str(p)!r} is unreadable: {err.strerror}") from None
-    return _finish(p, records, total, sampled)
+    if consumed < size and records:
+        est = max(records, round(records * size / consumed))
+        return _finish(p, est, total, sampled, estimated=True, size=size)
+    return _finish(p, records, total, sampled, size=size)
 
 
 def _json(p: Path) -> DatasetStats:
+    from cloudtune.trainer.data_head import head_bytes
+
+    try:
+        size = p.stat().st_size
+    except OSError as err:
+        raise DataError(f"dataset {str(p)!r} is unreadable: {err.strerror}") from None
+    if size > head_bytes():  # a JSON array too large to parse whole here: decode its head
+        return from_head(str(p))
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as err:
@@ -94,7 +122,23 @@ def _json(p: Path) -> DatasetStats:
     if not isinstance(data, list):
         raise DataError(f"dataset {str(p)!r}: expected a JSON list of records, got {type(data).__name__}")
     sample = data[:SAMPLE_RECORDS]
-    return _finish(p, len(data), sum(_tokens(r) for r in sample), len(sample))
+    return _finish(p, len(data), sum(_tokens(r) for r in sample), len(sample), size=size)
+
+
+def from_head(ref: str, store: dict[str, Any] | None = None) -> DatasetStats | None:
+    """Stats of any data reference `cloudtune run` accepts (local file or folder, s3:// object or
+    prefix) from the head trainer/data_head.py reads: the same bytes validate_data checked, read once.
+
+    An s3:// reference is never fetched here: its stats come from the head validate_data already read
+    in this process (`run`, `check`), else None (`plan SPEC` stays offline and uses the defaults)."""
+    from cloudtune.trainer.data_head import peek_head, read_head
+
+    head = peek_head(ref) if ref.startswith("s3://") else read_head(ref, store=store)
+    if head is None:
+        return None
+    sample = [r.data for r in head.records[:SAMPLE_RECORDS]]
+    return _finish(Path(head.shown), head.total_records, sum(_tokens(r) for r in sample), len(sample),
+                   estimated=head.estimated, size=head.size_bytes, shown=head.shown)
 
 
 def _parquet(p: Path) -> DatasetStats:
@@ -117,7 +161,8 @@ def _parquet(p: Path) -> DatasetStats:
     return _finish(p, records, sum(_tokens(r) for r in rows), len(rows))
 
 
-def _finish(p: Path, records: int, total: float, sampled: int) -> DatasetStats:
+def _finish(p: Path, records: int, total: float, sampled: int, *, estimated: bool = False,
+            size: int | None = None, shown: str | None = None) -> DatasetStats:
     if records == 0 or sampled == 0:
-        raise DataError(f"dataset {str(p)!r} holds no records")
-    return DatasetStats(str(p), records, total / sampled, sampled)
+        raise DataError(f"dataset {shown or str(p)!r} holds no records")
+    return DatasetStats(shown or str(p), records, total / sampled, sampled, estimated=estimated, size_bytes=size)

@@ -565,23 +565,30 @@ def _why_nothing(plan, pool, candidates, fitting, above_price, gpus, max_price_h
 
 
 def workload_for_spec(spec: Any) -> Workload:
-    """Samples and tokens from the spec's training file when it is local, else defaults.
+    """Samples and tokens from the head of the spec's training data (planner/dataset_stats.from_head:
+    a local file's first bytes; for s3:// the head validate_data already read in `run`/`check`, the
+    planner itself never calls S3), else defaults (a hub dataset; s3:// data in `plan SPEC`).
 
     With training.max_steps the Trainer runs exactly max_steps optimizer steps, cycling through the
     data as often as needed (or stopping inside the first pass), so the workload is max_steps x the
     samples of one step, not one pass of the file."""
     from pathlib import Path
 
-    from cloudtune.planner.dataset_stats import dataset_stats
+    from cloudtune.planner.dataset_stats import from_head
 
     epochs = float(spec.training.epochs)
     train = spec.data.train
-    if train and "://" not in train and Path(train).is_file():
-        stats = dataset_stats(train)
-        workload = Workload(stats.records, stats.avg_tokens, epochs, f"dataset {train} ({stats.method})")
+    stats, why = None, ""
+    if train and (train.startswith(("s3://", "file://")) or Path(train).expanduser().exists()):
+        stats = from_head(train)  # s3://: only the head `run`/`check` already read (no request here)
+        if stats is None:
+            why = f"; {train} is sized by `cloudtune run --dry-run` / `check`, which read its head"
+    if stats is not None:
+        workload = Workload(stats.records, stats.avg_tokens, epochs,
+                            f"dataset {train}: {stats.records_text()} ({stats.method})")
     else:
         base = throughput.default_workload(spec.data.max_seq_len)
-        workload = Workload(base.samples, base.avg_tokens, epochs, base.source)
+        workload = Workload(base.samples, base.avg_tokens, epochs, base.source + why)
     if spec.training.max_steps:
         per_step = spec.training.micro_batch * spec.training.grad_accum * (spec.resources.gpus or 1)
         samples = spec.training.max_steps * per_step

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.validate_only:
             from cloudtune.trainer.data import validate_data
 
-            print(json.dumps(validate_data(spec).to_dict(), indent=2))
+            print(json.dumps(validate_data(spec, full=True).to_dict(), indent=2))  # every record, as training
             return contract.EXIT_DONE
         store = open_job_store(spec, args.store)
         from cloudtune.home import home

@@ -62,9 +62,39 @@ class DataSummary:
     validation_records: int = 0
     checked: bool = True  # False for hub datasets that could not be read offline
     notes: list[str] = field(default_factory=list)
+    # pre-flight reads a head (trainer/data_head.py): what it saw, and whether `records` is an estimate
+    size_bytes: int | None = None
+    checked_records: int | None = None  # records checked here (all of them when the file fit in the head)
+    head_bytes: int | None = None  # bytes the checked records came from
+    records_estimated: bool = False  # `records` scaled from the head's records per byte
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def line(self) -> str:
+        """One line for a person: what the data is, how big, how many records, and how sure."""
+        if not self.checked:
+            return f"{self.train}: {'; '.join(self.notes) or 'not checked here'}"
+        size = f", {_size(self.size_bytes)}" if self.size_bytes is not None else ""
+        total = self.records + (self.validation_records if self.validation and "% of train" in self.validation else 0)
+        if self.records_estimated:
+            count = (f"~{total:,} records (estimated from the first {_size(self.head_bytes)}; "
+                     f"{self.checked_records:,} checked here, the trainer checks every record)")
+        elif self.checked_records is not None and self.checked_records < total:
+            count = (f"{total:,} records ({self.checked_records:,} checked here, the trainer checks every record)")
+        else:
+            count = f"{total:,} records, all checked"
+        val = f"; validation: {self.validation} ({self.validation_records:,})" if self.validation else ""
+        return f"{self.train}: {self.format}{size}, {count}{val}"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 # -------------------------------------------------------------------------------------- reading
@@ -346,13 +376,25 @@ def _spec_parts(spec: Any) -> tuple[Any, str, dict[str, Any]]:
     return spec.data, spec.stage, store
 
 
-def load_checked(spec: Any) -> tuple[list[Record], list[Record], DataSummary]:
-    """Read and check train (and validation) records of a spec. Raises DataError on the first bad one."""
+def load_checked(spec: Any, *, head: bool = False) -> tuple[list[Record], list[Record], DataSummary]:
+    """Read and check train (and validation) records of a spec. Raises DataError on the first bad one.
+
+    head=True (pre-flight): only the head of each file (trainer/data_head.py: a ranged GET on S3, the
+    first bytes of a local file), with sizes and an estimated record count; head=False (the trainer):
+    every record."""
     data, stage, store = _spec_parts(spec)
     if _is_hub_id(data.train) and not Path(data.train).exists():
         return [], [], DataSummary(train=data.train, format=data.format, records=0, checked=False,
                                    notes=["hub dataset: checked when the trainer downloads it"])
-    train, shown = read_records(data.train, store=store)
+    if head:
+        from cloudtune.trainer.data_head import read_head
+
+        h = read_head(data.train, store=store)
+        train, shown = h.records, h.shown
+        n_train = h.total_records
+    else:
+        train, shown = read_records(data.train, store=store)
+        n_train = len(train)
     fmt = check_records(train, data.format, data.text_field, shown)
     if stage == "dpo" and fmt != "preference":
         raise DataError(f"{shown}: stage dpo needs preference records (prompt/chosen/rejected), found {fmt}")
@@ -362,30 +404,47 @@ def load_checked(spec: Any) -> tuple[list[Record], list[Record], DataSummary]:
         raise DataError("data.packing applies to stage sft only: DPO scores whole prompt/chosen/rejected pairs, "
                         "which cannot be packed; set data.packing: false")
     val: list[Record] = []
-    summary = DataSummary(train=shown, format=fmt, records=len(train))
+    summary = DataSummary(train=shown, format=fmt, records=n_train)
+    if head:
+        summary.size_bytes, summary.checked_records, summary.head_bytes = h.size_bytes, len(train), h.read_bytes
+        summary.records_estimated = h.estimated
+        if not h.complete:
+            unread = f"; {h.files - h.files_read} of {h.files} files were only sized" if h.files_read < h.files else ""
+            summary.notes.append(f"checked the first {len(train):,} records ({_size(h.read_bytes)} of "
+                                 f"{_size(h.size_bytes)}){unread}; the trainer checks every record on the machine "
+                                 f"before it loads the model")
     if data.validation:
-        val, vshown = read_records(data.validation, store=store)
+        if head:
+            vh = read_head(data.validation, store=store)
+            val, vshown, n_val_records = vh.records, vh.shown, vh.total_records
+        else:
+            val, vshown = read_records(data.validation, store=store)
+            n_val_records = len(val)
         vfmt = check_records(val, data.format if data.format != "auto" else fmt, data.text_field, vshown)
         if vfmt != fmt:
             raise DataError(f"{vshown}: validation data is {vfmt} but training data is {fmt}")
-        summary.validation, summary.validation_records = vshown, len(val)
+        summary.validation, summary.validation_records = vshown, n_val_records
     elif data.val_split > 0:
-        n_val = max(1, int(round(len(train) * data.val_split)))
-        if n_val >= len(train):
-            raise DataError(f"data.val_split {data.val_split} leaves no training records out of {len(train)}")
+        n_val = max(1, int(round(n_train * data.val_split)))
+        if n_val >= n_train:
+            raise DataError(f"data.val_split {data.val_split} leaves no training records out of {n_train}")
         summary.validation, summary.validation_records = f"{data.val_split:.0%} of train", n_val
-        summary.records = len(train) - n_val
+        summary.records = n_train - n_val
     return train, val, summary
 
 
-def validate_data(spec: Any) -> DataSummary:
+def validate_data(spec: Any, *, full: bool = False) -> DataSummary:
     """Check a JobSpec's data before anything is rented or loaded. Raises DataError (file, line, field).
+
+    Pre-flight (the default) reads only the head of each file (trainer/data_head.py): a record broken
+    past it is not seen here but stops the trainer on the machine (exit 2 there, before the model
+    loads). full=True reads and checks every record, as the trainer does.
 
     When the model's tokenizer is on this machine (tiny:, a local folder, the HF cache), the records
     also go through its chat template and the length check (render_check), so a refused
     conversation or data that is all too long is exit 2 here; the trainer repeats that check on the
     machine before it loads the model, for tokenizers only the machine can download."""
-    train, val, summary = load_checked(spec)
+    train, val, summary = load_checked(spec, head=not full)
     from cloudtune.trainer import families
 
     summary.notes.extend(families.check(spec, families.local_config(spec.model)))
