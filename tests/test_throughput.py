@@ -92,6 +92,34 @@ def test_every_catalog_gpu_has_a_sourced_dense_figure():
     assert tp.gpu_class(specs["RTX4060"]) == "geforce"
 
 
+# The figures vendors print *with 2:4 sparsity* (or, for GeForce cards, with FP16 accumulate), which a dense
+# bf16 column must never hold: datasheets, the Ada/GA102/RTX Blackwell whitepapers, the MI300X data sheet.
+SPARSE_OR_FP16_ACC = {
+    "H100-SXM": (1979,), "H100-80GB": (1513,), "H100-NVL": (1671,), "H200": (1979,), "GH200": (1979,),
+    "B200": (4500,), "B300": (4500,), "A100-80GB": (624,), "A100-40GB": (624,), "L40S": (733,), "L40": (362.1,),
+    "L4": (242,), "A10": (250,), "A10G": (140, 280), "A6000": (309.7,), "A5000": (222.2,), "RTX6000-Ada": (728.5, 1457),
+    "RTX5880-Ada": (554.2, 1108.4), "RTX4090": (330.3, 660.6, 1321), "RTX3090": (142, 284), "RTX5090": (419, 838, 3352),
+    "RTX4070": (176.5, 706), "RTX4060": (88.2, 353), "RTX3060": (64.8, 129.6), "RTX5070": (123.5, 988),
+    "RTXPRO6000": (1007.6, 4000), "MI300X": (2614.9,),
+}
+
+
+def test_every_gpu_row_has_a_source_url_and_a_dense_not_sparse_figure():
+    rows = list(csv.DictReader((Path(tp.__file__).parents[1] / "data" / "gpus.csv").open()))
+    specs = gpu_specs()
+    for r in rows:
+        urls = r["source_url"].split()
+        assert urls and all(u.startswith("https://") for u in urls), r["gpu"]
+        assert "without re-fetching" not in r["source"], r["gpu"]  # #15: the five transcribed rows are checked
+        peak = specs[r["gpu"]].peak_tflops
+        for sparse in SPARSE_OR_FP16_ACC.get(r["gpu"], ()):
+            assert abs(peak - sparse) > 0.02 * sparse, (r["gpu"], peak, sparse)
+    assert {r["gpu"] for r in rows if r["bf16_supported"] == "true"} <= set(SPARSE_OR_FP16_ACC)
+    assert specs["H100-SXM"].peak_tflops == pytest.approx(989, rel=0.01)  # not 1979 (with sparsity)
+    assert specs["A100-80GB"].peak_tflops == pytest.approx(312, rel=0.01)  # not 624
+    assert specs["RTX4090"].peak_tflops == pytest.approx(165.2, rel=0.01)  # FP32 accumulate, not 330.3
+
+
 def test_hfu_class_of_the_newly_filled_gpus():
     """The HFU class must match what the gpus.csv peak means: the A10G's 70 TFLOPS is the GeForce-style
     half-rate FP32-accumulate figure (like the 3090's 71), the RTX PRO 6000's 503.8 is full rate."""
