@@ -23,11 +23,23 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cloudtune.home import home
 
 POLL_S = float(os.environ.get("CLOUDTUNE_WATCHDOG_POLL_S", "1.0"))
+
+
+def fresh_s() -> float:
+    """How old a live watchdog's beat may be and still count as attending. Longer than the longest tick
+    (a verified terminate backs off for up to 120 s between beats); a watchdog silent longer is hung or
+    stopped, and `status` shows its job as unattended."""
+    try:
+        return max(1.0, float(os.environ.get("CLOUDTUNE_WATCHDOG_FRESH_S", "180")))
+    except ValueError:
+        return 180.0
 
 
 def lock_path(job_id: str) -> Path:
@@ -92,25 +104,155 @@ def stop_watchdog(job_id: str, timeout_s: float = 30.0) -> bool:
     return True
 
 
+def _needs_owner(db, job) -> bool:
+    """An unfinished job, or a finished one whose machine may still exist: someone must attend it."""
+    from cloudtune.run import state as S
+
+    live_attempt = any(a["state"] in (S.A_RUNNING, S.A_PROVISIONING) for a in db.attempts(job.id))
+    return not job.is_terminal or live_attempt
+
+
+@dataclass
+class Attendance:
+    """Who attends a job now (`cloudtune status`): this home's watchdog, a controller holding the job's
+    lease in the store, or nobody since `unattended_since`. `action` says what `status` did about it."""
+
+    attended_by: str | None  # "watchdog (pid N, beat 3 s ago)" | "controller modal/app (lease until ...)"
+    kind: str | None  # watchdog | controller | None (unattended, or nothing to attend)
+    unattended_since: float | None = None
+    action: str | None = None  # restarted | lease held elsewhere | --no-restart | ...
+    pid: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from cloudtune.run.cost import iso
+
+        return {"attended_by": self.attended_by, "unattended_since": iso(self.unattended_since),
+                "attendance_action": self.action}
+
+
+STORE_READ_S = float(os.environ.get("CLOUDTUNE_STATUS_STORE_S", "10"))
+
+
+def _store_read(job, fn) -> tuple[Any, str | None]:
+    """(fn(store), None) or (None, error): one read of the job's store, no retries, within STORE_READ_S
+    (an S3 endpoint that accepts and never answers must not hang `status`)."""
+    import threading
+
+    from cloudtune.store import open_store
+
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            out["value"] = fn(open_store(job.store_url, endpoint_url=job.store_endpoint, retry_s=0))
+        except Exception as err:  # noqa: BLE001 - an unreachable store is shown, not raised
+            msg = str(err).splitlines()[0] if str(err) else ""
+            out["error"] = f"{type(err).__name__}: {msg[:160]}".rstrip(": ")
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(STORE_READ_S)
+    if t.is_alive():
+        return None, f"no answer in {STORE_READ_S:g} s"
+    return out.get("value"), out.get("error")
+
+
+def _store_lease(job) -> tuple[Any, str | None]:
+    """(LeaseInfo or None, error) of the job's lease in its store."""
+    from cloudtune.run.lease import Lease
+
+    return _store_read(job, lambda store: Lease(store, job.id, holder="status").read()[0])
+
+
+def _ago(t: float, now: float) -> str:
+    s = max(0, int(now - t))
+    return f"{s} s" if s < 120 else (f"{s // 60} min" if s < 7200 else f"{s // 3600} h")
+
+
+def attendance(db, job, *, now: float | None = None) -> Attendance:
+    """Who attends the job, from this home's watchdog row (pid alive and beat within its lease) and the
+    job's lease in the store (a controller elsewhere, or another home's watchdog, renewing it)."""
+    from cloudtune.run.cost import iso
+    from cloudtune.run.lease import holder_site
+
+    now = time.time() if now is None else now
+    if not _needs_owner(db, job):
+        return Attendance(None, None)
+    row = db.watchdog_row(job.id)
+    pid = db.lease_holder(job.id)
+    if row is not None and pid is not None and now - float(row["beat_at"]) < fresh_s():
+        return Attendance(f"watchdog (pid {pid}, beat {_ago(row['beat_at'], now)} ago)", "watchdog", pid=pid)
+    if pid is None and watchdog_alive(job.id):  # a new watchdog holds the lock, before its first beat
+        return Attendance("watchdog (starting)", "watchdog")
+    info, err = _store_lease(job)
+    from cloudtune.run.controller import watchdog_site
+
+    ours = info is not None and holder_site(info.holder) == ("watchdog", watchdog_site())
+    if info is not None and info.live(now) and not ours:
+        kind, site = holder_site(info.holder)
+        return Attendance(f"{kind} {site} (lease until {iso(info.expires_at)})", "controller")
+    last = [float(row["beat_at"])] if row is not None else []
+    if info is not None and not ours and info.holder != "<unreadable>" and info.expires_at > 0:
+        last.append(info.expires_at - _lease_ttl())  # when the other holder last renewed it
+    since = max(last) if last else float(job.created_at)
+    a = Attendance(None, None, unattended_since=since, pid=pid)
+    if err is not None:
+        a.action = f"store unreachable ({err}); controller lease unknown"
+    return a
+
+
+def _lease_ttl() -> float:
+    from cloudtune.run.lease import lease_ttl_s
+
+    return lease_ttl_s()
+
+
+def restart_blocker(db, job) -> str | None:
+    """Why a new watchdog must not be started for the job now, or None when one may be."""
+    row = db.watchdog_row(job.id)
+    if watchdog_alive(job.id) or db.lease_holder(job.id) is not None:
+        pid = db.lease_holder(job.id) or (row["pid"] if row else "?")
+        return (f"not restarted: watchdog pid {pid} still holds the job's lock/lease but has not beaten "
+                f"for {_ago(row['beat_at'], time.time()) if row else '?'} (stopped or hung?)")
+    info, err = _store_lease(job)
+    if err is not None:
+        return None  # the new watchdog retries the store itself; a job must not stay ownerless
+    from cloudtune.run.controller import HANDOVER_QUIET_S, watchdog_site
+    from cloudtune.run.lease import holder_site
+
+    now = time.time()
+    if info is not None and info.live(now) and holder_site(info.holder) != ("watchdog", watchdog_site()):
+        return f"not restarted: the lease is held elsewhere ({info.holder})"
+    from cloudtune.run.job_state import registry_key
+
+    entry, _ = _store_read(job, lambda store: store.read_json(registry_key(job.id)))
+    if isinstance(entry, dict):
+        last = max(float(entry.get("time") or 0), info.expires_at if info else 0.0)
+        if now - last < HANDOVER_QUIET_S:
+            return (f"not restarted: handed to the {entry.get('controller')} controller, silent "
+                    f"{_ago(last, now)}; a watchdog takes over after {HANDOVER_QUIET_S:.0f} s of silence")
+    return None
+
+
 def ensure_watchdog(db, job_id: str, who: str) -> bool:
     """Restart the watchdog of an unfinished job when it is dead. True when one was started."""
     job = db.get_job(job_id)
-    if job is None:
+    if job is None or not _needs_owner(db, job):
         return False
-    from cloudtune.run import state as S
+    if restart_blocker(db, job) is not None:
+        return False
+    restart(db, job, who)
+    return True
 
-    live_attempt = any(a["state"] in (S.A_RUNNING, S.A_PROVISIONING) for a in db.attempts(job_id))
-    if job.is_terminal and not live_attempt:
-        return False
-    if watchdog_alive(job_id) or db.lease_holder(job_id) is not None:
-        return False
-    row = db.watchdog_row(job_id)
-    db.event(job_id, "watchdog_restarted",
+
+def restart(db, job, who: str) -> subprocess.Popen:
+    """Start a new watchdog for the job and record why (the caller checked `restart_blocker`)."""
+    row = db.watchdog_row(job.id)
+    db.event(job.id, "watchdog_restarted",
              f"{who} found no live watchdog (last beat "
              f"{time.time() - row['beat_at']:.0f}s ago, pid {row['pid']}); started a new one" if row else
              f"{who} found no live watchdog; started one")
-    start_watchdog(job_id)
-    return True
+    return start_watchdog(job.id)
 
 
 def run(job_id: str) -> int:
