@@ -19,9 +19,9 @@ def register(app: typer.Typer) -> None:
 
 @catalog_app.command("show")
 def show(
-    provider: list[str] = typer.Option([], "--provider", "-p", help="only these providers (comma list, repeatable)"),
+    provider: list[str] = typer.Option([], "--provider", "-p", help="only these providers (repeatable or comma-separated)"),
     gpu: list[str] = typer.Option([], "--gpu", "-g", help="only these GPUs or families: h100 = H100-SXM/PCIe/NVL "
-                                                         "(comma list, repeatable, case-insensitive)"),
+                                                         "(repeatable or comma-separated; case-insensitive)"),
     all_rows: bool = typer.Option(False, "--all", help="every offer row (default: one row per GPU)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of every matching offer"),
 ) -> None:
@@ -110,7 +110,8 @@ def _show_grouped(console, offers) -> None:
 
 @catalog_app.command("refresh")
 def refresh(
-    provider: list[str] = typer.Option([], "--provider", "-p", help="providers to refresh (default: all clouds)"),
+    provider: list[str] = typer.Option([], "--provider", "-p", help="providers to refresh, repeatable or "
+                                       "comma-separated (default: all clouds)"),
     as_json: bool = typer.Option(False, "--json", help="print the per-provider results as JSON"),
 ) -> None:
     """Fetch live offers from each provider's API (needs its credentials) into $CLOUDTUNE_HOME/cache.
@@ -120,9 +121,10 @@ def refresh(
     from dataclasses import asdict
 
     from cloudtune.catalog import refresh as do_refresh
+    from cloudtune.planner.filters import split_list
     from cloudtune.providers import CLOUD_PROVIDERS, check_provider_name
 
-    names = list(provider) or list(CLOUD_PROVIDERS)
+    names = split_list(provider) or list(CLOUD_PROVIDERS)
     for name in names:
         check_provider_name(name)
         if name == "local":

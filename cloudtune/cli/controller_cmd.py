@@ -64,9 +64,9 @@ def deploy_cmd(
     on: str = typer.Option("modal", "--on", help="Where the controller runs: modal or aws-lambda."),
     store: str = typer.Option(..., "--store", help="The s3:// store (store.url) whose jobs it controls."),
     endpoint: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint of that store."),
-    secret_env: str = typer.Option(None, "--secret-env", help="Comma-separated environment variables to put in the "
-                                   "controller's Modal Secret / AWS secret (default: the providers' keys that are set; "
-                                   "on Modal also AWS's)."),
+    secret_env_list: list[str] = typer.Option([], "--secret-env", help="Environment variables to put in the "
+                                              "controller's Modal Secret / AWS secret, repeatable or comma-separated "
+                                              "(default: the providers' keys that are set; on Modal also AWS's)."),
     role_arn: str = typer.Option(None, "--role-arn", help="aws-lambda: the IAM role the function runs as."),
     region: str = typer.Option(None, "--region", help="aws-lambda: the AWS region (default: AWS_DEFAULT_REGION)."),
     bundle: bool = typer.Option(False, "--bundle-deps", help="aws-lambda: pip-install the controller's dependencies "
@@ -75,9 +75,11 @@ def deploy_cmd(
 ) -> None:
     """Deploy a scheduled controller (every minute, nothing runs between) that drives the jobs handed to it
     with `cloudtune run --controller modal|aws-lambda`: a Modal Function, or a Lambda on EventBridge."""
+    from cloudtune.planner.filters import split_list
     from cloudtune.providers.modal import AUTH_HINT, _has_modal_credentials
     from cloudtune.run import controller_modal as M
 
+    secret_env = ",".join(split_list(secret_env_list)) or None
     _check_target(on, store)
     if on == "aws-lambda":
         _deploy_aws(store, endpoint, secret_env, role_arn, region, bundle, json_out)

@@ -60,12 +60,12 @@ def plan(
     epochs: float = typer.Option(1.0, "--epochs", help="passes over the data"),
     dataset: str | None = typer.Option(None, "--dataset", help=".jsonl/.json/.parquet file to count samples and tokens"),
     spot: bool | None = typer.Option(None, "--spot/--on-demand", help="only spot, or only on-demand (default: both)"),
-    provider: list[str] = typer.Option([], "--provider", "-p", help="only these providers (comma list, repeatable)"),
-    exclude: list[str] = typer.Option([], "--exclude", help="leave out these providers (comma list, repeatable)"),
+    provider: list[str] = typer.Option([], "--provider", "-p", help="only these providers (repeatable or comma-separated)"),
+    exclude: list[str] = typer.Option([], "--exclude", help="leave out these providers (repeatable or comma-separated)"),
     gpu: list[str] = typer.Option([], "--gpu", "-g", help="only these GPUs or families: h100 = H100-SXM/PCIe/NVL "
-                                                         "(comma list, repeatable, case-insensitive)"),
+                                                         "(repeatable or comma-separated; case-insensitive)"),
     region: list[str] = typer.Option([], "--region", help="only these regions, by prefix: us, us-east, eu-west-1 "
-                                                         "(comma list, repeatable)"),
+                                                         "(repeatable or comma-separated)"),
     min_vram: float | None = typer.Option(None, "--min-vram", help="only GPUs with at least this many GiB each"),
     all_regions: bool = typer.Option(False, "--all-regions",
                                      help="one table row per region (default: regions folded into one row)"),
