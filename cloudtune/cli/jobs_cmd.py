@@ -30,10 +30,12 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
-def _db():
+def _db(read_only_ok: bool = False):
+    """The state db; `read_only_ok` for the commands that only read it (status, logs, cost), so they still
+    work on a full or read-only $CLOUDTUNE_HOME."""
     from cloudtune.run.state import StateDB
 
-    return StateDB()
+    return StateDB(read_only_ok=read_only_ok)
 
 
 def _job_or_fail(db, job_id: str):
@@ -316,10 +318,12 @@ def status_cmd(
 ) -> None:
     """Jobs, their state and who attends them; restarts the watchdog of an unattended job (unless the
     job's lease is held elsewhere, or --no-restart)."""
+    import sqlite3
+
     from cloudtune.run.cost import iso, job_cost_usd
     from cloudtune.run.watchdog import attendance, restart, restart_blocker
 
-    db = _db()
+    db = _db(read_only_ok=True)
     jobs = [_job_or_fail(db, job_id)] if job_id else db.list_jobs(limit=limit)
     console = _console(stderr=json_out)
     attended = {}
@@ -332,7 +336,10 @@ def status_cmd(
             elif blocker:
                 did = blocker
             else:
-                did = f"restarted its watchdog (pid {restart(db, j, 'status').pid})"
+                try:
+                    did = f"restarted its watchdog (pid {restart(db, j, 'status').pid})"
+                except (OSError, sqlite3.Error, UserError) as err:  # a full or read-only home: say so, exit 0
+                    did = f"could not restart its watchdog ({type(err).__name__}: {err})"
             a.action = f"{did}; {a.action}" if a.action else did  # (a.action: the store could not be read)
         attended[j.id] = a
     jobs = [db.get_job(j.id) for j in jobs]
@@ -388,7 +395,7 @@ def logs_cmd(
     from cloudtune.run.orchestrator import store_for
     from cloudtune.store import layout
 
-    db = _db()
+    db = _db(read_only_ok=True)
     job = _job_or_fail(db, job_id)
     store = store_for(job.spec)
     printed: dict[int, int] = {}
@@ -463,7 +470,7 @@ def cost_cmd(
 
     if json_out and csv_out:
         raise UserError("choose one of --json and --csv")
-    db = _db()
+    db = _db(read_only_ok=True)
     jobs = [_job_or_fail(db, job_id)] if job_id else db.list_jobs()
     rep = report(db, jobs)
     if json_out:

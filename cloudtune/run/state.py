@@ -136,8 +136,37 @@ class StateDBError(UserError):
     """The state database cannot be used as it is (empty, corrupt, unreadable): never silently recreated."""
 
 
+class StateDBWriteError(StateDBError):
+    """A write failed because the db's disk is full or read-only (the db itself is fine)."""
+
+
 def db_path() -> Path:
     return home() / "state.db"
+
+
+def _fs_fault(path: Path) -> str | None:
+    """'full' or 'read-only' when the file system holding `path` is, else None (from statvfs: the kernel's
+    answer, whatever sqlite's error message says; a full disk reads as 'disk I/O error' at open)."""
+    for p in (path, *path.parents):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        if st.f_flag & os.ST_RDONLY:
+            return "read-only"
+        if st.f_bavail == 0 or (st.f_favail == 0 and st.f_files > 0):
+            return "full"
+        return None
+    return None
+
+
+def _fs_hint(path: Path) -> str:
+    fault = _fs_fault(path)
+    if fault == "full":
+        return "free some space on that disk (nothing is lost: the db is intact) and try again"
+    if fault == "read-only":
+        return "make it writable again (remount read-write; nothing is lost) or set CLOUDTUNE_HOME elsewhere"
+    return "check the folder's permissions, or set CLOUDTUNE_HOME to a writable folder"
 
 
 def _watchdog_pid(pid: int, job_id: str) -> bool | None:
@@ -193,9 +222,17 @@ class Job:
 class StateDB:
     """One connection per process. Methods are small transactions; nothing is held open between them."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, read_only_ok: bool = False) -> None:
+        """`read_only_ok`: a reader (`status`, `logs`, `cost`) that finds the db's file system full or
+        read-only opens the db as it is, read-only (`self.read_only`), instead of failing: the jobs are
+        all there, only nothing can be written until space or write access returns."""
         self.path = path or db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StateDBError(f"state database folder {self.path.parent}: {err.strerror or err}; "
+                               f"{_fs_hint(self.path.parent)}") from None
         self._refuse_empty()
         try:
             self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
@@ -209,11 +246,32 @@ class StateDB:
         except sqlite3.DatabaseError as err:
             if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
                 raise
+            fault = _fs_fault(self.path)
+            if fault and read_only_ok and self.path.exists():
+                self._open_read_only()
+                return
+            if fault:  # the disk, not the db: nothing is damaged, nothing to restore
+                raise StateDBError(f"state database {self.path}: its file system is {fault} ({err}); "
+                                   f"{_fs_hint(self.path)}") from None
             raise StateDBError(
                 f"state database {self.path} is unreadable ({err}); it holds every job and machine this "
                 f"installation owns, so it is never recreated: restore it from a backup, or move it away to "
                 f"start empty (then `cloudtune gc` will not touch machines it cannot prove dead)"
             ) from None
+
+    def _open_read_only(self) -> None:
+        """The db as it is on a full or read-only disk: `immutable` needs no -wal/-shm file to be created
+        (which is what fails there). Reads see the last checkpointed state; writes raise."""
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+        from urllib.parse import quote
+
+        self.conn = sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro&immutable=1", uri=True,
+                                    isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.read_only = True
 
     def _refuse_empty(self) -> None:
         """A zero-byte state.db is damage, not a new install: recreating it would forget every live job.
@@ -242,13 +300,29 @@ class StateDB:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
+        """One write transaction. A full or read-only disk is one line naming the db and the fix
+        (StateDBWriteError; the watchdog retries it like any failed tick), never a traceback."""
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as err:
+            text = str(err)
+            if not any(k in text for k in ("readonly", "disk is full", "disk I/O error")):
+                raise
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            fault = _fs_fault(self.path) or ("read-only" if self.read_only or "readonly" in text else "full")
+            raise StateDBWriteError(f"state database {self.path}: cannot write, its file system is {fault} "
+                                    f"({text}); {_fs_hint(self.path)}") from None
 
     def _migrate(self) -> None:
         with self.tx() as c:

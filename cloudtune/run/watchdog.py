@@ -54,10 +54,14 @@ def log_path(job_id: str) -> Path:
     return d / f"watchdog-{job_id}.log"
 
 
-def watchdog_alive(job_id: str) -> bool:
-    """True while some process holds the job's watchdog lock."""
-    path = lock_path(job_id)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def watchdog_alive(job_id: str) -> bool | None:
+    """True while some process holds the job's watchdog lock; None when the lock cannot be opened (a
+    read-only or full $CLOUDTUNE_HOME): then the watchdog's lease row is the only evidence."""
+    try:
+        path = lock_path(job_id)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -209,6 +213,11 @@ def _lease_ttl() -> float:
 
 def restart_blocker(db, job) -> str | None:
     """Why a new watchdog must not be started for the job now, or None when one may be."""
+    from cloudtune.run.state import _fs_fault
+
+    fault = "full or read-only" if getattr(db, "read_only", False) else _fs_fault(db.path)
+    if fault:
+        return f"not restarted: the state db's disk is {fault} (a watchdog could not write it)"
     row = db.watchdog_row(job.id)
     if watchdog_alive(job.id) or db.lease_holder(job.id) is not None:
         pid = db.lease_holder(job.id) or (row["pid"] if row else "?")

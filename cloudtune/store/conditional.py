@@ -92,8 +92,12 @@ def _file_put(path: Path, data: bytes, expect: str | None) -> str:
         if current != expect:
             raise PreconditionFailed(f"{path.name}: etag {current} != expected {expect}")
         tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:  # ENOSPC/EROFS mid-write: no partial temp file left in the store
+            tmp.unlink(missing_ok=True)
+            raise
         return _sha(data)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
