@@ -159,3 +159,97 @@ def test_a_failed_download_exits_for_a_relaunch_and_runs_the_self_terminate_hook
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 75, proc.stderr
     assert marker.exists() and "could not download the wheel" in proc.stderr
+
+
+def _fresh_venv(path: Path) -> tuple[Path, str]:
+    """A venv that sees this machine's packages (as the public image has its torch) but not cloudtune."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    vpy = path / "bin" / "python"
+    site = subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "_image_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return vpy, site
+
+
+@pytest.fixture
+def simple_index(tmp_path):
+    """A PEP 503 index on loopback (http.server's directory pages are the simple API's HTML) with one
+    package the machine's image lacks: ctprobe 1.0."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.test_wheelhouse import make_wheel
+
+    root = tmp_path / "index"
+    (root / "simple" / "ctprobe").mkdir(parents=True)
+    make_wheel(root / "simple" / "ctprobe")
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # noqa: ANN002 - keep pytest's output to the test's own
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/simple/", server
+    server.shutdown()
+
+
+@pytest.mark.slow
+def test_the_first_boot_publishes_a_wheelhouse_and_a_relaunch_installs_without_the_index(
+        aws_env, wheel, simple_index, tmp_path):
+    """Boot 1 installs from the index and publishes; boot 2 (the index unreachable) installs from the
+    store alone; boot 3 finds the tar damaged, says so and still boots from the index."""
+    import boto3
+
+    from cloudtune.run import wheelhouse as WH
+    from cloudtune.store import open_store
+
+    index_url, server = simple_index
+    s3 = boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1")
+    s3.create_bucket(Bucket="boot-wh")
+    store = open_store("s3://boot-wh/jobs", endpoint_url=aws_env)
+    pins = ["ctprobe==1.0"]  # a tiny pin list: what a real boot installs, minus the 450 MB
+    store.upload_file(wheel, bootstrap.wheel_key("j-wh"))
+    store.put_bytes(bootstrap.requirements_key("j-wh"), ("\n".join(pins) + "\n").encode())
+    spec = _spec("boot-wh")
+    job = Job({"id": "j-wh", "store_url": "s3://boot-wh/jobs", "store_endpoint": aws_env,
+               "est_hours": 0.1, "created_at": time.time()})
+    check = ["python", "-c", "import cloudtune.trainer.entrypoint, ctprobe; print('TRAINER-OK', ctprobe.VERSION)"]
+    script = bootstrap.script(pins, extras=(), then=check)
+
+    def boot(attempt: int, index: str, **extra: str) -> subprocess.CompletedProcess:
+        req = build_request(job, spec, _option(), attempt)
+        vpy, _ = _fresh_venv(tmp_path / f"venv{attempt}")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "AWS_", "VIRTUAL_ENV", "CLOUDTUNE_"))}
+        env.update(PATH=f"{vpy.parent}:{env['PATH']}", PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL=index,
+                   PIP_RETRIES="0", PIP_TIMEOUT="5", CLOUDTUNE_BOOT_DIR=str(tmp_path / f"boot{attempt}"),
+                   **{k: v for k, v in req.env.items() if k.startswith("CLOUDTUNE_WHEELHOUSE")}, **req.secret_env,
+                   **extra)
+        for k in WH.SECRET_VARS:
+            assert k not in req.env  # bearer URLs travel as secrets only
+        return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+
+    first = boot(1, index_url)
+    assert first.returncode == 0 and "TRAINER-OK 1.0" in first.stdout, first.stderr[-2000:]
+    key = WH.cache_key(pins, bootstrap._EXTRAS, spec.resources.image, "amd64")
+    manifest = WH.read_manifest(store, key)  # the publish ran in the background; its output closed the pipe
+    assert manifest is not None, first.stderr[-2000:]
+    assert [f["name"] for f in manifest["files"]] == ["ctprobe-1.0-py3-none-any.whl"]  # cloudtune's own wheel is not cached
+    assert manifest["tar"] == "wheels-j-wh-1.tar"
+
+    server.shutdown()  # the index is gone, and pip is pointed at a port nothing listens on
+    second = boot(2, "http://127.0.0.1:9/simple/")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "installed from the store's wheelhouse" in second.stdout and "TRAINER-OK 1.0" in second.stdout
+    assert WH.ENV_PUT_TAR not in build_request(job, spec, _option(), 3).secret_env  # write-once
+
+    # a damaged wheelhouse: the tar truncated in the store behind the manifest's back
+    tar_key = f"jobs/{WH.tar_key(key, manifest['tar'])}"
+    body = s3.get_object(Bucket="boot-wh", Key=tar_key)["Body"].read()
+    s3.put_object(Bucket="boot-wh", Key=tar_key, Body=body[: len(body) // 2])
+    third = boot(3, "http://127.0.0.1:9/simple/",  # "the index" is now a folder: the damaged cache must not be used
+                 CLOUDTUNE_PIP_ARGS=f"--find-links {tmp_path / 'index' / 'simple' / 'ctprobe'}")
+    assert "does not match its manifest" in third.stderr and "installing from the index" in third.stdout
+    assert third.returncode == 0 and "TRAINER-OK 1.0" in third.stdout, third.stderr[-2000:]

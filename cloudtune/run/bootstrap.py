@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudtune.errors import UserError
+from cloudtune.run import wheelhouse as WH
 from cloudtune.trainer import contract as C
 
 # The default image: public on Docker Hub, amd64, Python 3.11, the torch floor of pyproject's train extra
@@ -247,6 +248,17 @@ def presigned_url(store: Any, key: str, expiry_s: int = URL_EXPIRY_S) -> str:
     return store.url_for(key)
 
 
+def attempt_env(store: Any, job_id: str, attempt: int, requirements: list[str], image: str,
+                gpu: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(env, secret env) a bootstrapped attempt needs: the wheel's GET URL, and the wheelhouse's URLs
+    (a GET for one that exists, PUTs for the first machine on these pins; run/wheelhouse.py)."""
+    from cloudtune.preflight import machine_arch
+
+    key = WH.cache_key(requirements, _EXTRAS, image, machine_arch(gpu))
+    env, secret = WH.attempt_env(store, key, job_id, attempt, URL_EXPIRY_S)
+    return env, {ENV_WHEEL_URL: presigned_url(store, wheel_key(job_id)), **secret}
+
+
 # ---------------------------------------------------------------- the script
 
 _FETCH_PY = """\
@@ -264,6 +276,9 @@ else:
     sys.exit(1)
 os.replace(dest + ".part", dest)
 """
+# The wheelhouse's machine-side program travels inside the wheel just fetched (no bytes in the command).
+_UNZIP_PY = "import sys, zipfile; sys.stdout.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]).decode())"
+_BOOT_PROGRAM = "cloudtune/run/wheelhouse_boot.py"
 
 
 def script(requirements: list[str], *, extras: tuple[str, ...] = _EXTRAS, then: list[str] | None = None) -> str:
@@ -294,19 +309,36 @@ fail() {{
 if "$PY" -c 'import cloudtune.trainer.entrypoint' >/dev/null 2>&1; then
   # cloudtune is already here (a restarted container, an image with it inside): never install over it
   echo "cloudtune bootstrap: cloudtune is already installed; starting the trainer"
-  unset {ENV_WHEEL_URL}
+  unset {ENV_WHEEL_URL} {" ".join(WH.SECRET_VARS)}
   exec {shlex.join(then)}
 fi
-echo "cloudtune bootstrap: installing {wheel} on $("$PY" -c 'import torch; print("torch", torch.__version__)')"
+TORCH="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)" || TORCH=""
+echo "cloudtune bootstrap: installing {wheel} on torch ${{TORCH:-(none)}}"
 [ -n "${{{ENV_WHEEL_URL}:-}}" ] || fail 1 "{ENV_WHEEL_URL} is not set"
 "$PY" -c '{_FETCH_PY}' "${ENV_WHEEL_URL}" "$B/{wheel}" || fail {C.EXIT_PREEMPTED} "could not download the wheel"
 unset {ENV_WHEEL_URL}
-"$PY" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$B/constraints.txt"
+: > "$B/constraints.txt"
+[ -z "$TORCH" ] || echo "torch==${{TORCH%%+*}}" > "$B/constraints.txt"  # the image's torch stays
 cat > "$B/requirements.txt" <<'CLOUDTUNE_REQS'
 {reqs}
 CLOUDTUNE_REQS
-"$PY" -m pip install -q ${{{ENV_PIP_ARGS}:-}} -c "$B/constraints.txt" -r "$B/requirements.txt" "$B/{target}" \\
-  || fail {C.EXIT_FAILED} "pip install of {wheel} and its pinned dependencies failed (log above)"
+"$PY" -c '{_UNZIP_PY}' "$B/{wheel}" {_BOOT_PROGRAM} > "$B/wheelhouse_boot.py"
+export CLOUDTUNE_TORCH="$TORCH"
+WH="$B/wheelhouse"
+if [ -n "${{{WH.ENV_GET}:-}}" ] && "$PY" "$B/wheelhouse_boot.py" fetch "$WH" \
+    && "$PY" -m pip install -q --no-index --find-links "$WH" -c "$B/constraints.txt" -r "$B/requirements.txt" \
+       "$B/{target}"; then
+  echo "cloudtune bootstrap: installed from the store's wheelhouse (no index)"
+else
+  [ -z "${{{WH.ENV_GET}:-}}" ] || echo "cloudtune bootstrap: the wheelhouse was not usable; installing from the index"
+  REPORT=""
+  [ -z "${{{WH.ENV_PUT_MANIFEST}:-}}" ] || REPORT="--report $B/install-report.json"
+  "$PY" -m pip install -q ${{{ENV_PIP_ARGS}:-}} $REPORT -c "$B/constraints.txt" -r "$B/requirements.txt" \
+    "$B/{target}" || fail {C.EXIT_FAILED} "pip install of {wheel} and its pinned dependencies failed (log above)"
+  # the first machine on these pins publishes them for its successors, in the background (never fatal)
+  [ -z "$REPORT" ] || ( "$PY" "$B/wheelhouse_boot.py" publish "$WH" "$B/install-report.json" & )
+fi
+unset {" ".join(WH.SECRET_VARS)}
 echo "cloudtune bootstrap: installed; starting the trainer"
 exec {shlex.join(then)}
 """
