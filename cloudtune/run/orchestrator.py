@@ -417,7 +417,10 @@ def build_request(
 
             store = open_store(job.store_url, endpoint_url=job.store_endpoint, region=spec.store.region)
             pins = bootstrap.staged_requirements(store, job.id)
-            secret_env[bootstrap.ENV_WHEEL_URL] = bootstrap.presigned_url(store, bootstrap.wheel_key(job.id))
+            boot_env, boot_secret = bootstrap.attempt_env(store, job.id, attempt, pins, spec.resources.image,
+                                                          option.offer.gpu)  # wheel + wheelhouse URLs
+            env.update(boot_env)
+            secret_env.update(boot_secret)
         command = bootstrap.command(pins)
     return LaunchRequest(
         job_id=job.id,
