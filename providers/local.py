@@ -287,6 +287,14 @@ class LocalProvider:
     def status(self, machine_id: str) -> Machine:
         return self._machine(self._dir(machine_id))
 
+    def console_log(self, machine_id: str) -> bytes | None:
+        """The machine's own output (its console), kept beside it: what `cloudtune logs` shows when the
+        store's copy is behind (a full or read-only store could not take the last shipment)."""
+        try:
+            return (self._dir(machine_id) / "output.log").read_bytes()
+        except (NotFoundError, OSError):
+            return None
+
     # -- terminate
 
     def terminate(self, machine_id: str) -> None:

@@ -146,3 +146,61 @@ def test_cli_on_a_read_only_or_full_home_that_was_closed(tmp_path, _isolated_hom
         assert out.returncode == 2 and len(lines) == 1 and f"file system is {fault}" in lines[0], (fault, out.stderr)
     mounts.read_only(home, False)
     assert S.StateDB().get_job("kclosed1").state == "running"  # nothing lost
+
+
+def test_a_store_that_fills_up_mid_training_waits_resumable_then_completes(tmp_path, _isolated_home, mounts):
+    """A real local job whose file:// store is a 64 MB tmpfs that fills up after the first checkpoint:
+    the trainer retries, then exits 74 (not FAILED); the watchdog ends the machine and waits (no restart
+    spent, nothing relaunched onto a full disk); the committed checkpoint still verifies; `logs` shows
+    the kernel's reason; once space returns the job resumes and ends done."""
+    if mounts is None:
+        return
+    from cloudtune.trainer.checkpoint import CheckpointStore
+    from tests._run_util import db_rows, last_json, quickstart_spec, wait_for
+
+    root = mounts.tmpfs(tmp_path / "store", "64m")
+    spec = quickstart_spec(tmp_path, "job", name="kfull", checkpoint={"every_steps": 20})
+    env = cli_env(_isolated_home, CLOUDTUNE_STORE_RETRY_S="2")
+    out = cli(env, "run", str(spec), "--detach", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    job = last_json(out.stdout)["job_id"]
+    store = open_store(f"file://{root}")
+    ckpts = CheckpointStore(store, job)
+    try:
+        step = wait_for(lambda: ckpts.latest_step(), 120, "the first committed checkpoint", every=0.05)
+        ballast = fill(root)
+        manifest = store.get_bytes(f"{job}/checkpoints/{step:08d}/MANIFEST.json")
+
+        def row():
+            return db_rows(_isolated_home, "SELECT state, reason FROM jobs WHERE id = ?", job)[0]
+
+        waiting = wait_for(lambda: (r := row())["reason"] and r["reason"].startswith("waiting for the store") and r,
+                           120, "the job to wait for its store")
+        assert waiting["state"] == "recovering"
+        assert not store.exists(f"{job}/FAILED.json")
+        time.sleep(3.0)  # while the disk stays full nothing is relaunched
+        attempts = db_rows(_isolated_home, "SELECT n, state, exit_code FROM attempts WHERE job_id = ?", job)
+        assert [a["state"] for a in attempts] == ["ended"], attempts
+        assert row()["state"] == "recovering"
+        assert store.get_bytes(f"{job}/checkpoints/{step:08d}/MANIFEST.json") == manifest
+        last_good = max(ckpts.committed_steps())
+        ckpts.download(last_good, tmp_path / "verify")  # sizes and sha256 of every file check out
+        logs = cli(env, "logs", job, timeout=60)
+        assert logs.returncode == 0 and "No space left on device" in logs.stdout, logs.stdout[-2000:]
+        assert "stopping resumable" in logs.stdout
+        st = json.loads(cli(env, "status", job, "--json", timeout=60).stdout)[0]
+        assert st["attended_by"].startswith("watchdog (pid "), st  # waiting, not abandoned
+
+        ballast.unlink()  # space returns
+        done = wait_for(lambda: (r := row())["state"] in ("done", "failed", "stopped") and r, 300, "the job to end")
+        assert done["state"] == "done", done
+        attempts = db_rows(_isolated_home, "SELECT n, state FROM attempts WHERE job_id = ?", job)
+        assert len(attempts) == 2, attempts
+        kinds = [e["kind"] for e in db_rows(_isolated_home, "SELECT kind FROM events WHERE job_id = ?", job)]
+        assert "store_wait" in kinds and "store_back" in kinds
+        assert _tmp_files(root) == []
+    finally:
+        cli(env, "stop", job, "--no-wait", timeout=60)
+        from tests._run_util import assert_nothing_left
+
+        assert_nothing_left(job, timeout=60)

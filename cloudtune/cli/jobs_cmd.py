@@ -400,15 +400,39 @@ def logs_cmd(
     store = store_for(job.spec)
     printed: dict[int, int] = {}
 
+    rows = {a["n"]: a for a in db.attempts(job_id)}
+
     def attempts() -> list[int]:
-        ns = [a["n"] for a in db.attempts(job_id) if a["state"] != "launch_failed"]
-        return [n for n in ns if attempt is None or n == attempt]
+        rows.update({a["n"]: a for a in db.attempts(job_id)})
+        ns = [n for n, a in rows.items() if a["state"] != "launch_failed"]
+        return [n for n in sorted(ns) if attempt is None or n == attempt]
+
+    def console(n: int) -> bytes | None:
+        """The machine's own console, where its provider keeps one (local): the store's copy may be behind
+        when the store could not take writes, and the reason is then in the part it lacks."""
+        a = rows.get(n) or {}
+        if not a.get("machine_id") or a.get("provider") != "local":
+            return None
+        from cloudtune.run.providers_config import make_provider
+
+        try:
+            return make_provider("local").console_log(a["machine_id"])
+        except Exception:  # noqa: BLE001 - only a better copy; the store's stands
+            return None
 
     def dump() -> None:
         for n in attempts():
             try:
                 data = store.get_bytes(layout.log_key(job_id, n))
             except KeyError:
+                data = None
+            except Exception as err:  # noqa: BLE001 - an unreadable store: the console may still tell
+                data = None
+                sys.stderr.write(f"warning: could not read the log of attempt {n} from the store: {err}\n")
+            local = console(n)
+            if local is not None and (data is None or len(local) > len(data)):
+                data = local
+            if data is None:
                 continue
             start = printed.get(n)
             if start is None:

@@ -61,6 +61,7 @@ from cloudtune.trainer import trackers
 log = logging.getLogger("cloudtune.orchestrator")
 
 STOP_GRACE_S = float(os.environ.get("CLOUDTUNE_STOP_GRACE_S", "60"))
+STORE_WAIT = "waiting for the store"  # a job's reason while its trainer could not write the store (exit 74)
 TERMINATE_VERIFY_S = 120.0
 LAUNCH_RETRIES = 3
 # _after_failed_create's answer when the lookup after a failed create failed too: nothing is proven.
@@ -810,6 +811,8 @@ class Orchestrator:
         if att["state"] == S.A_LAUNCH_FAILED:
             self.launch_next("previous launch failed")
             return True
+        if att["state"] == S.A_ENDED and (job.reason or "").startswith(STORE_WAIT):
+            return self._store_wait()
         if att["state"] == S.A_PROVISIONING and not att.get("machine_id"):
             return self._resolve_ambiguous(job, att)
 
@@ -863,6 +866,13 @@ class Orchestrator:
             if code == C.EXIT_STOPPED:
                 self._finish(S.STOPPED, "the trainer stopped on a controller request", att, machine)
                 return False
+            if code == C.EXIT_STORE_UNAVAILABLE:  # resumable, but a relaunch now would meet the same store
+                self._end_attempt(att, "the trainer could not write the store (exit 74)", machine)
+                self.db.set_state(self.job_id, S.RECOVERING, f"{STORE_WAIT}: the trainer of attempt {att['n']} could "
+                                  f"not write it (full, read-only or unreachable; `cloudtune logs {self.job_id}` "
+                                  f"says which); relaunching once it takes writes again")
+                self.event("store_wait", self.job().reason, att["n"])
+                return True
             reason = ("the trainer checkpointed on a signal and exited (75)" if code == C.EXIT_PREEMPTED
                       else f"the trainer exited with {code}")
             self._recover(att, reason, machine)
@@ -872,6 +882,28 @@ class Orchestrator:
             return True
         detail = machine.detail if machine is not None else "the provider no longer knows the machine"
         self._recover(att, f"machine lost ({machine.state.value if machine else 'not found'}): {detail}", machine)
+        return True
+
+    def _store_wait(self) -> bool:
+        """Nothing runs (the machine is gone) until a probe write to the store succeeds; then relaunch.
+        Limits still apply meanwhile (a stop, max_hours); no restart is spent on waiting."""
+        job = self.job()
+        if job.stop_requested:
+            self._finish(S.STOPPED, f"stopped while waiting for the store: {job.stop_requested}", None)
+            return False
+        limit = self._limit_reason(job)
+        if limit:
+            self._finish(S.STOPPED, f"{limit} (while waiting for the store)", None)
+            return False
+        probe = f"{self.job_id}/controller/probe"
+        try:
+            self.store.put_bytes(probe, b"%d" % int(time.time()))
+            self.store.delete(probe)
+        except Exception as err:  # noqa: BLE001 - still unwritable: keep waiting
+            log.info("%s: store still unwritable: %s", self.job_id, err)
+            return True
+        self.event("store_back", "the store takes writes again; relaunching from the last committed checkpoint")
+        self.launch_next("resume: the store takes writes again")
         return True
 
     def _wait_marker(self, key: str, timeout_s: float = 10.0) -> bool:

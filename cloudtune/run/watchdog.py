@@ -264,6 +264,30 @@ def restart(db, job, who: str) -> subprocess.Popen:
     return start_watchdog(job.id)
 
 
+def _event(db, job_id: str, kind: str, message: str) -> None:
+    try:
+        db.event(job_id, kind, message)
+    except Exception:  # noqa: BLE001 - the db itself may be the fault; the log has it
+        pass
+
+
+def _store_retrying(fn, stop: dict, log, db, job_id: str):
+    """fn() retried with backoff while the store fails (full, read-only, unreachable): the watchdog waits
+    for its store instead of dying. None when asked to exit meanwhile."""
+    tries = 0
+    while not stop["flag"]:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001
+            tries += 1
+            log.warning("job %s: the store cannot be used yet (%s); retrying", job_id, err)
+            if tries in (1, 10) or tries % 100 == 0:
+                _event(db, job_id, "watchdog_error", f"cannot take the job's lease: {type(err).__name__}: {err} "
+                       f"(retrying)")
+            time.sleep(min(30.0, POLL_S * 2 ** min(tries, 5)))
+    return None
+
+
 def run(job_id: str) -> int:
     from cloudtune.run.orchestrator import Orchestrator
     from cloudtune.run.state import StateDB
@@ -312,7 +336,10 @@ def run(job_id: str) -> int:
     # its lease says: take over at once instead of waiting for it to expire.
     control = JobControl(db, orch.store, job_id, new_holder("watchdog", site),
                          proven_dead=lambda holder: holder_site(holder) == ("watchdog", site))
-    if not control.begin(defer_to_controller=True):
+    began = _store_retrying(lambda: control.begin(defer_to_controller=True), stop, log, db, job_id)
+    if began is None:  # asked to exit while the store was unusable
+        return 0
+    if not began:
         db.event(job_id, "watchdog", f"job is controlled by {control.holder_now()}; this watchdog stands by")
         log.info("job %s is leased by %s; exiting", job_id, control.holder_now())
         return 0
@@ -322,7 +349,26 @@ def run(job_id: str) -> int:
     log.info("watching job %s", job_id)
     errors = 0
     while not stop["flag"]:
-        if not control.keep():
+        # The lease lives in the store: a full, read-only or unreachable store must not kill the job's
+        # only owner. While the lease cannot be renewed the watchdog acts only until its lease lapses
+        # (after that another controller, which can reach the store, may hold it), then waits.
+        try:
+            kept = control.keep()
+        except Exception as err:  # noqa: BLE001 - the store's fault, retried with backoff below
+            kept = None
+            errors += 1
+            log.warning("cannot renew the job's lease in its store: %s", err)
+            if errors in (1, 10) or errors % 100 == 0:
+                _event(db, job_id, "watchdog_error", f"cannot renew the job's lease: {type(err).__name__}: {err} "
+                       f"(retrying; acting only until the lease lapses)")
+            if time.time() >= control.lease._expires_at:
+                try:  # alive and waiting for its store: `status` shows this watchdog, not "unattended"
+                    db.watchdog_beat(job_id, os.getpid(), started)
+                except Exception:  # noqa: BLE001
+                    pass
+                time.sleep(min(30.0, POLL_S * 2 ** min(errors, 5)))
+                continue
+        if kept is False:
             db.event(job_id, "watchdog", f"lease lost to {control.holder_now()}; this watchdog stands down")
             return 0
         # The beat is a db write like any other: a db locked past its busy timeout, a full disk or an
@@ -334,7 +380,8 @@ def run(job_id: str) -> int:
                 return 0
             more = orch.tick()
             control.after_tick()
-            errors = 0
+            if kept:
+                errors = 0
         except Exception as err:  # noqa: BLE001 - keep watching: the next tick retries the decision
             errors += 1
             log.exception("tick failed")

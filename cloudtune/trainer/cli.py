@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             work = work.with_name(f"{work.name}-node{os.environ['GROUP_RANK']}")
         return run(Attempt(spec=spec, job_id=job_id, attempt=attempt, store=store, work_dir=work))
     except StoreUnavailable as err:
-        # Not the job's fault and not final: stop resumable (75); the watchdog relaunches from the last
-        # good checkpoint. No FAILED.json: that would end the job for a fault of the moment.
-        print(f"error: {err}; stopping resumable (exit {contract.EXIT_PREEMPTED})", file=sys.stderr)
-        return contract.EXIT_PREEMPTED
+        # Not the job's fault and not final: stop resumable (74); the watchdog waits until the store takes
+        # writes again, then relaunches from the last good checkpoint. No FAILED.json: that would end the
+        # job for a fault of the moment (and could not be written anyway).
+        print(f"error: {err}; stopping resumable (exit {contract.EXIT_STORE_UNAVAILABLE})", file=sys.stderr)
+        return contract.EXIT_STORE_UNAVAILABLE
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         write_failed(store, job_id, attempt, str(err), "bad_input", contract.EXIT_BAD_INPUT)

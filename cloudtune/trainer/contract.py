@@ -8,6 +8,8 @@ from __future__ import annotations
 EXIT_DONE = 0  # DONE.json written, final adapter in <store>/<job>/final/
 EXIT_FAILED = 1  # unrecoverable error; FAILED.json written with the reason
 EXIT_BAD_INPUT = 2  # the spec or the data is invalid; FAILED.json written; do not retry
+EXIT_STORE_UNAVAILABLE = 74  # the store stayed unwritable past the retry budget (full, read-only, unreachable):
+#   resumable; the controller relaunches once the store takes writes again (EX_IOERR)
 EXIT_PREEMPTED = 75  # stopped on a signal/notice after an emergency checkpoint: relaunch to resume
 EXIT_STOPPED = 76  # stopped on a controller request (control.json "stop") after a checkpoint
 EXIT_PEER_LOST = 77  # multi-process: another rank/node vanished mid-collective; relaunch to resume
