@@ -42,7 +42,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -379,12 +378,11 @@ class AWSProvider:
             except ProviderError as err:
                 return region, err
 
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(self.regions)) or 1) as pool:
-            for region, out in pool.map(one, self.regions):
-                if isinstance(out, ProviderError):
-                    errors.append((region, out))
-                else:
-                    results.extend(out)
+        for region, out in _in_daemon_threads(one, self.regions, self.max_workers):
+            if isinstance(out, ProviderError):
+                errors.append((region, out))
+            else:
+                results.extend(out)
         skippable = all(isinstance(e, AuthError | QuotaError) for _, e in errors)
         if errors and (len(errors) == len(self.regions) or not skippable):
             raise errors[0][1]
@@ -977,6 +975,36 @@ class AWSProvider:
             note="the user-data script powers the instance off when the trainer exits; "
                  "InstanceInitiatedShutdownBehavior=terminate makes that a terminate (no credentials needed)",
         )
+
+
+def _in_daemon_threads(fn: Callable[[str], Any], items: list[str], max_workers: int) -> list[Any]:
+    """`[fn(x) for x in items]`, at most `max_workers` at a time, in daemon threads, in order.
+
+    Why not ThreadPoolExecutor: its workers are joined at interpreter exit, so one region whose endpoint
+    accepts and never answers (botocore: 60 s read timeout x 5 attempts) held `cloudtune gc` for minutes
+    after gc's own deadline had given up on AWS. A daemon thread dies with the process."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    results: list[Any] = [None] * len(items)
+    failures: list[BaseException | None] = [None] * len(items)
+    gate = threading.Semaphore(max(1, max_workers))
+
+    def run(i: int, x: str) -> None:
+        with gate:
+            try:
+                results[i] = fn(x)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller, as pool.map did
+                failures[i] = err
+
+    threads = [threading.Thread(target=run, args=(i, x), daemon=True, name=f"aws-{x}") for i, x in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for err in failures:
+        if err is not None:
+            raise err
+    return results
 
 
 def _nominal_gb(gpu: str) -> float:

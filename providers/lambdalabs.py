@@ -185,7 +185,11 @@ def lambda_tags(job_id: str, attempt: int) -> list[dict[str, str]]:
 
 
 def _classify(resp: Any, body: Any) -> ProviderError | None:
-    """Lambda's `{"error": {"code", "message", "suggestion"}}` codes onto the protocol's errors."""
+    """Lambda's `{"error": {"code", "message", "suggestion"}}` onto the protocol's errors.
+
+    By `code` first (the spec's ApiError* schemas; `message` is free text and never parsed), then by
+    HTTP status for codes this adapter does not know. A code wins over its status: a
+    `global/rate-limited` answer is a rate limit whatever status carries it."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         return None
@@ -194,23 +198,39 @@ def _classify(resp: Any, body: Any) -> ProviderError | None:
     suggestion = str(err.get("suggestion") or "").strip()
     text = f"lambda: {code}: {message}" + (f" ({suggestion})" if suggestion else "")
     status = resp.status_code
-    if code == "global/invalid-api-key" or status == 401:
-        return AuthError(f"lambda rejected the API key ({code or status}); {AUTH_HINT}", provider=PROVIDER)
+    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    if code == "global/invalid-api-key":
+        return AuthError(f"lambda rejected the API key ({code}); {AUTH_HINT}", provider=PROVIDER)
     if code == "global/account-inactive":
         return QuotaError(text + "; activate billing on cloud.lambda.ai", provider=PROVIDER)
     if code.endswith("insufficient-capacity"):
         return CapacityError(text, provider=PROVIDER)
     if code == "global/quota-exceeded":
         return QuotaError(text, provider=PROVIDER)
-    if code == "global/object-does-not-exist" or status == 404:
+    if code == "global/rate-limited":
+        return RateLimitedError(text, provider=PROVIDER, retry_after_s=retry_after)
+    if code in ("global/object-does-not-exist", "global/not-found"):
         return NotFoundError(text, provider=PROVIDER)
-    if status == 429:
-        return RateLimitedError(text, provider=PROVIDER, retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
-    if status >= 500 or code.startswith("provider/"):
+    if code == "global/internal-error" or code.startswith("provider/"):
         exc = TransientError(text, provider=PROVIDER)
         exc.status = status  # type: ignore[attr-defined]
         return exc
-    if code == "global/invalid-parameters" or status == 400:
+    if code == "global/invalid-parameters":
+        return InvalidRequestError(text, provider=PROVIDER)
+    if code == "global/forbidden":
+        return AuthError(f"lambda refused the request ({code}: {message}); {AUTH_HINT}", provider=PROVIDER)
+    # a code this adapter does not know: the status decides
+    if status == 401:
+        return AuthError(f"lambda rejected the API key ({code or status}); {AUTH_HINT}", provider=PROVIDER)
+    if status == 404:
+        return NotFoundError(text, provider=PROVIDER)
+    if status == 429:
+        return RateLimitedError(text, provider=PROVIDER, retry_after_s=retry_after)
+    if status >= 500:
+        exc = TransientError(text, provider=PROVIDER)
+        exc.status = status  # type: ignore[attr-defined]
+        return exc
+    if status == 400:
         return InvalidRequestError(text, provider=PROVIDER)
     if status == 403:
         return AuthError(f"lambda refused the request ({code}: {message}); {AUTH_HINT}", provider=PROVIDER)

@@ -85,7 +85,7 @@ class ModalClient(Protocol):
 
     def find(self, app_name: str, name: str) -> SandboxInfo | None: ...
 
-    def list(self, tags: dict[str, str]) -> list[SandboxInfo]: ...
+    def list(self, app_name: str, tags: dict[str, str]) -> list[SandboxInfo]: ...
 
     def terminate(self, sandbox_id: str) -> None: ...
 
@@ -145,8 +145,11 @@ class SdkModalClient:
             return None
         return self._info(sb, name)
 
-    def list(self, tags: dict[str, str]) -> list[SandboxInfo]:
-        return [self._info(sb) for sb in self.modal.Sandbox.list(tags=tags)]
+    def list(self, app_name: str, tags: dict[str, str]) -> list[SandboxInfo]:
+        """The app's sandboxes with these tags. Scoped by app_id: listing without one scans the whole
+        Environment, which modal deprecated from 2026-08-10 (`Sandbox.list` warns on every call)."""
+        app = self._app(app_name)
+        return [self._info(sb) for sb in self.modal.Sandbox.list(app_id=app.app_id, tags=tags)]
 
     def terminate(self, sandbox_id: str) -> None:
         self.modal.Sandbox.from_id(sandbox_id).terminate()
@@ -387,7 +390,7 @@ class ModalProvider:
             return
 
     def list_machines(self) -> list[Machine]:
-        return [self._machine(i) for i in self._call(lambda: self.client.list({TAG_MANAGED: "true"}))]
+        return [self._machine(i) for i in self._call(lambda: self.client.list(self.app_name, {TAG_MANAGED: "true"}))]
 
     def find_by_name(self, name: str) -> Machine | None:
         info = self._call(lambda: self.client.find(self.app_name, name))

@@ -14,8 +14,10 @@ Why this shape (../shared/providers.md section 3; vast-ai/vast-cli `vastai/api/{
   characters per variable, 32768 in all), so the spec travels by its store URL, never inline;
   search's 404 means a bad key; offers carry `duration` (seconds the host still offers the machine)
   and `min_bid` excludes storage, so the spot price adds the disk's storage cost.
-- 429s come without Retry-After; the shared client backs off with jitter. Per-endpoint limits
-  (x-rate-limit): search 10/min, create ~4.5 s between requests.
+- 429s come without Retry-After. Per-endpoint limits (x-rate-limit): search 10 per minute, create
+  4.5 s between requests (penalty 12 s), show 2 s, destroy 3 s, list 1 s. A 429 carries the wait its
+  endpoint documents (`RATE_WAIT_S`) so the shared client's retries outlast the window: backoff alone
+  (about 7 s over five tries) gave up inside search's minute and failed the launch.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from cloudtune.providers.base import (
     Offer,
     ProviderError,
     QuotaError,
+    RateLimitedError,
     SelfTerminate,
     TransientError,
     parse_machine_name,
@@ -78,6 +81,10 @@ _BY_UPPER = {k.upper(): v for k, v in VAST_GPU_NAMES.items()}
 _REVERSE: dict[str, list[str]] = {}
 for _v, _n in VAST_GPU_NAMES.items():
     _REVERSE.setdefault(_n, []).append(_v)
+
+# Seconds to wait after a 429, per endpoint (../shared/apis/vast/endpoints/*.yaml x-rate-limit). Search's
+# 10 per minute gets a quarter of the minute, so the default 5 tries span the whole window.
+RATE_WAIT_S = {"search": 15.0, "create": 12.0, "show": 2.0, "destroy": 3.0, "list": 1.0}
 
 _FUNDS = re.compile(r"insufficient[_ ](credit|funds|balance)|not enough (credit|funds|balance)|balance", re.I)
 _ASK_GONE = re.compile(r"no_such_ask|no longer available|not available|already rented|unavailable", re.I)
@@ -195,6 +202,9 @@ def _classify(resp: Any, body: Any) -> ProviderError | None:
     search = req is not None and req.method == "POST" and "/bundles" in str(req.url.path)
     if status in (401, 403) or "auth_error" in text or (search and status == 404):  # search: 404 = bad key
         return AuthError(f"vast rejected the API key (HTTP {status}); {AUTH_HINT}", provider=PROVIDER)
+    if status == 429:
+        return RateLimitedError(f"vast: rate limited (HTTP 429): {text}", provider=PROVIDER,
+                                retry_after_s=_rate_wait(resp, search))
     if _FUNDS.search(text) and status in (400, 402, 403, 409):
         return QuotaError(f"vast: insufficient credit: {text}", provider=PROVIDER)
     if status == 410 or (status in (400, 404) and _ASK_GONE.search(text)):
@@ -202,6 +212,30 @@ def _classify(resp: Any, body: Any) -> ProviderError | None:
     if status == 404 and _INSTANCE_GONE.search(text):
         return NotFoundError(f"vast: {text}", provider=PROVIDER)
     return None
+
+
+def _rate_wait(resp: Any, search: bool) -> float:
+    """How long to wait after a 429: Retry-After if Vast ever sends one, else the documented wait of the
+    endpoint it came from (RATE_WAIT_S)."""
+    from cloudtune.providers.http import parse_retry_after
+
+    hinted = parse_retry_after(resp.headers.get("Retry-After")) if hasattr(resp, "headers") else None
+    if hinted is not None:
+        return hinted
+    req = getattr(resp, "request", None)
+    path = str(req.url.path) if req is not None else ""
+    method = req.method if req is not None else ""
+    if search or req is None:
+        kind = "search"
+    elif method == "PUT" and "/asks/" in path:
+        kind = "create"
+    elif method == "DELETE":
+        kind = "destroy"
+    elif "/api/v1/instances" in path:
+        kind = "list"
+    else:
+        kind = "show"
+    return RATE_WAIT_S[kind]
 
 
 def _map_state(inst: dict[str, Any]) -> tuple[MachineState, str]:

@@ -9,7 +9,14 @@ moto unchanged, except:
   `InvalidInstanceID.NotFound` (HTTP 400) for its first N calls (`hide_new_instances`): EC2's
   eventual consistency ("Eventual consistency in the Amazon EC2 API" in the EC2 API reference);
 - `DescribeInstances` replies for a "preempted" instance are rewritten to what EC2 shows after a
-  spot interruption: state shutting-down/terminated with StateReason Server.SpotInstanceTermination.
+  spot interruption: state shutting-down/terminated with StateReason Server.SpotInstanceTermination;
+- `RunInstances` keeps EC2's idempotency ("Ensuring idempotency of EC2 API requests"): a repeat with
+  the ClientToken of a request that succeeded answers that request's instances and launches nothing
+  (moto stores the token but launches again);
+- a fault plan (`fault` / `apply`, the format every fake shares; tests/_faults_util.py) fails an
+  operation with EC2's XML error: create = RunInstances, status = DescribeInstances by InstanceId,
+  list = DescribeInstances by filter, terminate = TerminateInstances, search = DescribeSpotPriceHistory;
+  `after_effect` forwards to moto first (the instance exists, the answer is a 500).
 
 The adapter talks to it over real HTTP with boto3 (endpoint_url=proxy.url), so the whole botocore
 stack (signing, retries, XML parsing, error classes) is exercised; nothing in cloudtune is patched.
@@ -68,7 +75,33 @@ def ec2_error_xml(code: str, message: str) -> str:
     )
 
 
+# EC2's error code and HTTP status for a planned fault of a given status (throttling is a 503 in EC2).
+_DEFAULT_FAULT_CODES = {500: "InternalError", 503: "Unavailable", 429: "RequestLimitExceeded", 400: "InvalidParameterValue"}
+_FAULT_ACTIONS = {"create": "RunInstances", "status": "DescribeInstances", "list": "DescribeInstances",
+                  "terminate": "TerminateInstances", "search": "DescribeSpotPriceHistory"}
+
+
+@dataclass
+class ActionFault:
+    op: str
+    action: str
+    status: int
+    code: str | None
+    after_effect: bool
+    times: int
+    delay_s: float
+    reset: bool
+
+    def matches(self, action: str, form: dict[str, str]) -> bool:
+        if self.times <= 0 or action != self.action:
+            return False
+        by_id = any(k.startswith("InstanceId.") for k in form)
+        return {"status": by_id, "list": not by_id}.get(self.op, True)
+
+
 class EC2CapacityProxy(FakeServer):
+    FAULT_ROUTES = {op: ("POST", r"/.*") for op in _FAULT_ACTIONS}
+
     def __init__(self, upstream: str) -> None:
         super().__init__(api_key=None)
         self.upstream = upstream.rstrip("/")
@@ -79,6 +112,8 @@ class EC2CapacityProxy(FakeServer):
         self._hide_new = 0  # DescribeInstances NotFound answers per newly launched instance
         self._hidden: dict[str, int] = {}  # instance id -> NotFound answers left
         self._http = httpx.Client(timeout=30)
+        self.action_faults: list[ActionFault] = []
+        self._tokens: dict[str, bytes] = {}  # ClientToken -> the RunInstances answer it got
 
     def on_stop(self) -> None:
         self._http.close()
@@ -96,6 +131,42 @@ class EC2CapacityProxy(FakeServer):
         with self.lock:
             self._hide_new = times
 
+    def fault(self, op: str, *, status: int = 500, after_effect: bool = False, times: int = 1,
+              delay_s: float = 0.0, reset: bool = False, code: str | None = None,
+              retry_after: float | None = None) -> None:
+        """A fault plan entry (see FakeServer.fault); EC2 sends no Retry-After, so it is ignored."""
+        if op not in _FAULT_ACTIONS:
+            raise ValueError(f"EC2CapacityProxy has no fault route for op {op!r}")
+        with self.lock:
+            self.action_faults.append(ActionFault(op, _FAULT_ACTIONS[op], status, code, after_effect, times,
+                                                  delay_s, reset))
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self.action_faults.clear()
+            self._faults.clear()
+
+    def _fault_answer(self, fault: ActionFault) -> Response:
+        if fault.reset:
+            return Response(0, reset=True)
+        code = fault.code or _DEFAULT_FAULT_CODES.get(fault.status, "InternalError")
+        message = _MESSAGES.get(code, code)
+        return Response(fault.status, ec2_error_xml(code, message), content_type="text/xml;charset=UTF-8")
+
+    def live_instances(self) -> list[str]:
+        """Instance ids moto holds in a state that bills (pending/running/stopping/stopped), all regions
+        of this test's account: what "nothing leaked" is checked against."""
+        import boto3
+
+        ec2 = boto3.client("ec2", endpoint_url=self.upstream, region_name="us-east-1",
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        out = []
+        for res in ec2.describe_instances(Filters=[{"Name": "instance-state-name",
+                                                    "Values": ["pending", "running", "stopping", "stopped"]}])[
+                "Reservations"]:
+            out.extend(i["InstanceId"] for i in res["Instances"])
+        return out
+
     def preempt(self, instance_id: str, state: str = "shutting-down") -> None:
         """Show `instance_id` as reclaimed by EC2 (moto itself keeps it running)."""
         with self.lock:
@@ -105,11 +176,29 @@ class EC2CapacityProxy(FakeServer):
 
     @route("POST", r"/.*")
     def post(self, req: Request) -> Response:
+        import time
+
         form = {k: v[0] for k, v in parse_qs(req.body.decode(), keep_blank_values=True).items()}
         action = form.get("Action", "")
+        token = form.get("ClientToken") if action == "RunInstances" else None
+        with self.lock:
+            if action == "RunInstances":
+                self.run_instances_calls.append(form)
+            planned = next((f for f in self.action_faults if f.matches(action, form)), None)
+            if planned is not None:
+                planned.times -= 1
+        if planned is not None:
+            if planned.after_effect:
+                self._effect(req, token)
+            if planned.delay_s:
+                time.sleep(planned.delay_s)
+            return self._fault_answer(planned)
+        with self.lock:
+            known = self._tokens.get(token) if token else None
+        if known is not None:  # EC2 idempotency: the first answer again, nothing launched
+            return Response(200, known, content_type="text/xml;charset=UTF-8")
         if action == "RunInstances":
             with self.lock:
-                self.run_instances_calls.append(form)
                 zone = form.get("Placement.AvailabilityZone")
                 itype = form.get("InstanceType")
                 rule = next((r for r in self.rules if r.times != 0 and r.zone in (None, zone)
@@ -132,6 +221,9 @@ class EC2CapacityProxy(FakeServer):
                 return Response(400, ec2_error_xml("InvalidInstanceID.NotFound", message),
                                 content_type="text/xml;charset=UTF-8")
         resp = self._forward(req)
+        if token and resp.status == 200:
+            with self.lock:
+                self._tokens[token] = resp.body
         if action == "RunInstances" and resp.status == 200 and self._hide_new:
             with self.lock:
                 for iid in re.findall(rb"<instanceId>(i-[0-9a-f]+)</instanceId>", resp.body):
@@ -139,6 +231,16 @@ class EC2CapacityProxy(FakeServer):
         if action == "DescribeInstances" and self.preempted and resp.status == 200:
             resp.body = self._rewrite_preempted(resp.body)
         return resp
+
+    def _effect(self, req: Request, token: str | None) -> None:
+        """What EC2 does with a request whose answer is then lost: the action, idempotent by ClientToken."""
+        with self.lock:
+            if token and token in self._tokens:
+                return
+        done = self._forward(req)
+        if token and done.status == 200:
+            with self.lock:
+                self._tokens[token] = done.body
 
     @route("GET", r"/.*")
     def get(self, req: Request) -> Response:

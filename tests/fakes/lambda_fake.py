@@ -128,6 +128,25 @@ class FakeInstance:
 class LambdaFake(FakeServer):
     """State: instance types, capacity per (type, region), SSH keys, instances."""
 
+    FAULT_ROUTES = {"create": ("POST", r"^/api/v1/instance-operations/launch$"),
+                    "status": ("GET", r"^/api/v1/instances/[^/]+$"), "list": ("GET", r"^/api/v1/instances$"),
+                    "terminate": ("POST", r"^/api/v1/instance-operations/terminate$"),
+                    "search": ("GET", r"^/api/v1/instance-types$")}
+    # Error codes per status: the ApiError* schemas of openapi 1.10.0; `global/rate-limited` (429, launch: one
+    # per 12 s) is from Lambda's docs, not the spec, which lists no 429.
+    DEFAULT_CODES = {400: "global/invalid-parameters", 401: "global/invalid-api-key", 403: "global/account-inactive",
+                     404: "global/object-does-not-exist", 429: "global/rate-limited", 500: "global/internal-error",
+                     503: "global/internal-error"}
+
+    def fault_response(self, op: str, status: int, code: str | None, retry_after: float | None) -> Response:
+        """Lambda's `{"error": {"code", "message", "suggestion"}}`; the message is deliberately
+        misleading, since clients must branch on `code` only (the spec: messages may change)."""
+        resp = _err(status, code or self.DEFAULT_CODES.get(status, "global/internal-error"),
+                    "Planned fault; this message is free text and may say anything (e.g. capacity).")
+        if retry_after is not None:
+            resp.headers["Retry-After"] = f"{retry_after:g}"
+        return resp
+
     def __init__(
         self,
         api_key: str = "lambda-test-key",

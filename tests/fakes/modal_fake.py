@@ -17,7 +17,13 @@ What it keeps from Modal (modal.com/docs/guide/sandboxes, modal-client `sandbox/
   GenericResult with that status and exitcode 0; `returncode` is then computed by the real SDK's
   `_result_returncode`, which gives 0 for it (only TIMEOUT -> 124 and TERMINATED -> 137 are mapped),
   and the status name is reported the way SdkModalClient.result_status reads it.
-Errors are the real `modal.exception` classes; `fail_next` injects one.
+Errors are the real `modal.exception` classes; `fail_next` injects one, and `fault`/`apply` take the
+fault plan every fake shares (tests/_faults_util.py): a planned status becomes the exception the SDK
+itself raises for that gRPC status (`modal._grpc_client.grpc_error_to_modal_exception`: 500 INTERNAL ->
+InternalError, 503 UNAVAILABLE -> ServiceError, 429 RESOURCE_EXHAUSTED, 404 NOT_FOUND, a timeout
+DEADLINE_EXCEEDED -> ServiceError), a reset a `modal.exception.ConnectionError`. Ops: create, status
+(from_id), list (from_name and list), terminate. `workload=` runs that argv in every sandbox instead of
+the trainer command (a stand-in machine for orchestrator-level tests).
 """
 
 from __future__ import annotations
@@ -94,24 +100,60 @@ class FakeSandbox:
 class FakeModalClient:
     """Implements the adapter's `ModalClient` protocol the way Modal's SDK behaves."""
 
-    def __init__(self, *, extra_env: dict[str, str] | None = None) -> None:
+    FAULT_METHODS = {"create": ("create",), "status": ("get",), "list": ("find", "list"), "terminate": ("terminate",)}
+    _GRPC_STATUS = {500: "INTERNAL", 503: "UNAVAILABLE", 502: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+                    429: "RESOURCE_EXHAUSTED", 404: "NOT_FOUND", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                    400: "INVALID_ARGUMENT", 409: "ALREADY_EXISTS"}
+
+    def __init__(self, *, extra_env: dict[str, str] | None = None, workload: list[str] | None = None) -> None:
         self.sandboxes: dict[str, FakeSandbox] = {}
         self.created: list[FakeSandbox] = []
         self.calls: list[str] = []
         self.extra_env = dict(extra_env or {})
-        self._faults: list[tuple[str, Exception, bool]] = []
+        self.workload = list(workload) if workload else None
+        self._faults: list[list[Any]] = []  # [methods, exception, after, times left]
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------ test controls
 
     def fail_next(self, method: str, exc: Exception, *, after: bool = False) -> None:
         """Raise `exc` from the next call of `method`; `after=True` performs the call first."""
-        self._faults.append((method, exc, after))
+        self._faults.append([(method,), exc, after, 1])
+
+    def fault(self, op: str, *, status: int = 500, after_effect: bool = False, times: int = 1,
+              delay_s: float = 0.0, reset: bool = False, code: str | None = None,
+              retry_after: float | None = None) -> None:
+        """A fault plan entry (see tests/fakes/server.py FakeServer.fault) as the SDK would raise it."""
+        if op not in self.FAULT_METHODS:
+            raise ValueError(f"FakeModalClient has no fault route for op {op!r} (Modal has no offers API)")
+        if reset:
+            exc: Exception = mexc.ConnectionError("connection reset by peer (planned fault)")
+        else:
+            from grpclib import GRPCError, Status
+            from modal._grpc_client import grpc_error_to_modal_exception
+
+            name = "DEADLINE_EXCEEDED" if status == 0 and delay_s else self._GRPC_STATUS.get(status, "INTERNAL")
+            exc = grpc_error_to_modal_exception(GRPCError(Status[name], code or f"planned fault ({name})"))
+        self._faults.append([self.FAULT_METHODS[op], exc, after_effect, times])
+
+    def apply(self, plan: list[dict[str, Any]]) -> None:
+        for entry in plan:
+            self.fault(**entry)
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def alive(self) -> list[FakeSandbox]:
+        """Sandboxes still running (what would bill)."""
+        return [sb for sb in self.sandboxes.values() if sb.poll() is None]
 
     def _fault(self, method: str) -> tuple[Exception, bool] | None:
-        for i, (m, exc, after) in enumerate(self._faults):
-            if m == method:
-                del self._faults[i]
+        for i, entry in enumerate(self._faults):
+            methods, exc, after, _ = entry
+            if method in methods:
+                entry[3] -= 1
+                if entry[3] <= 0:
+                    del self._faults[i]
                 return exc, after
         return None
 
@@ -181,7 +223,7 @@ class FakeModalClient:
                     raise mexc.AlreadyExistsError(f"Sandbox with name '{defn.name}' already exists")
             env = {**os.environ, **self.extra_env, **kwargs["env"], **secret_env}
             proc = subprocess.Popen(
-                list(defn.command), env=env, start_new_session=True,
+                self.workload or list(defn.command), env=env, start_new_session=True,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=defn.workdir,
             )
             sb = FakeSandbox(
@@ -217,25 +259,35 @@ class FakeModalClient:
 
     def find(self, app_name: str, name: str) -> SandboxInfo | None:
         self.calls.append("find")
+        fault = self._fault("find")
+        if fault:
+            raise fault[0]
         for sb in self.sandboxes.values():
             if sb.app_name == app_name and sb.name == name and sb.poll() is None:
                 return SandboxInfo(sb.sandbox_id, sb.name, dict(sb.tags), None)
         return None
 
-    def list(self, tags: dict[str, str]) -> list[SandboxInfo]:
+    def list(self, app_name: str, tags: dict[str, str]) -> list[SandboxInfo]:
         self.calls.append("list")
         fault = self._fault("list")
         if fault:
             raise fault[0]
+        # the SDK's own signature, and the app scope it asks for (no app_id is deprecated since 2026-08-10)
+        inspect.signature(modal.Sandbox.list).bind(app_id=f"ap-{app_name}", tags=dict(tags))
         return [
             SandboxInfo(sb.sandbox_id, None, dict(sb.tags), None)
             for sb in self.sandboxes.values()
-            if sb.poll() is None and all(sb.tags.get(k) == v for k, v in tags.items())
+            if sb.app_name == app_name and sb.poll() is None and all(sb.tags.get(k) == v for k, v in tags.items())
         ]
 
     def terminate(self, sandbox_id: str) -> None:
         self.calls.append("terminate")
+        fault = self._fault("terminate")
+        if fault and not fault[1]:
+            raise fault[0]
         sb = self._get(sandbox_id)
         if sb.poll() is None:  # a no-op once finished
             sb._kill()
             sb.forced_rc = 137
+        if fault:
+            raise fault[0]

@@ -68,6 +68,20 @@ def problem(status: int, title: str, detail: str, errors: list[str] | None = Non
 
 
 class RunPodFake(FakeServer):
+    FAULT_ROUTES = {"create": ("POST", r"^/v2/pods$"), "status": ("GET", r"^/v2/pods/[^/]+$"),
+                    "list": ("GET", r"^/v2/pods$"), "terminate": ("DELETE", r"^/v2/pods/[^/]+$"),
+                    "search": ("GET", r"^/v2/catalog/gpus$")}
+
+    def fault_response(self, op: str, status: int, code: str | None, retry_after: float | None) -> Response:
+        """RFC 9457 problem+json, as every RunPod v2 error."""
+        from http import HTTPStatus
+
+        resp = problem(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error",
+                       code or "planned fault")
+        if retry_after is not None:
+            resp.headers["Retry-After"] = f"{retry_after:g}"
+        return resp
+
     def __init__(self, api_key: str | None = "rp-test-key", *, run_commands: bool = False,
                  gpus: list[dict[str, Any]] | None = None, balance: float = 100.0, cwd: str | None = None,
                  log_dir: str | None = None) -> None:

@@ -56,6 +56,7 @@ class Response:
     body: Any = None  # dict/list -> JSON; str/bytes -> as is
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    reset: bool = False  # drop the connection with a TCP RST instead of answering (a connection reset)
 
     def encode(self) -> bytes:
         if self.body is None:
@@ -77,6 +78,11 @@ class Fault:
     times: int
     delay_s: float = 0.0
     then_call: bool = False  # run the real handler first, then answer with `response` (5xx-after-create)
+    op: str = ""  # the fault plan's operation name, when it came from one (`FakeServer.apply`)
+
+
+#: The fault-plan operations every fake understands (tests/_faults_util.py documents the format).
+FAULT_OPS = ("create", "status", "list", "terminate", "search")
 
 
 Handler = Callable[[Request], Response]
@@ -142,6 +148,14 @@ class FakeServer:
                     body=body,
                 )
                 resp = fake.dispatch(req)
+                if resp.reset:  # SO_LINGER 0: close() sends RST, the client reads "connection reset"
+                    import socket
+                    import struct
+
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 payload = resp.encode()
                 try:
                     self.send_response(resp.status)
@@ -209,6 +223,48 @@ class FakeServer:
                 Fault(method.upper(), re.compile(path_regex), resp, times, delay_s, then_call=after_handler)
             )
 
+    # ------------------------------------------------------------ fault plans (one format for every fake)
+
+    #: op -> (HTTP method, path regex) of the provider's endpoint for that operation; subclasses fill it.
+    FAULT_ROUTES: dict[str, tuple[str, str]] = {}
+
+    def fault_response(self, op: str, status: int, code: str | None, retry_after: float | None) -> Response:
+        """The provider's own error body for a planned fault (subclasses shape it; `code` is the
+        provider's error code, e.g. Lambda's `global/rate-limited`)."""
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+        return Response(status, {"error": code or f"http_{status}"}, headers)
+
+    def fault(self, op: str, *, status: int = 500, after_effect: bool = False, times: int = 1,
+              delay_s: float = 0.0, reset: bool = False, code: str | None = None,
+              retry_after: float | None = None) -> None:
+        """One entry of a fault plan: the next `times` requests of operation `op` fail.
+
+        `after_effect`: the real handler runs first (the machine is created/destroyed), then the failure
+        is answered. `status=0`: no error, only the delay (with `delay_s` over the client's timeout, a
+        timeout; with `after_effect`, one that happened after the server acted). `reset`: the connection
+        is dropped. `code`/`retry_after`: the provider's error code and Retry-After header."""
+        if op not in self.FAULT_ROUTES:
+            raise ValueError(f"{type(self).__name__} has no fault route for op {op!r} (known: {sorted(self.FAULT_ROUTES)})")
+        method, regex = self.FAULT_ROUTES[op]
+        if reset:
+            resp: Response | None = Response(0, reset=True)
+        elif status == 0:
+            resp = None
+        else:
+            resp = self.fault_response(op, status, code, retry_after)
+        with self.lock:
+            self._faults.append(Fault(method, re.compile(regex), resp, times, delay_s, then_call=after_effect, op=op))
+
+    def apply(self, plan: list[dict[str, Any]]) -> None:
+        """Install a fault plan: a list of `{"op": ..., "status": ..., "after_effect": ..., "times": ...}`."""
+        for entry in plan:
+            self.fault(**entry)
+
+    def clear_faults(self) -> None:
+        """The API recovers: every pending fault is dropped."""
+        with self.lock:
+            self._faults.clear()
+
     def calls(self, method: str, path_regex: str = ".*") -> list[Request]:
         pat = re.compile(path_regex)
         with self.lock:
@@ -231,7 +287,7 @@ class FakeServer:
         """Answer one request and record the (request, response) pair in `exchanges`."""
         resp = self._dispatch(req)
         extra = self.response_headers(req, resp)
-        if extra:
+        if extra and not resp.reset:
             resp = Response(resp.status, resp.body, {**extra, **resp.headers}, resp.content_type)
         with self.lock:
             self.exchanges.append((req, resp))
@@ -250,7 +306,7 @@ class FakeServer:
             )
             if fault is not None:
                 fault.times -= 1
-        if fault is not None and fault.delay_s:
+        if fault is not None and fault.delay_s and not fault.then_call:
             time.sleep(fault.delay_s)
         if fault is not None and fault.response is not None and not fault.then_call:
             return fault.response
@@ -266,8 +322,11 @@ class FakeServer:
                     resp = handler(req)
                 except Exception as err:  # a bug in the fake: surface it as a 599 the test can see
                     resp = Response(599, {"fake_error": f"{type(err).__name__}: {err}"})
-                if fault is not None and fault.then_call and fault.response is not None:
-                    return fault.response
+                if fault is not None and fault.then_call:
+                    if fault.delay_s:  # the server acted, then the answer comes late (or never in time)
+                        time.sleep(fault.delay_s)
+                    if fault.response is not None:
+                        return fault.response
                 return resp
         return self.not_found(req)
 

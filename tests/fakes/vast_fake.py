@@ -64,6 +64,66 @@ def err(status: int, error: str, msg: str, **extra: Any) -> Response:
 
 
 class VastFake(FakeServer):
+    FAULT_ROUTES = {"create": ("PUT", r"^/api/v0/asks/\d+/$"), "status": ("GET", r"^/api/v0/instances/\d+/$"),
+                    "list": ("GET", r"^/api/v1/instances/$"), "terminate": ("DELETE", r"^/api/v0/instances/\d+/$"),
+                    "search": ("POST", r"^/api/v0/bundles/$")}
+    # x-rate-limit of each endpoint file (../shared/apis/vast/endpoints): search 10 per minute; the others a
+    # minimum interval in seconds between requests ("API requests too frequent endpoint threshold=N").
+    RATE_LIMITS = {"search": ("per_minute", 10), "create": ("threshold", 4.5), "status": ("threshold", 2.0),
+                   "terminate": ("threshold", 3.0), "list": ("threshold", 1.0)}
+
+    def fault_response(self, op: str, status: int, code: str | None, retry_after: float | None) -> Response:
+        """Vast's error bodies: 429 `{"detail": "API requests too frequent ..."}` (create/show_instance
+        .yaml; destroy: `rate_limit_exceeded`), else `{"success": false, "error", "msg"}`."""
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+        if status == 429 and op == "terminate":
+            return Response(429, {"success": False, "error": code or "rate_limit_exceeded",
+                                  "msg": "API requests too frequent"}, headers)
+        if status == 429:
+            limit = self.RATE_LIMITS.get(op, ("threshold", 1.0))[1]
+            return Response(429, {"detail": f"API requests too frequent endpoint threshold={limit}"}, headers)
+        return Response(status, {"success": False, "error": code or "server_error", "msg": "planned fault"}, headers)
+
+    def enforce_rate_limits(self, scale: float = 1.0) -> None:
+        """Answer 429 as Vast does once an endpoint's documented limit is passed (`RATE_LIMITS`), with
+        every window and threshold multiplied by `scale` (tests shrink time, not the rule)."""
+        with self.lock:
+            self._rate_scale = scale
+            self._rate_seen: dict[str, list[float]] = {}
+
+    def _rate_limited(self, req: Request) -> Response | None:
+        import re as _re
+        import time as _time
+
+        scale = getattr(self, "_rate_scale", None)
+        if scale is None:
+            return None
+        op = next((o for o, (m, rx) in self.FAULT_ROUTES.items() if m == req.method and _re.search(rx, req.path)),
+                  None)
+        if op is None:
+            return None
+        kind, value = self.RATE_LIMITS[op]
+        now = _time.monotonic()
+        with self.lock:
+            seen = self._rate_seen.setdefault(op, [])
+            if kind == "per_minute":
+                seen[:] = [t for t in seen if now - t < 60.0 * scale]
+                over = len(seen) >= value
+            else:
+                over = bool(seen) and now - seen[-1] < value * scale
+            if over:
+                return self.fault_response(op, 429, None, None)  # no Retry-After: Vast sends none
+            seen.append(now)
+        return None
+
+    def _dispatch(self, req: Request) -> Response:
+        limited = self._rate_limited(req)
+        if limited is not None:
+            with self.lock:
+                self.log.append(req)
+            return limited
+        return super()._dispatch(req)
+
     def __init__(self, api_key: str | None = "vast-test-key", *, run_commands: bool = False,
                  offers: list[dict[str, Any]] | None = None, credit: float = 100.0, cwd: str | None = None,
                  log_dir: str | None = None) -> None:
