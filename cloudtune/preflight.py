@@ -212,24 +212,67 @@ def _image_repo(image: str) -> str:
     return name.rsplit(":", 1)[0] if ":" in name.split("/")[-1] else name
 
 
-def image_runs_on(image: str, gpu: str) -> bool:
-    """False only where the image is known to be amd64-only and the machine's host CPU is ARM."""
+def registry_arches(image: str) -> set[str] | None:
+    """The CPU architectures the image's registry lists for it (cloudtune/registry.py); None when that
+    is unknown (offline, CLOUDTUNE_IMAGE_CHECK=off, not found), so the static table decides."""
+    from cloudtune.registry import arch_of, lookup
+
+    status, info = lookup(image)
+    if status != "ok" or not info:
+        return None
+    return {arch_of(p) for p in info if p.startswith("linux/")} or None
+
+
+def image_runs_on(image: str, gpu: str, arches: set[str] | None = None) -> bool:
+    """Whether `gpu`'s host CPU can run `image`: by what its registry lists when known, else False only
+    where the image is known to be amd64-only and the host is ARM."""
+    if arches is not None:
+        return machine_arch(gpu) in arches
     return not (_image_repo(image) in AMD64_ONLY_IMAGES and machine_arch(gpu) == "arm64")
 
 
 def bootable(image: str, options: list[Any]) -> list[Any]:
     """The options whose machine can run `image` (`run` drops the others from the failover order)."""
-    return [o for o in options if image_runs_on(image, o.offer.gpu)]
+    remote = [o for o in options if o.offer.provider != "local"]
+    arches = registry_arches(image) if remote else None
+    return [o for o in options if o.offer.provider == "local" or image_runs_on(image, o.offer.gpu, arches)]
 
 
 def check_arch(image: str, options: Iterable[Any]) -> list[str]:
-    """An amd64-only image cannot boot on an ARM host (a GH200's Grace CPU): refuse a plan left with none."""
-    options = list(options)
+    """An image not built for the machines' CPU (an amd64-only image on a GH200's Grace CPU) cannot
+    boot there: refuse a plan left with no machine that can run it."""
+    options = [o for o in options if o.offer.provider != "local"]
     if not options or bootable(image, options):
         return []
-    arm = sorted({f"{o.offer.provider}/{o.offer.gpu}" for o in options})
-    return [f"image {image} is built for amd64 but every planned machine is ARM (arm64): {', '.join(arm)}; set "
-            f"resources.gpu to another GPU, or build images/trainer for linux/arm64 and set resources.image to it"]
+    arches = registry_arches(image)
+    offered = ", ".join(sorted(arches)) if arches else "amd64"
+    wanted = sorted({machine_arch(o.offer.gpu) for o in options})
+    machines = sorted({f"{o.offer.provider}/{o.offer.gpu}" for o in options})
+    return [f"image {image} is built for {offered} but every planned machine is {'/'.join(wanted)}: "
+            f"{', '.join(machines)}; set resources.gpu to another GPU, or build images/trainer for "
+            f"linux/{wanted[0]} (docker buildx build --platform linux/{wanted[0]}) and set resources.image to it"]
+
+
+def check_image(image: str, providers: Iterable[str], options: Iterable[Any] = ()) -> list[str]:
+    """The image exists in its registry and offers the planned machines' CPU architecture.
+
+    Read from the registry (OCI Distribution API, anonymous or with `docker login`'s credentials);
+    unreachable (offline, timeout) is one warning line on stderr, not a problem, so `check` and
+    `--dry-run` work offline; the static arch table then still applies."""
+    import sys
+
+    from cloudtune.registry import lookup
+
+    if not image or not [p for p in providers if p != "local"]:
+        return []  # the local provider runs in place: no image is pulled
+    status, info = lookup(image)
+    if status == "not_found":
+        return [f"image {image}: {info[0]}; fix resources.image (check the name and tag: `docker manifest "
+                f"inspect {image}`), or build images/trainer, push it and set resources.image to it (docs/trainer.md)"]
+    if status == "unreachable":
+        print(f"warning: image {image}: could not read its registry ({info[0]}); whether it exists and its "
+              f"CPU architecture are not checked", file=sys.stderr)
+    return check_arch(image, options)
 
 
 def check_remote_store(providers: Iterable[str], url: str) -> list[str]:
@@ -279,7 +322,7 @@ def preflight(spec: Any, providers: list[str], options: Iterable[Any] = (), *, p
     problems += check_forwarded(spec, providers, url, probe=probe_store)
     if probe_store:
         problems += check_store(url, spec.store.endpoint_url, spec.store.region)
-    problems += check_arch(spec.resources.image, options)
+    problems += check_image(spec.resources.image, providers, options)
     return problems
 
 

@@ -14,6 +14,9 @@ import pytest
 # reads it once. An explicit value from the caller (CI) wins.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# No registry reads from the suite (cloudtune/registry.py would ask Docker Hub about the default image);
+# tests/test_image_registry.py turns them on against its local fake registry.
+os.environ.setdefault("CLOUDTUNE_IMAGE_CHECK", "off")
 
 
 @pytest.fixture(autouse=True)
