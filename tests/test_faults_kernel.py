@@ -159,7 +159,7 @@ def test_a_store_that_fills_up_mid_training_waits_resumable_then_completes(tmp_p
     from tests._run_util import db_rows, last_json, quickstart_spec, wait_for
 
     root = mounts.tmpfs(tmp_path / "store", "64m")
-    spec = quickstart_spec(tmp_path, "job", name="kfull", checkpoint={"every_steps": 20})
+    spec = quickstart_spec(tmp_path, "job", name="kfull", training={"max_steps": 200}, checkpoint={"every_steps": 20})
     env = cli_env(_isolated_home, CLOUDTUNE_STORE_RETRY_S="2")
     out = cli(env, "run", str(spec), "--detach", "--json", timeout=120)
     assert out.returncode == 0, out.stderr
