@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests._order import pytest_addoption, pytest_collection_modifyitems, pytest_configure  # noqa: F401
+
 # One OpenMP/BLAS thread in this process and every process the tests start (CLI, watchdog, local
 # machines, fake providers' "containers" and their trainers all inherit os.environ). The suite often
 # runs two trainers, or a trainer beside pytest and a watchdog, on two cores: torch's default pool of
@@ -26,6 +28,7 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("CLOUDTUNE_SPOT_POLL_S", "0.2")  # a trainer sees a fake's spot notice in 0.2 s, not 5
     return home
 
 
