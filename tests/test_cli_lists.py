@@ -113,3 +113,13 @@ def test_the_help_says_repeatable_or_comma_separated(tmp_path, command):
     assert proc.returncode == 0, proc.stderr
     provider_help = [line for line in proc.stdout.splitlines() if "--provider" in line]
     assert provider_help and "repeatable or comma-separated" in " ".join(provider_help), proc.stdout
+
+
+def test_plan_with_a_spec_refuses_the_filters_it_would_ignore(tmp_path, spec):
+    """`plan SPEC` plans what `run SPEC` runs; a --gpu/--region/--exclude there was silently dropped."""
+    proc = _cli(tmp_path, "plan", str(spec), "-g", "h100", "--exclude", "aws")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--exclude, --gpu applies to plans without a SPEC" in proc.stderr
+    ok = _cli(tmp_path, "plan", str(spec), "-p", "runpod", "-p", "vast", "--top", "0", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert {o["provider"] for o in json.loads(ok.stdout)["options"]} == {"runpod", "vast"}

@@ -76,6 +76,11 @@ def plan(
     if spec_path or spec_opt:
         if model:
             raise UserError("give either a job spec or --model, not both (the spec names its model)")
+        ignored = [flag for flag, v in (("--exclude", exclude), ("--gpu", gpu), ("--region", region),
+                                        ("--min-vram", min_vram)) if v]
+        if ignored:  # a SPEC plans what `run SPEC` runs: a filter here would show a plan run never makes
+            raise UserError(f"{', '.join(ignored)} applies to plans without a SPEC; with a SPEC, set resources.gpu / "
+                            f"resources.region / resources.provider in it (or -p), then `cloudtune plan SPEC`")
         _plan_spec(spec_path or spec_opt, provider, spot, max_price_hr, top, as_json, all_regions)
         return
     if not model:
