@@ -61,6 +61,14 @@ def _end(rig: Rig, orch, db: S.StateDB, job_id: str) -> None:
     assert all(r["ended_at"] is not None for r in db.ledger(job_id))
 
 
+def _all_fired(rig: Rig) -> bool:
+    """Every planned fault was used up (so a passing case really went through its fault)."""
+    pending = getattr(rig.fake, "action_faults", None)
+    if pending is not None:
+        return all(f.times <= 0 for f in pending)
+    return all((f.times if hasattr(f, "times") else f[3]) <= 0 for f in rig.fake._faults)
+
+
 def _job_id(rig: Rig, tag: str) -> str:
     return f"{tag}{rig.provider[:3]}"
 
@@ -111,30 +119,31 @@ def test_ambiguous_create_that_made_nothing_launches_one_successor(rig):
     _end(rig, orch, db, job_id)
 
 
-# How each provider loses a create's answer after acting on it: a client-side timeout where the adapter's
-# timeout is ours to set (the REST adapters), a connection reset for EC2 (botocore's 60 s read timeout is
-# fixed), Modal's ConnectionError.
-LOST_ANSWER = {
-    "runpod": {"op": "create", "status": 0, "after_effect": True, "delay_s": CLIENT_TIMEOUT_S * 3},
-    "vast": {"op": "create", "status": 0, "after_effect": True, "delay_s": CLIENT_TIMEOUT_S * 3},
-    "lambda": {"op": "create", "status": 0, "after_effect": True, "delay_s": CLIENT_TIMEOUT_S * 3},
-    "aws": {"op": "create", "reset": True, "after_effect": True},
-    "modal": {"op": "create", "reset": True, "after_effect": True},
-}
+# How a create's answer is lost after the provider acted on it: the connection reset (every provider;
+# Modal's SDK raises ConnectionError), or a client-side timeout where the adapter's timeout is ours to
+# set (the REST adapters; botocore's 60 s read timeout is fixed).
+RESET = {"op": "create", "reset": True, "after_effect": True}
+TIMEOUT = {"op": "create", "status": 0, "after_effect": True, "delay_s": CLIENT_TIMEOUT_S * 3}
+LOST_ANSWER = [pytest.param(p, RESET, id=f"{p}-reset") for p in PROVIDERS] + [
+    pytest.param(p, TIMEOUT, id=f"{p}-timeout") for p in HTTP]
 
 
-@pytest.mark.parametrize("rig", PROVIDERS, indirect=True)
-def test_create_whose_answer_is_lost_is_adopted_not_doubled(rig):
-    job_id = _job_id(rig, "lost")
+@pytest.mark.parametrize(("rig", "plan"), LOST_ANSWER, indirect=["rig"])
+def test_create_whose_answer_is_lost_is_adopted_not_doubled(rig, plan):
+    job_id = _job_id(rig, "lost" + ("t" if plan is TIMEOUT else "r"))
     db = rig.job(job_id)
     orch = rig.orchestrator(db, job_id)
-    rig.apply([LOST_ANSWER[rig.provider]])
+    rig.apply([plan])
     orch.tick()
     orch.tick()
     assert len(rig.alive()) == 1, f"{rig.provider}: {rig.alive()}"
     att = db.attempt(job_id, 1)
     assert _states(db, job_id) == [(1, S.A_RUNNING)]
     assert att["machine_id"].rpartition(":")[2] == rig.alive()[0]
+    assert _all_fired(rig), "the planned fault never fired"
+    if rig.provider == "aws":  # the adapter's own retry with the same ClientToken got the first instance
+        assert len(rig.fake.run_instances_calls) == 2
+        assert len({c["ClientToken"] for c in rig.fake.run_instances_calls}) == 1
     _end(rig, orch, db, job_id)
 
 
@@ -159,15 +168,17 @@ def test_status_failing_for_a_while_changes_nothing(rig):
     for _ in range(3):
         assert orch.tick() is True
     assert _states(db, job_id) == [(1, S.A_RUNNING)] and db.attempt(job_id, 1)["machine_id"] == machine_id
-    assert len(rig.alive()) == 1
+    assert len(rig.alive()) == 1 and _all_fired(rig)
     rig.fake.clear_faults()
     assert orch.tick() is True and _states(db, job_id) == [(1, S.A_RUNNING)]
     _end(rig, orch, db, job_id)
 
 
-TERMINATE_DOWN = {
-    "aws": [{"op": "terminate", "status": 503, "times": 1}],  # botocore retries it within the call
-}
+def _terminate_plan(rig: Rig, after_effect: bool) -> dict:
+    # refused: more failures than one call's retries (the adapter's, or botocore's own for EC2);
+    # done-then-5xx: one, the retry then reads "not found", which counts as done
+    times = 1 if after_effect or rig.provider == "aws" else 3
+    return {"op": "terminate", "status": 503, "times": times, "after_effect": after_effect}
 
 
 @pytest.mark.parametrize("after_effect", [False, True], ids=["refused", "done-then-5xx"])
@@ -178,12 +189,11 @@ def test_terminate_failing_still_ends_with_nothing_left(rig, after_effect):
     orch = rig.orchestrator(db, job_id)
     orch.tick()
     assert len(rig.alive()) == 1
-    plan = TERMINATE_DOWN.get(rig.provider, [{"op": "terminate", "status": 503, "times": 3}])
-    rig.apply([{**p, "after_effect": after_effect} for p in plan])
+    rig.apply([_terminate_plan(rig, after_effect)])
     t0 = time.monotonic()
     _end(rig, orch, db, job_id)
     assert time.monotonic() - t0 < 30
-    assert db.attempt(job_id, 1)["state"] == S.A_ENDED
+    assert db.attempt(job_id, 1)["state"] == S.A_ENDED and _all_fired(rig)
 
 
 RATE_LIMITED = {
@@ -203,7 +213,7 @@ def test_a_429_on_create_is_waited_out_and_launches_once(rig):
     t0 = time.monotonic()
     orch.tick()
     took = time.monotonic() - t0
-    assert _states(db, job_id) == [(1, S.A_RUNNING)] and len(rig.alive()) == 1
+    assert _states(db, job_id) == [(1, S.A_RUNNING)] and len(rig.alive()) == 1 and _all_fired(rig)
     if plan.get("retry_after"):
         assert took >= plan["retry_after"], "Retry-After was not honoured"
     _end(rig, orch, db, job_id)
