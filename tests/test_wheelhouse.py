@@ -150,3 +150,25 @@ def test_publish_urls_only_while_no_valid_manifest_exists(tmp_path, monkeypatch)
 
     monkeypatch.setenv(WH.ENV_SWITCH, "off")
     assert WH.attempt_env(store, key, "j2", 1, 600) == ({}, {})
+
+
+def test_the_planner_charges_the_first_start_cold_and_a_relaunch_warm():
+    """A spot relaunch costs the warm bootstrap (store wheelhouse), the first start the cold one."""
+    from cloudtune.catalog import gpu_specs
+    from cloudtune.planner import throughput as tp
+    from cloudtune.planner.types import TrainConfig
+    from tests.test_throughput import LLAMA8B
+
+    kw = dict(provider="runpod", spot=True, checkpoint_minutes=10)
+    gpu = gpu_specs()["A100-80GB"]
+    work = tp.Workload(20000, 512)
+    boot = tp.estimate_time(LLAMA8B, TrainConfig(), work, gpu, bootstrap=True, **kw)
+    own = tp.estimate_time(LLAMA8B, TrainConfig(), work, gpu, bootstrap=False, **kw)
+    assert boot.startup_hours * 3600 == pytest.approx(own.startup_hours * 3600 + tp.BOOTSTRAP_COLD_S)
+    assert tp.BOOTSTRAP_WARM_S < tp.BOOTSTRAP_COLD_S / 2
+    hazard = tp.SPOT_HAZARD_PER_H["runpod"]
+    run_h = boot.startup_hours + boot.train_hours
+    restart_h = (own.startup_hours * 3600 + tp.BOOTSTRAP_WARM_S) / 3600
+    loss = hazard * (10 / 60 / 2 + restart_h)
+    assert boot.preemption_hours == pytest.approx(run_h / (1 - loss) - run_h)
+    assert tp.assumptions()["bootstrap_warm_s"] == pytest.approx(tp.BOOTSTRAP_WARM_S, abs=0.1)

@@ -46,12 +46,9 @@ ENV_PIP_ARGS = "CLOUDTUNE_PIP_ARGS"  # extra pip arguments (tests: --no-index --
 # A presigned URL is a bearer grant to read one object (the wheel); short, but longer than a slow
 # provider's queue-to-boot time. A relaunch gets a fresh one (build_request runs per attempt).
 URL_EXPIRY_S = 3 * 3600
-# What the bootstrap adds to every start: download the wheel (~0.3 MB) and pip install the train extra
-# without torch (~450 MB of wheels: transformers, bitsandbytes, tensorboard, wandb, ...). Measured
-# here: a fresh venv with torch preinstalled, `pip install` of the pinned closure from PyPI took the
-# time recorded in docs/trainer.md ("Booting on a public image"); cloud machines have faster pipes
-# but the unpacking is CPU-bound. Used by cloudtune/planner/throughput.py's start-up estimate.
-BOOTSTRAP_S = 75.0
+# What the bootstrap costs a start (the planner's figures: cloudtune/planner/throughput.py BOOTSTRAP_COLD_S,
+# BOOTSTRAP_WARM_S): download the wheel (~0.3 MB) and pip install the train extra without torch (~450 MB of
+# wheels from the index the first time; a relaunch installs the store's wheelhouse, run/wheelhouse.py).
 # The source files a wheel is built from (the rest of the checkout is not part of the package).
 _SOURCES = ("pyproject.toml", "README.md", "cloudtune", "providers")
 # Extras the machine needs: training, and boto3 for an s3:// store.

@@ -131,15 +131,15 @@ def fetch(wh):
 
 
 def installed(report):
-    """name==version of every distribution pip installed from an index (its --report), cloudtune excepted."""
+    """name==version of every distribution pip installed (its --report), cloudtune's own wheel excepted
+    (it is per job, fetched from the job's bootstrap/ folder)."""
     with open(report) as f:
         items = json.load(f).get("install", [])
     out = []
     for item in items:
         meta = item.get("metadata", {})
-        url = item.get("download_info", {}).get("url", "")
-        if meta.get("name", "").lower() != "cloudtune" and not url.startswith("file:"):
-            out.append("{}=={}".format(meta["name"], meta["version"]))
+        if meta.get("name", "").lower() != "cloudtune":
+            out.append(f"{meta['name']}=={meta['version']}")
     return sorted(out)
 
 
