@@ -148,7 +148,12 @@ class SdkModalClient:
     def list(self, app_name: str, tags: dict[str, str]) -> list[SandboxInfo]:
         """The app's sandboxes with these tags. Scoped by app_id: listing without one scans the whole
         Environment, which modal deprecated from 2026-08-10 (`Sandbox.list` warns on every call)."""
-        app = self._app(app_name)
+        app = self._apps.get(app_name)
+        if app is None:
+            try:  # listing must not create the app (gc runs where no job ever launched on Modal)
+                app = self.modal.App.lookup(app_name)
+            except self.modal.exception.NotFoundError:
+                return []  # no app, no sandboxes
         return [self._info(sb) for sb in self.modal.Sandbox.list(app_id=app.app_id, tags=tags)]
 
     def terminate(self, sandbox_id: str) -> None:

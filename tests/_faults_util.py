@@ -105,7 +105,7 @@ class Rig:
     offers: list[Offer]
     store: dict[str, Any]
     alive: Callable[[], list[str]]  # ids of this provider's machines that bill now
-    note: str = ""
+    gc_env: dict[str, str] | None = None  # env under which `make_provider` (gc, status) reaches this fake
 
     def apply(self, plan: list[dict[str, Any]]) -> None:
         self.fake.apply(plan)
@@ -137,6 +137,10 @@ class Rig:
         return orch
 
 
+def _gc_env(provider: str, config: dict[str, Any], **keys: str) -> dict[str, str]:
+    return {"CLOUDTUNE_PROVIDER_CONFIG": json.dumps({provider: config}), **keys}
+
+
 def _s3_store(endpoint: str) -> dict[str, Any]:
     import uuid
 
@@ -163,7 +167,8 @@ def runpod_rig(tmp: Path, moto: str | None = None) -> Iterator[Rig]:
                   Offer(provider="runpod", offer_id="1x_L40S_SECURE", gpu="L40S", gpu_count=1,
                         vram_gib_per_gpu=44.5, region="global", price_hr=0.86)]
         yield Rig("runpod", fake, adapter, offers, {"url": f"file://{tmp / 'store'}"},
-                  lambda: [p["id"] for p in fake.alive()])
+                  lambda: [p["id"] for p in fake.alive()],
+                  _gc_env("runpod", {"base_url": fake.url + "/v2"}, RUNPOD_API_KEY="rp-test-key"))
 
 
 @contextmanager
@@ -181,7 +186,8 @@ def vast_rig(tmp: Path, moto: str | None = None) -> Iterator[Rig]:
                   Offer(provider="vast", offer_id="104", gpu="H100-SXM", gpu_count=1, vram_gib_per_gpu=79.0,
                         region="Texas, US", price_hr=1.85)]
         yield Rig("vast", fake, adapter, offers, {"url": f"file://{tmp / 'store'}"},
-                  lambda: [str(i["id"]) for i in fake.alive()])
+                  lambda: [str(i["id"]) for i in fake.alive()],
+                  _gc_env("vast", {"base_url": fake.url}, VAST_API_KEY="vast-test-key"))
 
 
 @contextmanager
@@ -200,7 +206,8 @@ def lambda_rig(tmp: Path, moto: str | None = None) -> Iterator[Rig]:
                   Offer(provider="lambda", offer_id="gpu_1x_a10", gpu="A10", gpu_count=1, vram_gib_per_gpu=22.0,
                         region="us-west-1", price_hr=1.29, billing_granularity_s=60)]
         yield Rig("lambda", fake, adapter, offers, _s3_store(moto),
-                  lambda: [i.id for i in fake.instances.values() if i.status not in ("terminated", "terminating")])
+                  lambda: [i.id for i in fake.instances.values() if i.status not in ("terminated", "terminating")],
+                  _gc_env("lambda", {"base_url": fake.url + "/api/v1"}, LAMBDA_API_KEY="lambda-test-key"))
 
 
 @contextmanager
@@ -224,7 +231,7 @@ def modal_rig(tmp: Path, moto: str | None = None) -> Iterator[Rig]:
 
 @contextmanager
 def aws_rig(tmp: Path, moto: str | None = None) -> Iterator[Rig]:
-    from tests.fakes.aws_setup import offer, provider_via, proxy_in_front
+    from tests.fakes.aws_setup import AMI_PARAMETER, INSTANCE_PROFILE, offer, provider_via, proxy_in_front
     from tests.fakes.ec2_proxy import EC2CapacityProxy
 
     assert moto, "the EC2 fake is moto_server behind a fault proxy"
@@ -233,7 +240,9 @@ def aws_rig(tmp: Path, moto: str | None = None) -> Iterator[Rig]:
         adapter.not_found_grace_s = 0.0  # moto is consistent; a NotFound here is a real one
         before = set(proxy.live_instances())  # the moto server is shared by the session
         yield Rig("aws", proxy, adapter, [offer("g5.xlarge"), offer("g6.xlarge", gpu="L4")], _s3_store(moto),
-                  lambda: [i for i in proxy.live_instances() if i not in before])
+                  lambda: [i for i in proxy.live_instances() if i not in before],
+                  _gc_env("aws", {"regions": ["us-east-1"], "endpoint_url": proxy.url,
+                                  "ami_parameter": AMI_PARAMETER, "instance_profile": INSTANCE_PROFILE}))
 
 
 RIGS = {"runpod": runpod_rig, "vast": vast_rig, "lambda": lambda_rig, "modal": modal_rig, "aws": aws_rig}

@@ -84,7 +84,7 @@ def _create_plan(rig: Rig, *, after_effect: bool) -> list[dict]:
 
 
 @pytest.mark.parametrize("rig", PROVIDERS, indirect=True)
-def test_ambiguous_create_is_owned_until_a_lookup_answers(rig):
+def test_ambiguous_create_is_owned_until_a_lookup_answers(rig, monkeypatch):
     job_id = _job_id(rig, "amb1")
     db = rig.job(job_id)
     orch = rig.orchestrator(db, job_id)
@@ -94,13 +94,27 @@ def test_ambiguous_create_is_owned_until_a_lookup_answers(rig):
     assert _states(db, job_id) == [(1, S.A_PROVISIONING)], "a successor was launched while machine 1 may exist"
     assert len(rig.alive()) == 1
     assert db.live_attempts()[0]["name"] == f"cloudtune-{job_id}-1"  # gc counts the name as owned
-
-    rig.fake.clear_faults()  # the API recovers: the lookup finds machine 1 and adopts it
+    db.request_stop(job_id, "test")  # a stop while ambiguous must not forget the machine either
     orch.tick()
+    assert _states(db, job_id) == [(1, S.A_PROVISIONING)] and len(rig.alive()) == 1
+
+    rig.fake.clear_faults()  # the API recovers
+    if rig.gc_env:  # gc, before the watchdog's next look: the machine is its attempt's, not an orphan
+        from cloudtune.run.gc import scan
+
+        for k, v in rig.gc_env.items():
+            monkeypatch.setenv(k, v)
+        result = scan(db, [rig.provider])
+        assert result.orphans == [] and result.foreign == [], (result.orphans, result.foreign)
+        assert [m.name for m in result.owned] == [f"cloudtune-{job_id}-1"], result
+    orch.tick()  # the lookup finds machine 1 and adopts it
     att = db.attempt(job_id, 1)
     assert att["state"] == S.A_RUNNING and [att["machine_id"].rpartition(":")[2]] == rig.alive()
     assert _states(db, job_id) == [(1, S.A_RUNNING)]
-    _end(rig, orch, db, job_id)
+    orch.tick()  # now the stop: control.json, then the machine ends after the grace
+    db.update_job(job_id, stop_deadline=time.time() - 1)
+    assert orch.tick() is False and db.get_job(job_id).state == S.STOPPED
+    assert rig.alive() == [] and all(r["ended_at"] is not None for r in db.ledger(job_id))
 
 
 @pytest.mark.parametrize("rig", PROVIDERS, indirect=True)
