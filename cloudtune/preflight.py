@@ -333,9 +333,11 @@ def require_ready(spec: Any, providers: list[str], options: Iterable[Any] = ()) 
         raise PreflightFailed(problems)
 
 
-def report_checks(console: Any, spec: Any, providers: list[str], options: Iterable[Any] = ()) -> list[str]:
-    """For `run --dry-run`: print the checks' verdict (without the store probe) and return the problems."""
-    problems = preflight(spec, providers, options, probe_store=False)
+def report_checks(console: Any, spec: Any, providers: list[str], options: Iterable[Any] = (),
+                  extra: Iterable[str] = ()) -> list[str]:
+    """For `run --dry-run`: print the checks' verdict (without the store probe) and return the problems.
+    `extra`: problems found before the checks (the data could not be read), listed with them."""
+    problems = preflight(spec, providers, options, probe_store=False) + list(extra)
     if problems:
         console.print(f"check: {len(problems)} problem(s) a real run would refuse:", markup=False)
         for p in problems:

@@ -97,6 +97,25 @@ def test_run_refuses_before_writing_a_job_row_or_uploading(tmp_path, aws_env):
         assert sqlite3.connect(db).execute("select count(*) from jobs").fetchone()[0] == 0
 
 
+def test_unreadable_data_is_one_problem_among_all_not_the_only_one(tmp_path):
+    """The training set on S3 without credentials used to end `run` (and `--dry-run`) with that error
+    alone, before the provider keys were even looked at: now it is listed with every other problem.
+    The dry run still shows the plan and the launch, and exits 2."""
+    job = _spec_file(tmp_path, data={"train": "s3://ct-nobody/train.jsonl", "format": "messages"},
+                     store={"url": "s3://ct-nobody/jobs"})
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    run = _cli(tmp_path, "run", str(job), "-p", "runpod", "--yes", **env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    problems = [ln for ln in run.stderr.splitlines() if ln.startswith("  - ")]
+    assert any("RUNPOD_API_KEY" in p for p in problems) and any(p.startswith("  - data: ") for p in problems)
+    assert not (tmp_path / "home" / "state.db").exists() or sqlite3.connect(tmp_path / "home" / "state.db").execute(
+        "select count(*) from jobs").fetchone()[0] == 0
+    dry = _cli(tmp_path, "run", str(job), "-p", "runpod", "--dry-run", **env)
+    assert dry.returncode == 2 and "Traceback" not in dry.stderr, dry.stderr
+    assert "launch: runpod" in dry.stdout + dry.stderr and "  - data: " in dry.stderr
+
+
 def test_check_passes_when_ready_and_dry_run_shows_the_checks(tmp_path):
     job = _spec_file(tmp_path)
     ok = _cli(tmp_path, "check", str(job))

@@ -229,22 +229,37 @@ def run_cmd(
         from cloudtune.run.controller import check_handover
 
         check_handover(controller, spec.store.url or default_store_url())
-    data = validate_data(spec)  # the head only: a ranged GET on S3 (trainer/data_head.py)
-    console.print(f"data: {data.line()}", markup=False, highlight=False, soft_wrap=True)
-    for note in data.notes:  # rows cut at max_seq_len, family adjustments, how much was checked
-        console.print(f"data: {note}", markup=False, highlight=False, soft_wrap=True)
-    draft = plan_job(spec, names)
-    from cloudtune.preflight import bootable, report_checks, require_ready
+    from cloudtune.errors import UserError
+    from cloudtune.preflight import PreflightFailed, bootable, preflight, report_checks, require_ready
 
+    data, data_problem, data_error = None, None, None
+    try:
+        data = validate_data(spec)  # the head only: a ranged GET on S3 (trainer/data_head.py)
+    except PreflightFailed:
+        raise
+    except UserError as err:  # e.g. no S3 credentials for the data: reported with every other problem below
+        data_problem, data_error = f"data: {str(err).splitlines()[0]}", err
+    if data is not None:
+        console.print(f"data: {data.line()}", markup=False, highlight=False, soft_wrap=True)
+        for note in data.notes:  # rows cut at max_seq_len, family adjustments, how much was checked
+            console.print(f"data: {note}", markup=False, highlight=False, soft_wrap=True)
+    draft = plan_job(spec, names)
     draft.options = bootable(spec.resources.image, draft.options) or draft.options  # no ARM host for an amd64 image
+    if data_error is not None:  # all problems at once, not the data's alone (#14: errors one at a time)
+        others = preflight(spec, names, draft.options, probe_store=not dry_run)
+        if not others:
+            raise data_error  # the only problem: its own one line
+        if not dry_run:
+            raise PreflightFailed(others + [data_problem])
     if not dry_run:
         require_ready(spec, names, draft.options)  # every problem at once, before any job row or upload (exit 2)
     check_budget(draft)
     check_remote(draft)
     if dry_run:  # shows the checks (a dry run works without credentials); `cloudtune check` also probes the store
-        report_checks(_console(stderr=True), spec, names, draft.options)
-    if dry_run:
+        report_checks(_console(stderr=True), spec, names, draft.options, extra=[data_problem] if data_problem else [])
         _dry_run(console, draft, json_out, data)
+        if data_problem:  # the plan and the launch are shown, but a dry run that could not read the data is no pass
+            raise typer.Exit(2)
         return
     _show_plan(console, draft)
     _confirm(console, draft, yes)
