@@ -76,7 +76,12 @@ def summary() -> dict:
             "single_gpu": _quantiles(single), "multi_gpu_one_node": _quantiles(multi),
             "single_gpu_small_steps_le_512_tokens": _quantiles(small),
             "multi_node": [{"id": t.id, "ratio": round(t.ratio, 3)} for t in tp if t.nodes > 1],
-            "rows": [{"id": t.id, "gpu": t.gpu, "gpus": t.gpus, "method": t.method,
+            # #15: by fabric, all rows and held-out rows (those not used to choose the constants)
+            "groups": {g: {split: _quantiles([t.ratio for t in tp if t.group == g and split in ("all", t.split)])
+                           for split in ("all", "tune", "holdout")}
+                       for g in ("single-gpu", "multi-gpu-nvlink", "multi-gpu-pcie", "multi-node")},
+            "rows": [{"id": t.id, "gpu": t.gpu, "gpus": t.gpus, "nodes": t.nodes, "method": t.method,
+                      "group": t.group, "split": t.split, "interconnect": t.interconnect,
                       "tokens_per_micro_step": t.tokens_per_micro_step, "ratio": round(t.ratio, 3)} for t in tp],
         },
     }
@@ -113,9 +118,17 @@ def markdown(s: dict) -> str:
             out.append(f"| {k} | {q['n']} | {q['min']:.2f} | {q['p25']:.2f} | {q['median']:.2f} | {q['p75']:.2f} "
                        f"| {q['max']:.2f} |")
     out.append("| multi-node | " + ", ".join(f"{m['id']} {m['ratio']:.2f}" for m in t["multi_node"]) + " | | | | | |")
-    out += ["", "| row | GPU | GPUs | method | tokens/micro-step | ratio |", "|---|---|---:|---|---:|---:|"]
-    out += [f"| {r['id']} | {r['gpu']} | {r['gpus']} | {r['method']} | {r['tokens_per_micro_step']} | {r['ratio']:.2f} |"
-            for r in t["rows"]]
+    out += ["", "### By fabric (held-out rows were not used to choose the constants)", "",
+            "| group | rows | n | min | p25 | median | p75 | max |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for g, splits in t["groups"].items():
+        for split, q in splits.items():
+            if q:
+                out.append(f"| {g} | {split} | {q['n']} | {q['min']:.2f} | {q['p25']:.2f} | {q['median']:.2f} "
+                           f"| {q['p75']:.2f} | {q['max']:.2f} |")
+    out += ["", "| row | split | GPU | GPUs | nodes | fabric | method | tokens/micro-step | ratio |",
+            "|---|---|---|---:|---:|---|---|---:|---:|"]
+    out += [f"| {r['id']} | {r['split']} | {r['gpu']} | {r['gpus']} | {r['nodes']} | {r['interconnect'] or '-'} "
+            f"| {r['method']} | {r['tokens_per_micro_step']} | {r['ratio']:.2f} |" for r in t["rows"]]
     return "\n".join(out)
 
 

@@ -186,12 +186,89 @@ def test_multi_gpu_nvlink_beats_pcie_and_scales_sublinearly():
     assert nv8.comm_s_per_step > 0
     assert single.train_hours / 8 < nv8.train_hours < single.train_hours / 6
     cfg = TrainConfig(method="full", seq_len=2048, micro_batch=1, grad_accum=8)
-    nv = _est(cfg=cfg, gpu="A100-80GB", gpus=8, sharding="fsdp")
-    pcie = _est(cfg=cfg, gpu="A6000", gpus=8, sharding="fsdp")  # 2-way bridge only: PCIe for FSDP
     nvl = _est(cfg=cfg, gpu="A100-80GB", gpus=8, sharding="fsdp")
-    assert pcie.comm_s_per_step > 10 * nvl.comm_s_per_step
-    multi = _est(cfg=cfg, gpu="A100-80GB", gpus=16, nodes=2, sharding="fsdp")
-    assert multi.comm_s_per_step > nv.comm_s_per_step  # inter-node links are slower than NVLink
+    pcie = _est(cfg=cfg, gpu="A6000", gpus=8, sharding="fsdp")  # 2-way bridge only: PCIe (P2P) for FSDP
+    assert pcie.comm_s_per_step > 5 * nvl.comm_s_per_step  # ~24 GB/s against ~210 GB/s
+    assert pcie.link["kind"] == "pcie" and nvl.link["kind"] == "nvlink"
+    multi = _est(cfg=cfg, gpu="A100-80GB", gpus=16, nodes=2, sharding="fsdp", provider="aws",
+                 offer_id="p4de.24xlarge")
+    assert multi.comm_s_per_step > nvl.comm_s_per_step  # 400 Gb/s per node is slower than NVSwitch
+
+
+# ---------------------------------------------------------------- interconnect (#15)
+
+from cloudtune.planner import interconnect as ic  # noqa: E402
+
+
+def test_every_gpu_row_names_its_interconnect_with_a_source():
+    rows = list(csv.DictReader((Path(tp.__file__).parents[1] / "data" / "gpus.csv").open()))
+    specs = gpu_specs()
+    for r in rows:
+        assert r["interconnect"], r["gpu"]
+        assert len(r["interconnect_source"]) > 30, r["gpu"]
+        link = ic.parse(r["interconnect"], specs[r["gpu"]])
+        assert link.gbs > 0 and 0 <= link.overlap <= 1, r["gpu"]
+    # SXM boards are NVSwitch, GeForce cards have no P2P, PCIe datacenter/workstation cards do
+    kinds = {r["gpu"]: ic.parse(r["interconnect"], specs[r["gpu"]]).kind for r in rows}
+    assert {kinds[g] for g in ("A100-40GB", "A100-80GB", "H100-SXM", "H200", "B200")} == {"nvlink"}
+    assert {kinds[g] for g in ("RTX3090", "RTX4090", "RTX5090", "RTX5070", "RTX4060")} == {"pcie-no-p2p"}
+    assert {kinds[g] for g in ("L4", "L40S", "A10G", "A6000", "A5000", "H100-80GB")} == {"pcie"}
+
+
+def test_fabric_from_form_factor_provider_offer_and_network():
+    s = gpu_specs()
+    a100 = ic.resolve(s["A100-40GB"], provider="aws", offer_id="p4d.24xlarge")
+    assert a100.kind == "nvlink" and a100.gbs == pytest.approx(600 * ic.NVLINK_EFFICIENCY)
+    # Vast names its PCIe A100s; marketplace slots are assumed x8
+    vast_pcie = ic.resolve(s["A100-40GB"], provider="vast", offer_id="2x-A100_PCIE-32-65536")
+    assert vast_pcie.kind == "pcie" and vast_pcie.gbs == pytest.approx(ic.PCIE_X16_GBS[4] / 2)
+    g5 = ic.resolve(s["A10G"], provider="aws", offer_id="g5.48xlarge")
+    assert g5.kind == "pcie" and g5.gbs == pytest.approx(ic.PCIE_X16_GBS[4])
+    vast_4090 = ic.resolve(s["RTX4090"], provider="vast", offer_id="4x-RTX_4090-32-65536")
+    assert vast_4090.kind == "pcie-no-p2p"
+    assert vast_4090.gbs == pytest.approx(ic.PCIE_X16_GBS[4] / 2 * ic.NO_P2P_FACTOR)
+    assert ic.resolve(s["RTX4060"], provider="vast").gbs == vast_4090.gbs  # x8 either way, not x4
+    # between nodes: AWS per instance family, Ethernet elsewhere
+    p4d = ic.resolve(s["A100-40GB"], provider="aws", offer_id="p4d.24xlarge", nodes=2)
+    p5 = ic.resolve(s["H100-SXM"], provider="aws", offer_id="p5.48xlarge", nodes=2)
+    lam = ic.resolve(s["H100-SXM"], provider="lambda", offer_id="gpu_8x_h100_sxm5", nodes=2)
+    assert p4d.node_gbs == pytest.approx(400 / 8 * ic.NIC_EFFICIENCY)
+    assert p5.node_gbs == pytest.approx(8 * p4d.node_gbs)
+    assert lam.node_gbs == pytest.approx(ic.DEFAULT_NODE_GBPS / 8 * ic.NIC_EFFICIENCY)
+    assert lam.node_gbs < p4d.node_gbs
+    # an override (a calibration row's published setup) wins, node rate included
+    row = ic.resolve(s["A100-80GB"], nodes=2, override="nvswitch; 400 Gb/s")
+    assert row.node_gbs == p4d.node_gbs
+
+
+def test_fsdp_qlora_gathers_the_4bit_storage_and_ddp_only_trainable_gradients():
+    q = TrainConfig(method="qlora", quant_bits=4, seq_len=2048, micro_batch=1)
+    lora = replace(q, method="lora", quant_bits=16)
+    fq = _est(cfg=q, gpu="RTX4090", gpus=2, sharding="fsdp", provider="vast")
+    fl = _est(cfg=lora, gpu="RTX4090", gpus=2, sharding="fsdp", provider="vast")
+    # 4-bit linears + fp32 absmax per 64 + bf16 embeddings/lm_head: ~0.37 of the bf16 bytes on Llama-3-8B
+    assert 0.3 < fq.comm_s_per_step / fl.comm_s_per_step < 0.45
+    ddp = _est(cfg=q, gpu="RTX4090", gpus=2, sharding="ddp", provider="vast", trainable_params=42_000_000)
+    assert ddp.comm_s_per_step < fq.comm_s_per_step / 20
+    # what hides under compute: half over PCIe, most over NVSwitch
+    assert 0 < fl.comm_exposed_s_per_step < fl.comm_s_per_step
+    assert ic.exposed_s(4.0, 1.0, ic.resolve(gpu_specs()["RTX4090"])) == pytest.approx(4.0 - ic.OVERLAP["pcie-no-p2p"])
+    assert ic.exposed_s(1.0, 4.0, ic.resolve(gpu_specs()["RTX4090"])) == pytest.approx(1.0 - ic.OVERLAP["pcie-no-p2p"])
+    nv = _est(cfg=lora, gpu="A100-80GB", gpus=2, sharding="fsdp")
+    assert nv.comm_exposed_s_per_step <= (1 - ic.OVERLAP["nvlink"]) * nv.comm_s_per_step + 1e-9
+    # a slow-lane consumer box (Answer.AI's 2x3090 rig) is slower than the same cards at x16
+    slow = _est(cfg=lora, gpu="RTX3090", gpus=2, sharding="fsdp", interconnect="pcie3 x8 no-p2p")
+    fast = _est(cfg=lora, gpu="RTX3090", gpus=2, sharding="fsdp", interconnect="pcie4 x16 no-p2p")
+    assert slow.train_hours > 1.3 * fast.train_hours
+
+
+def test_plan_json_names_the_fabric():
+    est = _est(cfg=TrainConfig(method="qlora", quant_bits=4), gpu="RTX5070", gpus=4, sharding="fsdp",
+               provider="vast", offer_id="4x-RTX_5070-32-65536")
+    d = est.to_dict()
+    assert d["interconnect"]["kind"] == "pcie-no-p2p" and "x8" in d["interconnect"]["describe"]
+    assert d["comm_exposed_s_per_step"] > 0
+    assert "overlap" in tp.assumptions()["interconnect"]
 
 
 def test_spot_adds_expected_preemption_overhead():
@@ -216,34 +293,46 @@ def _rows():
         return list(csv.DictReader(f))
 
 
-def _predict(r: dict[str, str]) -> float:
-    arch = ModelArch(id=r["model"], params_b=float(r["params_b"]), layers=int(r["layers"]), hidden=int(r["hidden"]),
-                     intermediate=int(r["intermediate"]), heads=int(r["heads"]), kv_heads=int(r["kv_heads"]),
-                     head_dim=int(r["head_dim"]), vocab=int(r["vocab"]), tied_embeddings=r["tied"] == "true")
-    seq, gpus = int(r["seq_len"]), int(r["gpus"])
-    cfg = TrainConfig(method=r["method"], quant_bits=int(r["quant_bits"]), seq_len=seq,
-                      micro_batch=int(r["micro_batch"]), grad_accum=int(r["grad_accum"]), gradient_checkpointing=True)
-    est = tp.estimate_time(arch, cfg, tp.Workload(4096 * gpus, seq), gpu_specs()[r["gpu"]], gpus=gpus,
-                           nodes=int(r["nodes"]), sharding=r["sharding"])
-    return est.tokens_per_sec / float(r["tokens_per_sec_total"])
-
-
-# The stated accuracy of the time model (docs/planner.md): single-node Hugging Face-stack rows
-# within a factor of 2 each and within 15% at the median; the one multi-node row (HF-01, whose
-# wall time includes evaluation and checkpoint saves) within a factor of 3.
+# The stated accuracy of the time model (docs/planner.md): every single-node row within a factor of 2,
+# the median of each group within 0.8-1.25 where it has >= 3 rows (single GPU, multi-GPU NVLink,
+# multi-GPU PCIe), held-out rows included. The one multi-node row (HF-01) is a lower bound: its wall
+# time includes evaluation, checkpoint saves and loading, so the model must not come out slower.
 SINGLE_NODE_FACTOR = 2.0
-MULTI_NODE_FACTOR = 3.0
+GROUP_MEDIAN = (0.8, 1.25)
 
 
 def test_calibration_against_measured_throughput():
+    from cloudtune.planner.calibration import evaluate_throughput
+
     rows = _rows()
-    assert len(rows) >= 35
-    ratios = {r["id"]: _predict(r) for r in rows}
-    for r in rows:
-        factor = MULTI_NODE_FACTOR if int(r["nodes"]) > 1 else SINGLE_NODE_FACTOR
-        ratio = ratios[r["id"]]
-        assert 1 / factor <= ratio <= factor, f"{r['id']}: predicted/measured tokens/s = {ratio:.2f}"
-    assert 0.85 <= statistics.median(ratios.values()) <= 1.15
+    assert len(rows) >= 45
+    res = evaluate_throughput(DATA.parent)
+    by_group: dict[str, list[float]] = {}
+    for t in res:
+        by_group.setdefault(t.group, []).append(t.ratio)
+        if t.nodes == 1:
+            assert 1 / SINGLE_NODE_FACTOR <= t.ratio <= SINGLE_NODE_FACTOR, f"{t.id}: predicted/measured = {t.ratio:.2f}"
+    assert {g: len(v) >= 3 for g, v in by_group.items()} == {
+        "single-gpu": True, "multi-gpu-nvlink": True, "multi-gpu-pcie": True, "multi-node": False}
+    for group in ("single-gpu", "multi-gpu-nvlink", "multi-gpu-pcie"):
+        med = statistics.median(by_group[group])
+        assert GROUP_MEDIAN[0] <= med <= GROUP_MEDIAN[1], (group, med)
+    held = [t.ratio for t in res if t.split == "holdout" and t.nodes == 1 and t.gpus > 1]
+    assert len(held) >= 5 and GROUP_MEDIAN[0] <= statistics.median(held) <= GROUP_MEDIAN[1]
+    assert all(t.ratio >= 1 for t in res if t.nodes > 1)  # HF-01: a lower bound on the throughput
+
+
+def test_pcie_rows_where_communication_dominates():
+    """#15: 2x RTX 3090 FSDP over slow PCIe lanes at 512-2048 tokens per step came out 1.4-1.8x too fast
+    with communication fully hidden behind compute; bf16 LoRA there runs slower than QLoRA."""
+    from cloudtune.planner.calibration import evaluate_throughput
+
+    ratio = {t.id: t.ratio for t in evaluate_throughput(DATA.parent)}
+    for rid in ("AAI-01", "AAI-03", "AAI-04", "AAI-07"):
+        assert 0.8 <= ratio[rid] <= 1.25, (rid, ratio[rid])
+    measured = {r["id"]: float(r["tokens_per_sec_total"]) for r in _rows()}
+    predicted = {k: ratio[k] * measured[k] for k in ("AAI-02", "AAI-04")}
+    assert predicted["AAI-02"] > 1.5 * predicted["AAI-04"]  # QLoRA (4-bit gathers) beats LoRA on that rig
 
 
 def test_assumptions_are_json():

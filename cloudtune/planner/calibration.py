@@ -162,6 +162,9 @@ class ThroughputResult:
     nodes: int
     tokens_per_micro_step: int
     ratio: float  # predicted / measured tokens/s
+    split: str = "tune"  # tune | holdout
+    group: str = "single-gpu"  # single-gpu | multi-gpu-nvlink | multi-gpu-pcie | multi-node
+    interconnect: str = ""  # the row's published fabric, as planner/interconnect.py reads it
 
 
 def evaluate_throughput(data: Path) -> list[ThroughputResult]:
@@ -181,10 +184,15 @@ def evaluate_throughput(data: Path) -> list[ThroughputResult]:
                               micro_batch=int(r["micro_batch"]), grad_accum=int(r["grad_accum"]),
                               gradient_checkpointing=True)
             est = tp.estimate_time(arch, cfg, tp.Workload(4096 * gpus, seq), specs[r["gpu"]], gpus=gpus,
-                                   nodes=int(r["nodes"]), sharding=r["sharding"])
+                                   nodes=int(r["nodes"]), sharding=r["sharding"],
+                                   interconnect=r.get("interconnect") or None)
+            link = (r.get("interconnect") or "").lower()
+            group = ("single-gpu" if gpus == 1 else "multi-node" if int(r["nodes"]) > 1
+                     else "multi-gpu-nvlink" if link.startswith(("nvswitch", "nvlink")) else "multi-gpu-pcie")
             out.append(ThroughputResult(
                 id=r["id"], source=r["id"].split("-")[0], method=r["method"], gpu=r["gpu"], gpus=gpus,
                 nodes=int(r["nodes"]), tokens_per_micro_step=seq * int(r["micro_batch"]),
                 ratio=est.tokens_per_sec / float(r["tokens_per_sec_total"]),
+                split=r.get("split") or "tune", group=group, interconnect=r.get("interconnect") or "",
             ))
     return out

@@ -335,7 +335,7 @@ def make_plan(
     from cloudtune.planner import spot as spot_prices
 
     ratios = spot_prices.usual_ratios(pool)
-    times: dict[tuple[str, int, int, str, bool], TimeEstimate] = {}
+    times: dict[tuple[str, int, int, str, bool, str], TimeEstimate] = {}
     options: list[PlanOption] = []
     above_price: list[PlanOption] = []
     for offer, spec, n, nodes, mem in fitting:
@@ -345,11 +345,12 @@ def make_plan(
         if spot is not False and offer.spot_price_hr is not None:
             modes.append((True, offer.spot_price_hr))
         for is_spot, price in modes:
-            key = (offer.gpu, n, nodes, offer.provider, is_spot)
+            key = (offer.gpu, n, nodes, offer.provider, is_spot, offer.offer_id if n > 1 else "")
             if key not in times:
                 times[key] = estimate_time(
                     arch, config_for_gpu(cfg, spec), workload, spec, gpus=n, nodes=nodes, sharding=mem.sharding,
                     trainable_params=mem.trainable_params, provider=offer.provider, spot=is_spot,
+                    offer_id=offer.offer_id,  # the fabric between its GPUs (planner/interconnect.py)
                     checkpoint_minutes=checkpoint_minutes, bootstrap=bootstrap,
                 )
             t = times[key]

@@ -7,7 +7,9 @@ The model (docs/planner.md has the derivation and the calibration table):
                    m = 6 (full) or 4 (LoRA/QLoRA: frozen weights get no weight-gradient),
                    +2 with gradient checkpointing (one more forward); a = 3, or 4 with recompute;
                    MoE counts the active experts only
-    t_micro      = max(compute, communication) + dequantization (QLoRA) + fixed per-step overhead
+    t_micro      = compute + exposed communication + dequantization (QLoRA) + fixed per-step overhead
+                   exposed = comm - overlap x min(comm, compute); comm and overlap by fabric
+                   (NVLink/NVSwitch, PCIe with/without P2P, between nodes: planner/interconnect.py)
     compute      = T x FLOPs/token / (peak dense bf16 (fp16 without bf16) x HFU(gpu class, method))
     t_job        = micro-steps x t_micro + optimizer steps x t_opt   (per GPU; data parallel)
     hours        = (startup + t_job) / (1 - spot hazard x (lost work + restart))   [spot only]
@@ -78,10 +80,8 @@ OPT_STEP_S_PER_PARAM = 6.5e-10
 DEQUANT_BYTES_PER_PARAM_PASS = 4.5
 DEQUANT_BW_EFFICIENCY = 0.7
 
-# Interconnect, effective per-GPU bandwidth for NCCL collectives (GB/s).
-NVLINK_EFFICIENCY = 0.35  # of the datasheet NVLink figure (bidirectional) for all-gather/reduce-scatter
-PCIE_GBS = 4.0  # no NVLink: FSDP over PCIe without P2P, as fitted on AAI-03/04 (2x3090) and AAI-29
-INTER_NODE_GBS = 12.5  # 100 Gb/s per GPU (EFA/InfiniBand class); worse on marketplace clouds
+# Interconnect (NVLink/NVSwitch, PCIe with or without P2P, between nodes) and how much of the traffic
+# hides under compute: planner/interconnect.py, calibrated on the multi-GPU rows of throughput_measured.csv.
 MULTI_GPU_SYNC_EFFICIENCY = 0.95  # stragglers, barriers: AAI-26 -> AAI-27 (4 -> 8 A100) kept 94%
 
 # Boot (machine + image, until our command starts), in seconds. Billing covers it.
@@ -213,6 +213,8 @@ class TimeEstimate:
     scaling_efficiency: float = 1.0
     dequant_s_per_step: float = 0.0
     comm_s_per_step: float = 0.0
+    comm_exposed_s_per_step: float = 0.0  # what of comm_s_per_step does not hide under compute
+    link: dict[str, Any] = field(default_factory=dict)  # the fabric (planner/interconnect.py Link)
     micro_steps: int = 0
     optimizer_steps: int = 0
     train_hours: float = 0.0
@@ -238,20 +240,19 @@ class TimeEstimate:
             "expected_restarts": round(self.expected_restarts, 2),
             "dequant_s_per_step": round(self.dequant_s_per_step, 4),
             "comm_s_per_step": round(self.comm_s_per_step, 4),
+            "comm_exposed_s_per_step": round(self.comm_exposed_s_per_step, 4),
+            **({"interconnect": self.link} if self.link else {}),
         }
 
 
-def _link_gbs(gpu: GpuSpec, gpus: int, nodes: int) -> float:
-    if nodes > 1:
-        return INTER_NODE_GBS
-    if gpu.nvlink_gbs:
-        return gpu.nvlink_gbs * NVLINK_EFFICIENCY
-    return PCIE_GBS
-
-
 def _weight_bytes(arch: ModelArch, cfg: TrainConfig) -> float:
-    bits = cfg.quant_bits if cfg.method == "qlora" else 16
-    return arch.params_b * 1e9 * bits / 8
+    """Bytes FSDP all-gathers per pass: bf16 weights, or for FSDP-QLoRA the packed 4-bit quant_storage
+    of the quantized linears (+ one fp32 absmax per 64-weight block) and the bf16 embeddings/lm_head."""
+    total = arch.params_b * 1e9
+    if cfg.method != "qlora":
+        return total * 2
+    unquantized = arch.vocab * arch.hidden * (1 if arch.tied_embeddings else 2)
+    return (total - unquantized) * (cfg.quant_bits / 8 + 4 / 64) + unquantized * 2
 
 
 def estimate_time(
@@ -265,11 +266,16 @@ def estimate_time(
     sharding: str = "none",
     trainable_params: int = 0,
     provider: str = "",
+    offer_id: str = "",
+    interconnect: str | None = None,
     spot: bool = False,
     checkpoint_minutes: float | None = None,
     bootstrap: bool = False,
 ) -> TimeEstimate:
-    """Time for the whole job on `gpus` GPUs of kind `gpu` (all nodes together)."""
+    """Time for the whole job on `gpus` GPUs of kind `gpu` (all nodes together).
+
+    `offer_id` and `provider` say the fabric between the GPUs (planner/interconnect.py);
+    `interconnect` overrides it with a description ("pcie4 x8 no-p2p", "nvswitch; 400 Gb/s")."""
     peak = gpu.peak_tflops
     if not peak:
         return TimeEstimate(False, f"{gpu.name}: no dense {gpu.precision} TFLOPS figure in gpus.csv, time unknown")
@@ -287,19 +293,23 @@ def estimate_time(
         est.hfu *= EAGER_ATTENTION_FACTOR
     compute_s = tokens_per_micro * est.flops_per_token / (peak * 1e12 * est.hfu)
 
-    # communication per micro-step: FSDP/ZeRO-3 gathers the weights for the forward and again for the
-    # backward and reduce-scatters the gradients of what trains; DDP all-reduces trainable gradients
-    # once per optimizer step (grad accumulation uses no_sync).
+    # communication per micro-step: FSDP/ZeRO-3 all-gathers the weights for the forward and again for
+    # the backward (the recompute runs inside the backward's gather) and reduce-scatters the bf16
+    # gradients of what trains; DDP all-reduces (= reduce-scatter + all-gather) the trainable gradients
+    # once per optimizer step (grad accumulation uses no_sync). Part of it hides under compute.
     comm_s = 0.0
     if gpus > 1:
-        frac = (gpus - 1) / gpus
-        link = _link_gbs(gpu, gpus, nodes) * 1e9
+        from cloudtune.planner import interconnect as ic
+
+        link = ic.resolve(gpu, provider=provider, offer_id=offer_id, nodes=nodes, override=interconnect)
+        est.link = link.to_dict()
         trainable = trainable_params or (arch.params_b * 1e9 if cfg.method == "full" else 0)
         if sharding in ("fsdp", "zero3"):
-            moved = 2 * _weight_bytes(arch, cfg) * frac + 2 * trainable * frac
+            moved = 2 * _weight_bytes(arch, cfg) + 2 * trainable
         else:
-            moved = 2 * 2 * trainable * frac / max(1, cfg.grad_accum)
-        comm_s = moved / link
+            moved = 2 * 2 * trainable / max(1, cfg.grad_accum)
+        comm_s = ic.collective_s(moved, gpus, nodes, link)
+        est.comm_exposed_s_per_step = ic.exposed_s(comm_s, compute_s, link)
     est.comm_s_per_step = comm_s
 
     dequant_s = 0.0
@@ -316,7 +326,7 @@ def estimate_time(
         # parameters in (forward, backward) and gradients out, bf16, per micro-step over PCIe
         moved = 3 * 2 * shard if sharding in ("fsdp", "zero3") else 2 * (trainable_params or shard)
         offload_s = moved / (OFFLOAD_PCIE_GBS * 1e9)
-    micro_s = max(compute_s, comm_s) + dequant_s + offload_s + MICRO_STEP_OVERHEAD_S
+    micro_s = compute_s + est.comm_exposed_s_per_step + dequant_s + offload_s + MICRO_STEP_OVERHEAD_S
     micro_s /= est.scaling_efficiency
     sequences = workload.samples * workload.epochs
     est.micro_steps = max(1, math.ceil(sequences / (cfg.micro_batch * gpus)))
@@ -379,6 +389,15 @@ def billed_hours(hours: float, provider: str, granularity_s: int) -> float:
     return seconds / 3600
 
 
+def _interconnect_assumptions() -> dict[str, Any]:
+    from cloudtune.planner import interconnect as ic
+
+    return {"nvlink_fraction_of_datasheet": ic.NVLINK_EFFICIENCY, "pcie_x16_gbs": dict(ic.PCIE_X16_GBS),
+            "no_p2p_factor": ic.NO_P2P_FACTOR, "overlap": dict(ic.OVERLAP),
+            "marketplace_lanes": ic.MARKETPLACE_LANES, "nic_efficiency": ic.NIC_EFFICIENCY,
+            "default_node_gbps": ic.DEFAULT_NODE_GBPS}
+
+
 def assumptions() -> dict[str, Any]:
     """The constants of the time model, as shown by `plan` (and `--json` "assumptions")."""
     return {
@@ -393,7 +412,7 @@ def assumptions() -> dict[str, Any]:
         "optimizer_step_s_per_param": OPT_STEP_S_PER_PARAM,
         "qlora_dequant": f"{DEQUANT_BYTES_PER_PARAM_PASS} B/param per pass, 3 passes with recompute, "
         f"at {DEQUANT_BW_EFFICIENCY:.0%} of memory bandwidth",
-        "interconnect_gbs": {"nvlink_fraction": NVLINK_EFFICIENCY, "pcie": PCIE_GBS, "inter_node": INTER_NODE_GBS},
+        "interconnect": _interconnect_assumptions(),
         "multi_gpu_sync_efficiency": MULTI_GPU_SYNC_EFFICIENCY,
         "boot_s": dict(BOOT_S),
         "download_gbs": DOWNLOAD_GBS,
