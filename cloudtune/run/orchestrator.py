@@ -61,6 +61,7 @@ from cloudtune.trainer import trackers
 log = logging.getLogger("cloudtune.orchestrator")
 
 STOP_GRACE_S = float(os.environ.get("CLOUDTUNE_STOP_GRACE_S", "60"))
+DISK_FULL = "the machine's disk filled up"  # an attempt's end reason on exit 73, with the step it reached
 STORE_WAIT = "waiting for the store"  # a job's reason while its trainer could not write the store (exit 74)
 TERMINATE_VERIFY_S = 120.0
 LAUNCH_RETRIES = 3
@@ -250,6 +251,12 @@ def check_remote(draft: Draft) -> None:
     if not remote:
         return
     p, spec = remote[0], draft.spec
+    from cloudtune.planner.disk import check_disk
+
+    plan = draft.plan
+    raised = check_disk(spec, getattr(plan, "model", None), getattr(plan, "config", None), remote)
+    if raised:  # the default disk cannot hold model + 2 checkpoints: ask for what does (planner/disk.py)
+        spec.resources.disk_gb = raised
     url = spec.store.url or default_store_url()
     if not url.startswith("s3://"):
         raise UserError(
@@ -393,6 +400,8 @@ def build_request(
     }
     if job.store_endpoint:
         env[C.ENV_STORE_ENDPOINT] = job.store_endpoint
+    if option.offer.provider != "local":  # the trainer names the disk_gb that would hold it (trainer/disk.py)
+        env[C.ENV_DISK_GB] = str(spec.resources.disk_gb or 100)
     limits = machine_limits(
         max_hours=spec.limits.max_hours, max_cost_usd=spec.limits.max_cost_usd,
         heartbeat_timeout_s=spec.limits.heartbeat_timeout_s, job_created_at=job.created_at,
@@ -598,6 +607,22 @@ class Orchestrator:
             self._end_attempt(att, reason, machine)
         self.db.set_state(self.job_id, state, reason)
         self.event(state, f"job {state}: {reason}")
+        self._clean_local_work(done=state == S.DONE)
+
+    def _clean_local_work(self, done: bool) -> None:
+        """A local job's attempts worked in $CLOUDTUNE_HOME/work/<job>/ on this disk: once it ends, remove
+        each attempt's dir whose every checkpoint (and final/, when done) is verified in the store."""
+        if not any(a["provider"] == "local" for a in self.db.attempts(self.job_id)):
+            return
+        from cloudtune.home import home
+        from cloudtune.trainer.checkpoint import CheckpointStore
+        from cloudtune.trainer.disk import clean_attempt_dirs
+
+        try:
+            clean_attempt_dirs(home() / "work" / self.job_id, CheckpointStore(self.store, self.job_id), before=None,
+                               done=done, remove_root=True)
+        except Exception as err:  # noqa: BLE001 - a cleanup never changes how a job ended
+            log.warning("%s: could not clean the local work dirs: %s", self.job_id, err)
 
     # -- launching
 
@@ -873,6 +898,8 @@ class Orchestrator:
                                   f"says which); relaunching once it takes writes again")
                 self.event("store_wait", self.job().reason, att["n"])
                 return True
+            if code == C.EXIT_DISK_FULL:
+                return self._disk_full(att, machine)
             reason = ("the trainer checkpointed on a signal and exited (75)" if code == C.EXIT_PREEMPTED
                       else f"the trainer exited with {code}")
             self._recover(att, reason, machine)
@@ -882,6 +909,23 @@ class Orchestrator:
             return True
         detail = machine.detail if machine is not None else "the provider no longer knows the machine"
         self._recover(att, f"machine lost ({machine.state.value if machine else 'not found'}): {detail}", machine)
+        return True
+
+    def _disk_full(self, att: dict[str, Any], machine: Machine | None) -> bool:
+        """Exit 73: the machine's own disk filled up. A new machine has a fresh disk, so relaunch; but two
+        attempts in a row full at the same step will not get further: stop (resumable) with the fix."""
+        hb = self.heartbeat() or {}
+        mine = int(hb.get("attempt", -1)) == att["n"] and hb.get("phase") == "disk_full"
+        step = hb.get("step") if mine else None
+        why = str(hb.get("disk_full") or "") if mine else ""
+        reason = f"{DISK_FULL} at step {step if step is not None else '?'}: {why or 'the trainer exited 73'}"
+        prev = [a for a in self.db.attempts(self.job_id) if a["n"] < att["n"] and a["state"] == S.A_ENDED]
+        again = bool(prev) and (prev[-1].get("end_reason") or "").startswith(f"{DISK_FULL} at step {step}:")
+        if again and step is not None:
+            self._finish(S.STOPPED, f"{why or reason} (twice in a row at step {step}: a relaunch would fill its "
+                         f"disk again; the last committed checkpoint stays in the store)", att, machine)
+            return False
+        self._recover(att, reason, machine)
         return True
 
     def _store_wait(self) -> bool:

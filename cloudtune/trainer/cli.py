@@ -27,6 +27,7 @@ from cloudtune.store import layout, open_store
 from cloudtune.store.base import Store
 from cloudtune.store.retry import StoreUnavailable
 from cloudtune.trainer import contract
+from cloudtune.trainer.disk import DiskFull
 from cloudtune.trainer.distributed import PeerLost
 
 log = logging.getLogger("cloudtune.trainer")
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         write_failed(store, job_id, attempt, str(err), "bad_input", contract.EXIT_BAD_INPUT)
         return contract.EXIT_BAD_INPUT
+    except DiskFull as err:  # this machine's disk: resumable on a fresh disk (train.py removed the partial save)
+        print(f"error: {err}; stopping resumable (exit {contract.EXIT_DISK_FULL})", file=sys.stderr)
+        return contract.EXIT_DISK_FULL
     except PeerLost as err:  # another rank/node vanished: the orchestrator relaunches and resumes
         print(f"error: {err}", file=sys.stderr)
         return contract.EXIT_PEER_LOST

@@ -8,6 +8,8 @@ from __future__ import annotations
 EXIT_DONE = 0  # DONE.json written, final adapter in <store>/<job>/final/
 EXIT_FAILED = 1  # unrecoverable error; FAILED.json written with the reason
 EXIT_BAD_INPUT = 2  # the spec or the data is invalid; FAILED.json written; do not retry
+EXIT_DISK_FULL = 73  # the machine's own disk filled up (a checkpoint save, the model download): the partial
+#   checkpoint is removed, the committed one stays the resume point; relaunch on a fresh disk (EX_CANTCREAT)
 EXIT_STORE_UNAVAILABLE = 74  # the store stayed unwritable past the retry budget (full, read-only, unreachable):
 #   resumable; the controller relaunches once the store takes writes again (EX_IOERR)
 EXIT_PREEMPTED = 75  # stopped on a signal/notice after an emergency checkpoint: relaunch to resume
@@ -22,6 +24,7 @@ ENV_ATTEMPT = "CLOUDTUNE_ATTEMPT"
 ENV_STORE = "CLOUDTUNE_STORE"  # store root URL (overrides spec.store.url)
 ENV_STORE_ENDPOINT = "CLOUDTUNE_STORE_ENDPOINT"  # S3-compatible endpoint URL
 ENV_IMDS = "CLOUDTUNE_IMDS_ENDPOINT"  # AWS instance metadata endpoint (tests point it at a fake)
+ENV_DISK_GB = "CLOUDTUNE_DISK_GB"  # the disk the machine was given (resources.disk_gb); unset on `local`
 
 HEARTBEAT_INTERVAL_S = 30.0
 

@@ -117,7 +117,7 @@ def exit_code(codes: dict[int, int]) -> int:
     for c in sorted(values):
         if c < 0 and c != -signal.SIGTERM:
             return 128 - c
-    for c in (C.EXIT_PEER_LOST, C.EXIT_PREEMPTED, C.EXIT_STOPPED):
+    for c in (C.EXIT_DISK_FULL, C.EXIT_STORE_UNAVAILABLE, C.EXIT_PEER_LOST, C.EXIT_PREEMPTED, C.EXIT_STOPPED):
         if c in values:
             return c
     return 128 + signal.SIGTERM if -signal.SIGTERM in values else max(values)

@@ -21,7 +21,8 @@ from cloudtune.errors import UserError
 from cloudtune.spec import JobSpec
 from cloudtune.store import layout
 from cloudtune.store.base import Store
-from cloudtune.trainer import contract, trackers
+from cloudtune.store.retry import StoreUnavailable
+from cloudtune.trainer import contract, disk, trackers
 from cloudtune.trainer.checkpoint import CheckpointStore
 from cloudtune.trainer.distributed import Dist, PeerLost
 from cloudtune.trainer.monitor import (
@@ -131,6 +132,8 @@ def load_model(spec: JobSpec, path: str, prec: str) -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
+        if disk.is_disk_full(err):  # the download filled the disk: not bad input (exit 73, not 2)
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load model {spec.model!r}: {first}") from None
 
@@ -389,6 +392,7 @@ def run(att: Attempt) -> int:
     monitor = Monitor(store, job, att.attempt, req, imds=imds_endpoint() if dist.is_local_main else None,
                       main=dist.is_main).start()
     started = time.time()
+    trainer = ckpts = None
     try:
         monitor.beat(phase="loading")
         # 1. data first: a malformed record must cost nothing
@@ -397,6 +401,8 @@ def run(att: Attempt) -> int:
 
         # 2. restore the newest committed checkpoint that verifies
         ckpts = CheckpointStore(store, job, keep=spec.checkpoint.keep)
+        if dist.is_local_main:  # earlier attempts' dirs on this disk, once the store holds all they hold
+            disk.clean_old_attempts(att.work_dir, ckpts, att.attempt)
         restored = dist.restore(ckpts, att.work_dir)
         if restored:
             # written by another world size? same global batch, or a one-line refusal (distributed.py)
@@ -522,6 +528,13 @@ def run(att: Attempt) -> int:
         if dist.peer_lost(err):  # a vanished peer is a relaunch (exit 77), not FAILED.json
             raise PeerLost(f"rank {dist.rank}: another process of the job is gone ({type(err).__name__}: "
                            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
+        if not isinstance(err, StoreUnavailable) and disk.is_disk_full(err, att.work_dir):
+            # this machine's disk, not the store: drop the partial save, say how big, exit 73 (cli.py)
+            step = trainer.state.global_step if trainer is not None else int(monitor.fields.get("step") or 0)
+            full = disk.on_disk_full(err, att.work_dir, step=step, phase=str(monitor.fields.get("phase")),
+                                     trainer=trainer, ckpts=ckpts)
+            monitor.beat(**full.heartbeat())
+            raise full from err
         raise
     finally:
         monitor.close()

@@ -1,0 +1,141 @@
+"""The machine's own disk fills up (#16 item 5, the common cloud case: a RunPod/Vast container disk of
+20-50 GB against checkpoints of tens of GB), made by the kernel on a small tmpfs (tests/_kernel_fs.py).
+
+Before: ENOSPC in HF's checkpoint save (torch's zip writer says only "unexpected pos ...") reached the
+trainer's catch-all, which wrote FAILED.json and exited 1: the job ended failed with a good checkpoint
+in the store. Now the partial checkpoint is removed, the trainer exits 73 with one line that sizes the
+problem, the orchestrator relaunches on a fresh disk and stops (resumable) when two attempts in a row
+fill their disk at the same step. Also: old attempts' work dirs, `pull` onto a full disk, `cost` of an
+unattended job, and the disk asked for before renting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudtune.store import open_store
+from cloudtune.trainer import contract
+from cloudtune.trainer.checkpoint import CheckpointStore
+from tests._kernel_fs import fill, mounts  # noqa: F401 - the fixture
+from tests._run_util import ROOT, cli_env, quickstart_spec
+
+
+def test_a_full_work_disk_during_a_checkpoint_save_stops_resumable(tmp_path, _isolated_home, mounts):
+    """One real trainer: its work dir is a tmpfs that holds one checkpoint (~0.85 MB) but not two. The
+    save of step 20 fills it: exit 73, one line with the sizes and the disk_gb that holds it; the
+    partial checkpoint-20 is gone (locally and from the store); checkpoint 10 stays the resume point."""
+    if mounts is None:
+        return
+    work = mounts.tmpfs(tmp_path / "disk", "1400k") / "work"  # the trainer empties its work dir: not the mount
+    spec = quickstart_spec(tmp_path, "job", name="kdisk", training={"max_steps": 40},
+                           checkpoint={"every_steps": 10})
+    env = cli_env(_isolated_home, CLOUDTUNE_DISK_GB="1")
+    out = subprocess.run([sys.executable, "-m", "cloudtune.trainer", "--spec", str(spec), "--job-id", "kdisk1",
+                          "--work-dir", str(work)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == contract.EXIT_DISK_FULL, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    line = errors[0]
+    assert line.startswith("error: the machine's disk is full at step 20 ("), line
+    assert " free, a checkpoint needs ~0.8 MiB; set resources.disk_gb >= 2 (now 1)" in line, line
+    assert line.endswith("stopping resumable (exit 73)"), line
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    ckpts = CheckpointStore(store, "kdisk1")
+    assert ckpts.latest_step() == 10 and ckpts.committed_steps() == [10]
+    assert not [k for k in store.list("kdisk1/checkpoints/") if "/00000020/" in k], "the partial save was uploaded"
+    assert not store.exists("kdisk1/FAILED.json")
+    hb = store.get_json("kdisk1/heartbeat.json")
+    assert hb["phase"] == "disk_full" and hb["step"] == 20 and hb["disk_fix_gb"] == 2, hb
+    assert hb["disk_full"] in line
+    assert sorted(p.name for p in (work / "hf").iterdir() if p.is_dir()) == ["checkpoint-10"]
+    ckpts.download(10, tmp_path / "verify")  # sizes and sha256 of every file check out
+
+
+# ----------------------------------------------------------------------------- the orchestrator
+
+
+def _disk_full_machine(db, job_id: str, n: int, store_root: Path, step: int) -> None:
+    """Attempt n: a local machine that does what a trainer on a full disk does (heartbeat, exit 73)."""
+    from cloudtune.providers import get_provider
+    from cloudtune.providers.base import LaunchRequest
+    from cloudtune.run import state as S
+
+    hb = {"job_id": job_id, "attempt": n, "time": time.time(), "phase": "disk_full", "step": step,
+          "disk_full": f"the machine's disk is full at step {step} (/w): 1.0 MiB free, a checkpoint needs "
+                       f"~40.0 GiB; set resources.disk_gb >= 141 (now 100)"}
+    path = store_root / job_id / "heartbeat.json"
+    code = (f"import json,pathlib,sys; p=pathlib.Path({str(path)!r}); p.parent.mkdir(parents=True, exist_ok=True); "
+            f"p.write_text(json.dumps({hb!r})); sys.exit(73)")
+    p = get_provider("local")
+    m = p.launch(LaunchRequest(job_id=job_id, attempt=n, offer=p.offers()[0], spot=False, image="-",
+                               command=[sys.executable, "-c", code]))
+    db.insert_attempt(job_id, n, m.name, "local", "local")
+    db.update_attempt(job_id, n, machine_id=m.machine_id, state=S.A_RUNNING)
+    db.open_ledger(job_id, n, provider="local", offer_id="local", gpu="CPU", gpu_count=1, spot=0, price_hr=0.0,
+                   on_demand_price_hr=0.0, billing_granularity_s=1, started_at=time.time())
+
+
+def _job(tmp_path: Path, job_id: str):
+    from cloudtune.run import state as S
+    from cloudtune.run.orchestrator import plan_job
+    from cloudtune.spec import parse_spec
+
+    spec = parse_spec({"name": "disky", "model": "tiny:reverse", "data": {"train": str(ROOT / "examples" / "data" / "reverse.jsonl")},
+                       "store": {"url": f"file://{tmp_path / 'store'}"}, "limits": {"heartbeat_timeout_s": 3600}})
+    plan = [o.to_dict() for o in plan_job(spec, ["local"]).options]
+    db = S.StateDB()
+    db.insert_job(id=job_id, name="disky", provider="local", store_url=f"file://{tmp_path / 'store'}",
+                  spec_json=spec.to_json(), plan_json=json.dumps(plan), state=S.RUNNING)
+    return db
+
+
+def _tick_until(orch, cond, timeout: float = 60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        orch.tick()
+        if (got := cond()):
+            return got
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_orchestrator_relaunches_a_full_disk_once_then_stops_with_the_fix(tmp_path, _isolated_home):
+    """Exit 73 at step 20 after an attempt that filled its disk at step 10: progress, so relaunch (a new
+    machine has a fresh disk, one restart spent). Exit 73 at step 20 again: stopped, with the trainer's
+    line and its fix; nothing more is launched."""
+    from cloudtune.providers import get_provider
+    from cloudtune.run import state as S
+    from cloudtune.run.orchestrator import Orchestrator
+
+    db = _job(tmp_path, "kdfull01")
+    _disk_full_machine(db, "kdfull01", 1, tmp_path / "store", step=10)
+    db.set_state("kdfull01", S.RUNNING)
+    orch = Orchestrator(db, "kdfull01")
+    try:
+        _tick_until(orch, lambda: len(db.attempts("kdfull01")) >= 2)
+        a1 = db.attempt("kdfull01", 1)
+        assert a1["end_reason"].startswith("the machine's disk filled up at step 10: the machine's disk is full"), a1
+        assert db.get_job("kdfull01").state in (S.PROVISIONING, S.RUNNING)  # relaunched, not failed
+        a2 = db.attempt("kdfull01", 2)  # a real trainer (it needs ~10 s to import torch): end it now
+        orch._end_attempt(a2, "test: replaced by a machine that fills its disk")
+        assert not (tmp_path / "store" / "kdfull01" / "FAILED.json").exists()
+        db.update_attempt("kdfull01", 2, end_reason="the machine's disk filled up at step 20: full")
+        _disk_full_machine(db, "kdfull01", 3, tmp_path / "store", step=20)
+        _tick_until(orch, lambda: len(db.attempts("kdfull01")) >= 4 or db.get_job("kdfull01").is_terminal)
+        job = db.get_job("kdfull01")
+        assert job.state == S.STOPPED, (job.state, job.reason)
+        assert job.reason.startswith("the machine's disk is full at step 20 (/w): 1.0 MiB free, a checkpoint needs "
+                                     "~40.0 GiB; set resources.disk_gb >= 141 (now 100) (twice in a row at step 20"), \
+            job.reason
+        assert len(db.attempts("kdfull01")) == 3
+    finally:
+        for a in db.attempts("kdfull01"):
+            if a.get("machine_id"):
+                get_provider("local").terminate(a["machine_id"])
