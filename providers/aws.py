@@ -30,7 +30,9 @@ Configuration (constructor argument, else environment variable):
                                                    single configured region. Zones are those of the subnets.
   consistency_grace_s CLOUDTUNE_AWS_CONSISTENCY_GRACE_S how long after RunInstances an
                                                    InvalidInstanceID.NotFound means "not visible yet"
-                                                   (EC2 is eventually consistent), not "lost" (default 180 s)
+                                                   (EC2 is eventually consistent), not "lost" (default 180 s);
+                                                   also how long after an ambiguous RunInstances (5xx,
+                                                   reset) find_by_name raises instead of answering None
   profile_name      AWS_PROFILE                    boto3 profile
 """
 
@@ -306,6 +308,8 @@ class AWSProvider:
                                  "set it to e.g. 180 or unset it", provider=NAME) from None
         # machine id -> when this process's RunInstances returned it (see status())
         self._launched_at: dict[str, float] = {}
+        # machine name -> (when, region) of this process's RunInstances whose outcome is unknown (find_by_name)
+        self._ambiguous: dict[str, tuple[float, str]] = {}
         self.max_workers = max_workers
         self._session: Any = None
         self._clients: dict[tuple[str, str, bool], Any] = {}
@@ -701,13 +705,18 @@ class AWSProvider:
             raise CapacityError(f"{itype} is not offered in {where} of {region}", provider=NAME)
         ec2 = self._client("ec2", region, launch=True)
         if not secrets:
-            return self._launch_in_zones(req, ec2, params, zones)
+            try:
+                return self._launch_in_zones(req, ec2, params, zones)
+            except TransientError:
+                self._ambiguous[req.name] = (time.time(), region)
+                raise
         self._put_secrets(req, secrets)
         try:
             return self._launch_in_zones(req, ec2, params, zones)
         except TransientError:
             # The create's outcome is unknown: the orchestrator may find and adopt the machine, which
-            # needs the parameter. If it finds none, `cloudtune gc` deletes the parameter after the grace.
+            # needs the parameter. If find_by_name proves it absent, the parameter goes (else gc, later).
+            self._ambiguous[req.name] = (time.time(), region)
             log.info("kept SSM parameter %s: RunInstances ended with an unknown outcome", parameter)
             raise
         except BaseException:
@@ -962,6 +971,19 @@ class AWSProvider:
         filters = [{"Name": "tag:Name", "Values": [name]},
                    {"Name": "instance-state-name", "Values": LIVE_STATES}]
         found = self._sweep("find by name", lambda r: self._describe_filtered(r, filters))
+        ambiguous = self._ambiguous.pop(name, None)
+        if not found and ambiguous is not None:
+            since = time.time() - ambiguous[0]
+            if since < self.not_found_grace_s:
+                # A filtered DescribeInstances is eventually consistent too: an instance our ambiguous
+                # RunInstances made may not be listed yet. "None" now would launch a second trainer.
+                self._ambiguous[name] = ambiguous
+                raise TransientError(
+                    f"no instance named {name} is listed {since:.0f}s after a RunInstances whose outcome is "
+                    f"unknown; EC2 is eventually consistent, so this proves nothing before "
+                    f"{self.not_found_grace_s:.0f}s (CLOUDTUNE_AWS_CONSISTENCY_GRACE_S)", provider=NAME)
+            # proven absent: its secrets parameter, kept for an adoption that will not come, goes too
+            self._discard_secrets(ambiguous[1], [name], "the ambiguous launch made no machine")
         if not found:
             return None
         if len(found) > 1:

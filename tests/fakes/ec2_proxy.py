@@ -127,7 +127,8 @@ class EC2CapacityProxy(FakeServer):
 
     def hide_new_instances(self, times: int) -> None:
         """Answer the first `times` DescribeInstances naming each instance launched from now on with
-        InvalidInstanceID.NotFound, as EC2 may for a while after RunInstances."""
+        InvalidInstanceID.NotFound, and leave it out of the first `times` filtered DescribeInstances
+        (by tag, state) that would list it, as EC2 may for a while after RunInstances."""
         with self.lock:
             self._hide_new = times
 
@@ -166,6 +167,15 @@ class EC2CapacityProxy(FakeServer):
                 "Reservations"]:
             out.extend(i["InstanceId"] for i in res["Instances"])
         return out
+
+    def secret_parameters(self, prefix: str = "/cloudtune/") -> list[str]:
+        """Names of the SSM parameters under `prefix` that moto holds (the machines' secrets)."""
+        import boto3
+
+        ssm = boto3.client("ssm", endpoint_url=self.upstream, region_name="us-east-1",
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        found = ssm.describe_parameters(ParameterFilters=[{"Key": "Name", "Option": "BeginsWith", "Values": [prefix]}])
+        return [p["Name"] for p in found.get("Parameters", [])]
 
     def preempt(self, instance_id: str, state: str = "shutting-down") -> None:
         """Show `instance_id` as reclaimed by EC2 (moto itself keeps it running)."""
@@ -221,16 +231,51 @@ class EC2CapacityProxy(FakeServer):
                 return Response(400, ec2_error_xml("InvalidInstanceID.NotFound", message),
                                 content_type="text/xml;charset=UTF-8")
         resp = self._forward(req)
-        if token and resp.status == 200:
-            with self.lock:
-                self._tokens[token] = resp.body
-        if action == "RunInstances" and resp.status == 200 and self._hide_new:
-            with self.lock:
-                for iid in re.findall(rb"<instanceId>(i-[0-9a-f]+)</instanceId>", resp.body):
-                    self._hidden[iid.decode()] = self._hide_new
+        if action == "RunInstances" and resp.status == 200:
+            self._launched(token, resp.body)
+        if action == "DescribeInstances" and resp.status == 200 and not any(k.startswith("InstanceId.") for k in form):
+            resp.body = self._hide_from_listing(resp.body)
         if action == "DescribeInstances" and self.preempted and resp.status == 200:
             resp.body = self._rewrite_preempted(resp.body)
         return resp
+
+    def _launched(self, token: str | None, body: bytes) -> None:
+        """A RunInstances that succeeded upstream: remember its answer (idempotency) and hide its instances."""
+        with self.lock:
+            if token:
+                self._tokens[token] = body
+            if self._hide_new:
+                for iid in re.findall(rb"<instanceId>(i-[0-9a-f]+)</instanceId>", body):
+                    self._hidden[iid.decode()] = self._hide_new
+
+    def _hide_from_listing(self, body: bytes) -> bytes:
+        """Drop the still-invisible instances from a filtered DescribeInstances answer."""
+        with self.lock:
+            if not any(n > 0 for n in self._hidden.values()):
+                return body
+        ET.register_namespace("", EC2_NS)
+        root = ET.fromstring(body)
+        ns = {"e": EC2_NS}
+        changed = False
+        for rset in root.iterfind("e:reservationSet", ns):
+            for res in list(rset):
+                iset = res.find("e:instancesSet", ns)
+                if iset is None:
+                    continue
+                for inst in list(iset):
+                    iid = inst.findtext("e:instanceId", namespaces=ns) or ""
+                    with self.lock:
+                        hide = self._hidden.get(iid, 0) > 0
+                        if hide:
+                            self._hidden[iid] -= 1
+                    if hide:
+                        iset.remove(inst)
+                        changed = True
+                if len(iset) == 0:
+                    rset.remove(res)
+        if not changed:
+            return body
+        return re.sub(rb"^<\?xml[^>]*\?>", b"", ET.tostring(root, encoding="utf-8")).strip()
 
     def _effect(self, req: Request, token: str | None) -> None:
         """What EC2 does with a request whose answer is then lost: the action, idempotent by ClientToken."""
@@ -238,9 +283,8 @@ class EC2CapacityProxy(FakeServer):
             if token and token in self._tokens:
                 return
         done = self._forward(req)
-        if token and done.status == 200:
-            with self.lock:
-                self._tokens[token] = done.body
+        if done.status == 200:
+            self._launched(token, done.body)
 
     @route("GET", r"/.*")
     def get(self, req: Request) -> Response:
