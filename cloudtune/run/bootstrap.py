@@ -329,7 +329,8 @@ if [ -n "${{{WH.ENV_GET}:-}}" ] && "$PY" "$B/wheelhouse_boot.py" fetch "$WH" \
 else
   [ -z "${{{WH.ENV_GET}:-}}" ] || echo "cloudtune bootstrap: the wheelhouse was not usable; installing from the index"
   REPORT=""
-  [ -z "${{{WH.ENV_PUT_MANIFEST}:-}}" ] || REPORT="--report $B/install-report.json"
+  # one publisher per attempt: node 0 of a multi-node cluster (SkyPilot's rank variable), the only node elsewhere
+  [ -z "${{{WH.ENV_PUT_MANIFEST}:-}}" ] || [ "${{SKYPILOT_NODE_RANK:-0}}" != 0 ] || REPORT="--report $B/install-report.json"
   "$PY" -m pip install -q ${{{ENV_PIP_ARGS}:-}} $REPORT -c "$B/constraints.txt" -r "$B/requirements.txt" \
     "$B/{target}" || fail {C.EXIT_FAILED} "pip install of {wheel} and its pinned dependencies failed (log above)"
   # the first machine on these pins publishes them for its successors, in the background (never fatal)
