@@ -10,6 +10,7 @@ Usage in a test:
     with RunPodFake() as fake:           # starts on a free port in a daemon thread
         provider = RunPodProvider(api_url=fake.url + "/v2", ...)
         fake.inject("POST", r"^/v2/pods$", status=500, times=1)   # next create fails
+        fake.apply([{"op": "create", "status": 500, "after_effect": True}])  # the same, by fault plan
         ...
         assert fake.calls("POST", "/v2/pods")
 """
