@@ -13,6 +13,8 @@ import boto3
 import pytest
 import yaml
 
+from tests._kernel_fs import mounts  # noqa: F401 - the fixture
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -99,3 +101,42 @@ def test_pull_refuses_a_non_empty_folder_and_an_unknown_job(finished):
     proc = cli(env, "pull", "no-such-job", str(tmp / "nope"))
     assert proc.returncode == 2 and "no job with id" in proc.stderr
     assert not (tmp / "nope").exists()
+
+
+def test_pull_onto_a_full_disk_is_one_line_and_leaves_nothing(finished, tmp_path, mounts):
+    """A destination disk that fills up mid-download (a real tmpfs): one line naming the disk, exit 2, no
+    DIR and no DIR.partial left behind (before: the store's retry wrapper's "store ...: could not ..." line,
+    which blames the store)."""
+    from tests._kernel_fs import fill
+
+    if mounts is None:
+        return
+    tmp, env, job_id = finished
+    disk = mounts.tmpfs(tmp_path / "disk", "64k")
+    fill(disk)
+    proc = cli(env, "pull", job_id, str(disk / "result"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith(f"error: {disk}: the disk is full (0.0 MiB free"), lines
+    assert "free some space or pass a DIR on another disk" in lines[-1], lines
+    assert sorted(p.name for p in disk.iterdir()) == ["ballast"]
+
+
+def test_pull_reads_a_read_only_home(finished, tmp_path, mounts):
+    """`pull` only reads the state db: it opens it read-only, so a read-only $CLOUDTUNE_HOME still pulls."""
+    import shutil
+    import sqlite3
+
+    if mounts is None:
+        return
+    tmp, env, job_id = finished
+    src = Path(env["CLOUDTUNE_HOME"]) / "state.db"
+    conn = sqlite3.connect(src)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file, as a closed db is
+    conn.close()
+    home = mounts.tmpfs(tmp_path / "home", "4m")
+    shutil.copyfile(src, home / "state.db")
+    mounts.read_only(home)
+    proc = cli({**env, "CLOUDTUNE_HOME": str(home)}, "pull", job_id, str(tmp_path / "got"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "got" / "adapter_config.json").is_file()

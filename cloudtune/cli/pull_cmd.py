@@ -38,6 +38,23 @@ def load_hint(where: str, files: list[str]) -> list[str]:
     return lines
 
 
+def _local_write_problem(err: Exception, where: Path, target: Path, n_files: int) -> str | None:
+    """One line when `err` is this machine's disk refusing the download (full or read-only), else None."""
+    import errno
+
+    from cloudtune.trainer.disk import free_bytes, is_disk_full, size
+
+    if is_disk_full(err, where):
+        free = free_bytes(where)
+        return (f"{where}: the disk is full ({size(free) if free is not None else 'unknown'} free; the result has "
+                f"{n_files} file(s)); free some space or pass a DIR on another disk (nothing was left in {target})")
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and \
+                str(e.filename or "").startswith(str(where)):
+            return f"cannot write {target}: {e.strerror}; pass a DIR you can write (nothing was left there)"
+    return None
+
+
 def pull_cmd(
     job_id: str = typer.Argument(..., help="The job id (see `cloudtune status`)."),
     dest: Path = typer.Argument(None, help="Where to put it (default: ./<job-name>-<job-id>); must not exist "
@@ -53,9 +70,10 @@ def pull_cmd(
     from cloudtune.run.orchestrator import store_for
     from cloudtune.store import layout
 
-    db = _db()
+    db = _db(read_only_ok=True)  # pull only reads the db: it works on a full or read-only $CLOUDTUNE_HOME
     job = _job_or_fail(db, job_id)
     store = store_for(job.spec)
+    raw = getattr(store, "inner", store)  # the store without its retry wrapper, which reads every OSError as the store's
     prefix = layout.final_prefix(job_id)
     keys = [k for k in store.list(prefix) if not k.endswith("/")]
     if no_merged:
@@ -77,14 +95,18 @@ def pull_cmd(
             done_bytes = 0
             for i, (key, rel) in enumerate(zip(keys, rels, strict=True)):
                 out = partial / rel
-                store.download_file(key, out)
+                raw.download_file(key, out)  # unwrapped: a local disk error keeps its errno and file name
                 done_bytes += out.stat().st_size
                 progress.update(task, completed=i + 1, description=f"pull {job_id}: {rel}")
         if target.exists():
             target.rmdir()  # empty, checked above
         os.replace(partial, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, Exception) and not isinstance(err, UserError):
+            problem = _local_write_problem(err, partial.parent, target, len(keys))
+            if problem:
+                raise UserError(problem) from None
         raise
     console.print(f"pulled {len(keys)} file(s), {done_bytes / 1e6:.1f} MB, to {target}", markup=False)
     for line in load_hint(str(target), rels):
