@@ -279,7 +279,8 @@ def _render(result: Any, top: int, *, all_regions: bool = False) -> None:
         t.add_column(col, justify=just, no_wrap=keep or col != "region", overflow="fold")
     for i, o in enumerate(shown, start=1):
         where = o.region if all_regions or not o.also_regions else f"{o.region} +{len(o.also_regions)} more"
-        head = f"{o.headroom_gib:.1f} GiB" + (" [yellow]tight[/]" if o.tight_fit else "")
+        head = "-" if o.headroom_gib is None else (  # None: the local machine, no fit check
+            f"{o.headroom_gib:.1f} GiB" + (" [yellow]tight[/]" if o.tight_fit else ""))
         t.add_row(str(i), o.provider, o.label(), ("suspect" if o.suspect_spot else "yes") if o.spot else "-",
                   f"{o.price_hr:.2f}", _fmt_hours(o.est_hours), f"${o.est_cost_usd:,.2f}", head, where)
     console.print(t)
