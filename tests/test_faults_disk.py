@@ -11,6 +11,7 @@ unattended job, and the disk asked for before renting."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -139,3 +140,35 @@ def test_orchestrator_relaunches_a_full_disk_once_then_stops_with_the_fix(tmp_pa
         for a in db.attempts("kdfull01"):
             if a.get("machine_id"):
                 get_provider("local").terminate(a["machine_id"])
+
+
+# ----------------------------------------------------------------------------- cost of an unattended job
+
+
+def test_cost_flags_an_unattended_jobs_cost_as_an_estimate(tmp_path, _isolated_home):
+    """`cost` (table and --json) says what `status` says: nobody attends the job, so its open ledger row
+    is priced to now, an estimate since the last attended moment. A finished job carries no flag."""
+    from cloudtune.run import state as S
+    from tests._run_util import cli
+
+    db = S.StateDB()
+    for job_id, state in (("kcostun1", S.RUNNING), ("kcostok1", S.DONE)):
+        db.insert_job(id=job_id, name="c", provider="local", store_url=f"file://{tmp_path / 'store'}",
+                      spec_json="{}", plan_json="[]", state=state)
+        db.open_ledger(job_id, 1, provider="local", offer_id="local", gpu="CPU", gpu_count=1, spot=0, price_hr=1.0,
+                       on_demand_price_hr=1.0, billing_granularity_s=1, started_at=time.time() - 60)
+    db.close_ledger("kcostok1", 1, time.time(), "the trainer wrote DONE.json")
+    env = cli_env(_isolated_home)
+    out = cli(env, "cost", "--json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    jobs = {j["id"]: j for j in json.loads(out.stdout)["jobs"]}
+    created = db.get_job("kcostun1").created_at
+    from cloudtune.run.cost import iso
+
+    assert jobs["kcostun1"]["cost_estimated_since"] == iso(created) and jobs["kcostun1"]["attended_by"] is None
+    assert jobs["kcostok1"]["cost_estimated_since"] is None
+    table = cli(env, "cost", "kcostun1", timeout=60)
+    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    text = " ".join(table.stdout.split())
+    assert "* UNATTENDED since " + iso(created) in text and "its cost is an estimate since then" in text, text
+    assert re.search(r" cost \$0\.01\d\d\* \(estimate", text), text

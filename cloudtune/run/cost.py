@@ -65,7 +65,9 @@ def job_cost_usd(db, job_id: str, now: float | None = None) -> float:
     return sum(attempt_cost(r, now)["cost_usd"] for r in db.ledger(job_id))
 
 
-def job_report(db, job, now: float | None = None) -> dict[str, Any]:
+def job_report(db, job, now: float | None = None, *, attend: bool = False) -> dict[str, Any]:
+    """One job's bill. `attend`: also who attends it (run/watchdog.py attendance, as `status` shows it);
+    an unattended job's open row is priced to now, so its cost is an estimate since `cost_estimated_since`."""
     attempts = [attempt_cost(r, now) for r in db.ledger(job.id)]
     cost = sum(a["cost_usd"] for a in attempts)
     spot_savings = sum(
@@ -88,12 +90,20 @@ def job_report(db, job, now: float | None = None) -> dict[str, Any]:
         "wall_hours": round((wall_end - first) / 3600.0, 6) if first is not None else 0.0,
         "spot_savings_usd": round(spot_savings, 6),
         "attempts": attempts,
+        **(_attendance(db, job) if attend else {}),
     }
+
+
+def _attendance(db, job) -> dict[str, Any]:
+    from cloudtune.run.watchdog import attendance
+
+    a = attendance(db, job)
+    return {"attended_by": a.attended_by, "cost_estimated_since": iso(a.unattended_since)}
 
 
 def report(db, jobs) -> dict[str, Any]:
     now = time.time()
-    out = [job_report(db, j, now) for j in jobs]
+    out = [job_report(db, j, now, attend=True) for j in jobs]
     return {"jobs": out, "total_usd": round(sum(j["cost_usd"] for j in out), 6)}
 
 
@@ -155,9 +165,14 @@ def render(rep: dict[str, Any], console) -> None:
                 _hours(a["hours"]), ("~" if a["estimated"] else "") + _money(a["cost_usd"]), _short(a["end_reason"]),
             )
         console.print(t)
+        star = "*" if j.get("cost_estimated_since") else ""
         console.print(
-            f"  cost {_money(j['cost_usd'])} (estimate {_money(j['est_cost_usd'])}), "
+            f"  cost {_money(j['cost_usd'])}{star} (estimate {_money(j['est_cost_usd'])}), "
             f"machine time {_hours(j['machine_hours'])} (estimate {_hours(j['est_hours'])}), "
             f"spot savings {_money(j['spot_savings_usd'])}"
         )
+        if j.get("cost_estimated_since"):  # nobody attends it: the open row is priced to now
+            console.print(f"  * UNATTENDED since {j['cost_estimated_since']} (no watchdog beat or controller lease): "
+                          f"its cost is an estimate since then; `cloudtune status {j['id']}` restarts its watchdog",
+                          markup=False, soft_wrap=True)
     console.print(f"total {_money(rep['total_usd'])}")
