@@ -74,7 +74,7 @@ def deploy_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
 ) -> None:
     """Deploy a scheduled controller (every minute, nothing runs between) that drives the jobs handed to it
-    with `cloudtune run --controller modal|aws-lambda`: a Modal Function, or a Lambda on EventBridge."""
+    with `cloudtune run SPEC --controller modal|aws-lambda`: a Modal Function, or a Lambda on EventBridge."""
     from cloudtune.planner.filters import split_list
     from cloudtune.providers.modal import AUTH_HINT, _has_modal_credentials
     from cloudtune.run import controller_modal as M

@@ -583,7 +583,7 @@ def workload_for_spec(spec: Any) -> Workload:
     if train and (train.startswith(("s3://", "file://")) or Path(train).expanduser().exists()):
         stats = from_head(train)  # s3://: only the head `run`/`check` already read (no request here)
         if stats is None:
-            why = f"; {train} is sized by `cloudtune run --dry-run` / `check`, which read its head"
+            why = f"; {train} is sized by `cloudtune run SPEC --dry-run` or `cloudtune check SPEC`, which read its head"
     if stats is not None:
         workload = Workload(stats.records, stats.avg_tokens, epochs,
                             f"dataset {train}: {stats.records_text()} ({stats.method})")
