@@ -17,16 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from cloudtune.store import open_store
 from cloudtune.trainer import contract
 from cloudtune.trainer.checkpoint import CheckpointStore
-from tests._kernel_fs import fill, mounts  # noqa: F401 - the fixture
+from tests._kernel_fs import mounts  # noqa: F401 - the fixture
 from tests._run_util import ROOT, cli_env, quickstart_spec
 
 
-def test_a_full_work_disk_during_a_checkpoint_save_stops_resumable(tmp_path, _isolated_home, mounts):
+def test_a_full_work_disk_during_a_checkpoint_save_stops_resumable(tmp_path, _isolated_home, mounts):  # noqa: F811 - the fixture imported above
     """One real trainer: its work dir is a tmpfs that holds one checkpoint (~0.85 MB) but not two. The
     save of step 20 fills it: exit 73, one line with the sizes and the disk_gb that holds it; the
     partial checkpoint-20 is gone (locally and from the store); checkpoint 10 stays the resume point."""
@@ -58,6 +56,18 @@ def test_a_full_work_disk_during_a_checkpoint_save_stops_resumable(tmp_path, _is
     assert sorted(p.name for p in (work / "hf").iterdir() if p.is_dir()) == ["checkpoint-10"]
     ckpts.download(10, tmp_path / "verify")  # sizes and sha256 of every file check out
 
+    # the size the planner asks disk for (planner/disk.py), against this real checkpoint: weights + states
+    from cloudtune.planner.disk import SMALL_FILES, disk_need
+    from cloudtune.planner.models import resolve_model
+    from cloudtune.planner.types import TrainConfig
+    from cloudtune.spec import load_spec
+
+    job = load_spec(spec)
+    est = disk_need(resolve_model(job.model), TrainConfig.from_spec(job)).checkpoint - SMALL_FILES
+    files = {e["path"]: e["size"] for e in ckpts.manifest(10)["files"]}
+    real = files["adapter_model.safetensors"] + files["optimizer.pt"]
+    assert abs(est - real) / real < 0.05, (est, real)
+
 
 # ----------------------------------------------------------------------------- the orchestrator
 
@@ -66,6 +76,7 @@ def _disk_full_machine(db, job_id: str, n: int, store_root: Path, step: int) -> 
     """Attempt n: a local machine that does what a trainer on a full disk does (heartbeat, exit 73)."""
     from cloudtune.providers import get_provider
     from cloudtune.providers.base import LaunchRequest
+
     from cloudtune.run import state as S
 
     hb = {"job_id": job_id, "attempt": n, "time": time.time(), "phase": "disk_full", "step": step,
@@ -112,6 +123,7 @@ def test_orchestrator_relaunches_a_full_disk_once_then_stops_with_the_fix(tmp_pa
     machine has a fresh disk, one restart spent). Exit 73 at step 20 again: stopped, with the trainer's
     line and its fix; nothing more is launched."""
     from cloudtune.providers import get_provider
+
     from cloudtune.run import state as S
     from cloudtune.run.orchestrator import Orchestrator
 
@@ -172,3 +184,87 @@ def test_cost_flags_an_unattended_jobs_cost_as_an_estimate(tmp_path, _isolated_h
     text = " ".join(table.stdout.split())
     assert "* UNATTENDED since " + iso(created) in text and "its cost is an estimate since then" in text, text
     assert re.search(r" cost \$0\.01\d\d\* \(estimate", text), text
+
+
+# ----------------------------------------------------------------------------- old attempts' work dirs
+
+
+def test_old_attempts_work_dirs_go_only_when_the_store_holds_what_they_hold(tmp_path):
+    """An attempt's start removes its predecessors' dirs whose every checkpoint is committed in the store
+    with the same bytes (or superseded by a newer committed one); a dir holding a checkpoint the store
+    lacks, or one whose bytes differ, or a final/ without DONE.json, stays. The current attempt's stay."""
+    import shutil
+
+    from cloudtune.trainer.disk import clean_attempt_dirs, clean_old_attempts
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    ckpts = CheckpointStore(store, "kclean01", keep=5)
+    src = tmp_path / "src"
+    for step in (10, 20):
+        (src / f"checkpoint-{step}").mkdir(parents=True)
+        (src / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"w" * (1000 + step))
+        (src / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"o" * 2000)
+        ckpts.commit(src / f"checkpoint-{step}", step)
+    root = tmp_path / "work" / "kclean01"
+
+    def attempt(name: str, *folders: str) -> Path:
+        d = root / name
+        (d / "hf").mkdir(parents=True)
+        for f in folders:
+            shutil.copytree(src / Path(f).name, d / f)
+        return d
+
+    attempt("attempt-1", "hf/checkpoint-10")  # superseded by 20: goes
+    attempt("attempt-2", "checkpoint-10", "hf/checkpoint-20")  # restored copy + the committed 20: goes
+    a3 = attempt("attempt-3", "hf/checkpoint-20")
+    (a3 / "hf" / "checkpoint-20" / "optimizer.pt").write_bytes(b"x" * 2000)  # not what the store holds: stays
+    a4 = attempt("attempt-4")
+    shutil.copytree(src / "checkpoint-20", a4 / "hf" / "checkpoint-30")  # step 30: never committed: stays
+    a5 = attempt("attempt-5", "hf/checkpoint-20")
+    (a5 / "final").mkdir()  # a final/ whose upload was not finished (no DONE.json): stays
+    current = attempt("attempt-6")
+    attempt("attempt-6-node1")  # the current attempt's other node: stays
+
+    assert clean_old_attempts(current, ckpts, 6) == ["attempt-1", "attempt-2"]
+    assert sorted(p.name for p in root.iterdir()) == ["attempt-3", "attempt-4", "attempt-5", "attempt-6",
+                                                      "attempt-6-node1"]
+    assert clean_old_attempts(tmp_path / "elsewhere", ckpts, 7) == []  # a --work-dir outside the layout
+    # the job is done (DONE.json): final/ was uploaded; what the store lacks still stays
+    assert clean_attempt_dirs(root, ckpts, before=None, done=True, remove_root=True) == [
+        "attempt-5", "attempt-6", "attempt-6-node1"]
+    assert sorted(p.name for p in root.iterdir()) == ["attempt-3", "attempt-4"]
+
+
+# ----------------------------------------------------------------------------- the disk asked for
+
+
+def _big_spec(tmp_path: Path, disk_gb: int | None) -> Path:
+    import yaml
+
+    path = tmp_path / f"big-{disk_gb}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bigfull", "model": "meta-llama/Llama-3.1-8B", "method": "full",
+        "data": {"train": str(ROOT / "examples" / "data" / "reverse.jsonl"), "format": "alpaca"},
+        "store": {"url": "s3://some-bucket/jobs"}, "resources": {"provider": "runpod", "disk_gb": disk_gb}}))
+    return path
+
+
+def test_a_disk_too_small_for_model_and_two_checkpoints_is_refused_before_renting(tmp_path, _isolated_home):
+    """An 8B full fine-tune: 15 GiB download, ~45 GiB per checkpoint (bf16 weights + AdamW states). A
+    RunPod disk of 40 GB is refused with one line and the disk_gb that holds it; unset, the request asks
+    RunPod for that disk instead of the default 100 (which the first checkpoint would have filled)."""
+    from tests._run_util import cli
+
+    env = cli_env(_isolated_home, HF_HUB_OFFLINE="1")
+    out = cli(env, "run", str(_big_spec(tmp_path, 40)), "--dry-run", "--json", timeout=120)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr
+    assert lines[0] == ("error: resources.disk_gb 40 cannot hold the model download (15.0 GiB) + 2 checkpoints "
+                        "(2 x 44.9 GiB) + the final save (15.0 GiB) + the environment (10 GiB) on a runpod machine: "
+                        "set resources.disk_gb >= 130"), lines
+    out = cli(env, "run", str(_big_spec(tmp_path, None)), "--dry-run", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    bodies = re.findall(r'"disk": (\d+)', out.stdout)
+    assert bodies and set(bodies) == {"130"}, bodies
+    assert not (_isolated_home / "state.db").exists() or "bigfull" not in (_isolated_home / "state.db").read_bytes().decode(
+        "latin-1")  # a dry run writes no job

@@ -103,7 +103,7 @@ def test_pull_refuses_a_non_empty_folder_and_an_unknown_job(finished):
     assert not (tmp / "nope").exists()
 
 
-def test_pull_onto_a_full_disk_is_one_line_and_leaves_nothing(finished, tmp_path, mounts):
+def test_pull_onto_a_full_disk_is_one_line_and_leaves_nothing(finished, tmp_path, mounts):  # noqa: F811 - the fixture imported above
     """A destination disk that fills up mid-download (a real tmpfs): one line naming the disk, exit 2, no
     DIR and no DIR.partial left behind (before: the store's retry wrapper's "store ...: could not ..." line,
     which blames the store)."""
@@ -122,7 +122,7 @@ def test_pull_onto_a_full_disk_is_one_line_and_leaves_nothing(finished, tmp_path
     assert sorted(p.name for p in disk.iterdir()) == ["ballast"]
 
 
-def test_pull_reads_a_read_only_home(finished, tmp_path, mounts):
+def test_pull_reads_a_read_only_home(finished, tmp_path, mounts):  # noqa: F811 - the fixture imported above
     """`pull` only reads the state db: it opens it read-only, so a read-only $CLOUDTUNE_HOME still pulls."""
     import shutil
     import sqlite3
