@@ -148,6 +148,15 @@ def _segments(line: str) -> list[str]:
 
 
 SPAN = re.compile(r"`(cloudtune(?: [^`]*)?)`")
+# `run --dry-run`, `catalog refresh --provider modal`: a command named without `cloudtune`, with a flag or
+# subcommand; read as `cloudtune ... ...` (its arguments elided).
+REF = re.compile(r"`((?:%s)(?: [a-z][a-z-]*)*(?: --?[a-z][\w-]*(?: [\w,./:-]+)?)+|(?:catalog|export|controller) "
+                 r"[a-z][a-z-]*)`" % "|".join(sorted(getattr(TREE, "commands"))))
+
+
+def spans(line: str) -> list[tuple[str, str]]:
+    """(text, kind) of the backticked commands in one line of prose or one string literal."""
+    return [(m, "inline") for m in SPAN.findall(line)] + [(f"cloudtune {m} ...", "ref") for m in REF.findall(line)]
 
 
 def from_markdown(path: Path) -> list[Invocation]:
@@ -168,9 +177,9 @@ def from_markdown(path: Path) -> list[Invocation]:
             segs = _segments(code)
             out += [Invocation(f"{_rel(path)}:{start}", s, "fenced") for s in segs]
             if not segs:
-                out += [Invocation(f"{_rel(path)}:{start}", m, "inline") for m in SPAN.findall(line)]
+                out += [Invocation(f"{_rel(path)}:{start}", m, k) for m, k in spans(line)]
         else:
-            out += [Invocation(f"{_rel(path)}:{start}", m, "inline") for m in SPAN.findall(line)]
+            out += [Invocation(f"{_rel(path)}:{start}", m, k) for m, k in spans(line)]
         i += 1
     return out
 
@@ -216,11 +225,12 @@ def from_code(path: Path) -> list[Invocation]:
             inner.add(id(n.body[0].value))
     for node in ast.walk(tree):
         for text in [] if id(node) in inner else _literals(node):
-            for m in SPAN.finditer(text):
-                line = node.lineno + text[: m.start()].count("\n")
-                inv = Invocation(f"{_rel(path)}:{line}", " ".join(m.group(1).split()), "code")
-                if inv not in out:
-                    out.append(inv)
+            for pattern, form in ((SPAN, "{}"), (REF, "cloudtune {} ...")):
+                for m in pattern.finditer(text):
+                    line = node.lineno + text[: m.start()].count("\n")
+                    inv = Invocation(f"{_rel(path)}:{line}", form.format(" ".join(m.group(1).split())), "code")
+                    if inv not in out:
+                        out.append(inv)
     return out
 
 
@@ -296,7 +306,7 @@ def check(inv: Invocation) -> list[str]:
             return []
         return [f"{where}: `cloudtune {key}` is a group; give one of its commands ({', '.join(cmd.commands)})"]
     options = {o: p for p in cmd.params if p.param_type_name == "option" for o in [*p.opts, *p.secondary_opts]}
-    problems, positional, required_seen, elided = [], 0, 0, False
+    problems, positional, required_seen, elided, given = [], 0, 0, False, set()
     i = 0
     while i < len(toks):
         t = toks[i]
@@ -310,6 +320,7 @@ def check(inv: Invocation) -> list[str]:
                 if flag == "--help":
                     continue
                 p = options.get(flag)
+                given.add(id(p))
                 if p is None:
                     near = difflib.get_close_matches(flag, list(options), n=1)
                     hint = f"; did you mean {near[0]}?" if near else ""
@@ -321,6 +332,7 @@ def check(inv: Invocation) -> list[str]:
                     values = [inline_value]
                 elif len(t.alts) == 1 and i < len(toks):
                     values = toks[i].alts
+                    elided |= toks[i].text == "..."
                     i += 1
                 else:
                     if len(t.alts) == 1 and not elided:
@@ -341,6 +353,9 @@ def check(inv: Invocation) -> list[str]:
     least = sum(p.nargs for p in args if p.required and p.nargs > 0)
     if positional > most:
         problems.append(f"{where}: `cloudtune {key}` takes at most {most} positional argument(s), got {positional}")
+    for p in cmd.params:
+        if p.param_type_name == "option" and p.required and id(p) not in given and not elided:
+            problems.append(f"{where}: `cloudtune {key}` needs {'/'.join(p.opts)}")
     if required_seen < least and not elided:
         problems.append(f"{where}: `cloudtune {key}` needs {least} positional argument(s) "
                         f"({', '.join(p.human_readable_name for p in args if p.required)}), got {required_seen}")
@@ -368,6 +383,8 @@ def test_the_extractor_finds_the_commands_each_source_holds():
     assert any(t.startswith("cloudtune controller deploy --on aws-lambda --store s3://") and "--role-arn" in t
                for t in texts)
     assert any("{}" in t for t in texts)
+    assert "cloudtune gc --foreign --yes" in texts and "cloudtune gc --yes" in texts  # both branches of an f-string
+    assert "cloudtune catalog refresh --provider modal ..." in texts  # `catalog refresh --provider modal` in prose
 
 
 def test_every_command_written_in_docs_examples_and_messages_fits_the_cli():
@@ -387,6 +404,8 @@ def test_every_command_written_in_docs_examples_and_messages_fits_the_cli():
     ("cloudtune cost [JOB] [--json|--csvv]", "has no option --csvv"),
     ("cloudtune controller --store s3://b", "is a group"),
     ("cloudtune plan --top", "--top needs a value"),
+    ("cloudtune controller tick --seconds 5", "`cloudtune controller tick` needs --store"),
+    ("cloudtune gc --foriegn --yes ...", "has no option --foriegn; did you mean --foreign?"),
 ])
 def test_the_check_catches_renamed_flags_commands_choices_and_arity(text, complaint):
     problems = check(Invocation("x.md:1", text, "inline"))
@@ -397,7 +416,7 @@ def test_the_check_catches_renamed_flags_commands_choices_and_arity(text, compla
     "cloudtune run", "cloudtune controller", "cloudtune run ... --dry-run", "cloudtune gc [-p a,b | -p a -p b] [--json]",
     "cloudtune export gguf JOB [OUT.gguf] [--quant q8_0|f16|bf16|f32] [--converter PATH] [--json]",
     "cloudtune controller deploy --on {} --store {}", "cloudtune plan --model=8b --method=qlora",
-    "cloudtune catalog refresh [--provider P ...]", "cloudtune status <job-id>",
+    "cloudtune catalog refresh [--provider P ...]", "cloudtune status <job-id>", "cloudtune run --controller ...",
 ])
 def test_the_check_reads_synopsis_syntax(text):
     assert check(Invocation("x.md:1", text, "inline")) == []
@@ -445,8 +464,9 @@ def invoke(argv: list[str]) -> Ran:
 
 
 # The offline commands: run as written (exit 0), or with their job placeholder as an unknown job (exit 2,
-# docs/operations.md: "2 unknown job"). Everything else (run, gc, refresh, deploy, pull of a real job)
-# rents, calls a provider or needs a finished job; first-cloud-job.md's test runs those against fakes.
+# docs/operations.md: "2 unknown job"), or `catalog refresh` without keys (exit 1, each provider skipped
+# with the key it needs). Everything else (run, gc, deploy, pull of a real job) rents, calls a provider
+# or needs a finished job; tests/test_first_cloud_job_doc.py runs those against fakes.
 OFFLINE_OK = {"plan", "models", "catalog show", "status", "cost", "controller status"}
 UNKNOWN_JOB = {"status", "logs", "stop", "cost", "pull", "merge", "export gguf", "controller hand-over"}
 
@@ -502,6 +522,11 @@ def offline_runs() -> list[tuple[Invocation, list[str], int]]:
                 argv, want = [a if a not in JOB_WORDS else "no-such-job" for a in argv], 2
             elif path in OFFLINE_OK and not (path in ("status", "cost") and [a for a in rest if a[0] != "-"]):
                 want = 0
+            elif path == "catalog refresh":
+                asked = ",".join(a for j, a in enumerate(rest) if j and rest[j - 1] in ("-p", "--provider"))
+                # "needs that provider's API key": without one a provider is skipped, exit 1 when all are;
+                # Modal's rows are its published rates, refreshed without a key (docs/providers/modal.md)
+                want = 0 if not asked or "modal" in asked.split(",") else 1
             else:
                 continue
             if tuple(argv) not in seen:
@@ -522,6 +547,7 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))  # no ~/.runpod, ~/.lambda_cloud, ~/.modal.toml, ~/.sky
     monkeypatch.setenv("COLUMNS", "200")
     cwd = tmp_path / "cwd"
     shutil.copytree(ROOT / "examples", cwd / "examples")
@@ -533,7 +559,7 @@ def offline(tmp_path, monkeypatch):
 def test_the_offline_commands_of_the_docs_run_with_the_exit_code_they_imply(offline):
     runs = offline_runs()
     paths = {_path_of(argv) for _, argv, _ in runs}
-    assert {"plan", "models", "catalog show", "status", "cost", "logs", "stop", "controller status",
+    assert {"plan", "models", "catalog show", "catalog refresh", "status", "cost", "logs", "stop", "controller status",
             "controller hand-over", "merge", "export gguf"} <= paths, paths
     failures = []
     for inv, argv, want in runs:
@@ -543,6 +569,9 @@ def test_the_offline_commands_of_the_docs_run_with_the_exit_code_they_imply(offl
                             + r.output[-1500:])
         elif want == 2:
             assert r.output.count("\n") <= 3 and "Traceback" not in r.output, r.output
+        if argv[:2] == ["catalog", "refresh"]:
+            for line in r.output.splitlines():
+                assert re.match(r"\w+: (ok: \d+ offers|skipped: no usable credentials: .*(set|write) )", line), line
     assert not failures, "\n".join(failures)
 
 
