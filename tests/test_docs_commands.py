@@ -75,9 +75,10 @@ TREE = typer.main.get_command(APP)
 
 def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
     """(command path, option) -> the values the CLI accepts, from the CLI's own constants."""
+    from cloudtune.providers import KNOWN_PROVIDERS
+
     from cloudtune.cli import controller_cmd, plan_cmd
     from cloudtune.export import gguf, merge
-    from cloudtune.providers import KNOWN_PROVIDERS
     from cloudtune.run.controller import CONTROLLERS
 
     out: dict[tuple[str, str], tuple[str, ...]] = {
@@ -150,8 +151,9 @@ def _segments(line: str) -> list[str]:
 SPAN = re.compile(r"`(cloudtune(?: [^`]*)?)`")
 # `run --dry-run`, `catalog refresh --provider modal`: a command named without `cloudtune`, with a flag or
 # subcommand; read as `cloudtune ... ...` (its arguments elided).
-REF = re.compile(r"`((?:%s)(?: [a-z][a-z-]*)*(?: --?[a-z][\w-]*(?: [\w,./:-]+)?)+|(?:catalog|export|controller) "
-                 r"[a-z][a-z-]*)`" % "|".join(sorted(getattr(TREE, "commands"))))
+_TOP = "|".join(sorted(TREE.commands))
+REF = re.compile(rf"`((?:{_TOP})(?: [a-z][a-z-]*)*(?: --?[a-z][\w-]*(?: [\w,./:-]+)?)+"
+                 r"|(?:catalog|export|controller) [a-z][a-z-]*)`")
 
 
 def spans(line: str) -> list[tuple[str, str]]:
@@ -449,8 +451,9 @@ class Ran:
 
 def invoke(argv: list[str]) -> Ran:
     """One command in process, handled as `cloudtune.cli.main` handles it (UserError: one line, its exit code)."""
-    from cloudtune.errors import UserError
     from cloudtune.providers.base import ProviderError
+
+    from cloudtune.errors import UserError
 
     r = CliRunner().invoke(APP, argv)
     out = r.stdout + r.stderr
