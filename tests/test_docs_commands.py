@@ -294,6 +294,8 @@ def check(inv: Invocation) -> list[str]:
     cmd, path = TREE, []
     while getattr(cmd, "commands", None) is not None and toks and not toks[0].text.startswith("-"):
         name = toks[0].text
+        if is_placeholder(name):
+            return []  # `cloudtune ...`, `cloudtune CMD`: any command
         if name not in cmd.commands:
             near = difflib.get_close_matches(name, list(cmd.commands), n=1)
             hint = f" (did you mean {' '.join([*path, near[0]])!r}?)" if near else ""
@@ -419,6 +421,7 @@ def test_the_check_catches_renamed_flags_commands_choices_and_arity(text, compla
     "cloudtune export gguf JOB [OUT.gguf] [--quant q8_0|f16|bf16|f32] [--converter PATH] [--json]",
     "cloudtune controller deploy --on {} --store {}", "cloudtune plan --model=8b --method=qlora",
     "cloudtune catalog refresh [--provider P ...]", "cloudtune status <job-id>", "cloudtune run --controller ...",
+    "cloudtune ...",
 ])
 def test_the_check_reads_synopsis_syntax(text):
     assert check(Invocation("x.md:1", text, "inline")) == []
