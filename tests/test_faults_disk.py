@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cloudtune.store import open_store
 from cloudtune.trainer import contract
 from cloudtune.trainer.checkpoint import CheckpointStore
@@ -268,3 +270,33 @@ def test_a_disk_too_small_for_model_and_two_checkpoints_is_refused_before_rentin
     assert bodies and set(bodies) == {"130"}, bodies
     assert not (_isolated_home / "state.db").exists() or "bigfull" not in (_isolated_home / "state.db").read_bytes().decode(
         "latin-1")  # a dry run writes no job
+
+
+def test_a_restore_onto_a_full_work_disk_is_the_machines_disk_not_the_store(tmp_path, mounts):  # noqa: F811 - the fixture imported above
+    """The store's retry wrapper reads a download's ENOSPC as the store's (StoreUnavailable, exit 74: wait
+    for the store, relaunch with no restart spent: onto the same small disk, a loop). A restore onto a
+    full work disk is the machine's disk (exit 73); a full store, or one on the work dir's own disk
+    (`local`), stays the store's wait."""
+    if mounts is None:
+        return
+    from cloudtune.store.retry import StoreUnavailable
+    from cloudtune.trainer.disk import store_error_is_local
+    from tests._kernel_fs import fill
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "adapter_model.safetensors").write_bytes(b"w" * 300_000)
+    store = open_store(f"file://{tmp_path / 'store'}", retry_s=0)
+    CheckpointStore(store, "krest01").commit(src, 10)
+    disk = mounts.tmpfs(tmp_path / "disk", "256k")
+    fill(disk)
+    with pytest.raises(StoreUnavailable) as info:
+        CheckpointStore(store, "krest01").restore(disk / "work")
+    assert "No space left on device" in str(info.value)
+    assert store_error_is_local(info.value, disk / "work", store)
+
+    full_store = open_store(f"file://{disk / 'store'}", retry_s=0)  # the store is what is full
+    with pytest.raises(StoreUnavailable) as info:
+        full_store.put_bytes("krest01/heartbeat.json", b"x" * 10_000)
+    assert not store_error_is_local(info.value, tmp_path / "work", full_store)
+    assert not store_error_is_local(info.value, disk / "work", full_store)  # one disk for both: the store's wait

@@ -74,6 +74,29 @@ def is_disk_full(err: BaseException, path: Path | None = None) -> bool:
     return False
 
 
+def store_error_is_local(err: BaseException, work_dir: Path, store: Any) -> bool:
+    """A store error (StoreUnavailable) that is really this machine's disk: a download (the restore of a
+    checkpoint) onto a full work disk. The store's retry wrapper reads every OSError as the store's, and
+    the exit 74 it leads to waits for the store, which is fine, and relaunches onto the same small disk
+    with no restart spent: a loop. An s3:// store has no ENOSPC of its own; a file:// store on the same
+    file system as the work dir (`local`) is the store's wait, where freeing space is the fix."""
+    if not is_disk_full(err):
+        return False
+    free = free_bytes(work_dir)
+    if free is None or free >= NEARLY_FULL_BYTES:
+        return False
+    root = getattr(store, "root", None)
+    if root is None:
+        return True
+    here = Path(work_dir)
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        return os.stat(root).st_dev != os.stat(here).st_dev
+    except OSError:
+        return False
+
+
 def size(n: float) -> str:
     """GiB as the fix is counted in; MiB below one GiB (a tiny model's checkpoint is not "0.00 GiB")."""
     if n < GIB:
@@ -241,7 +264,9 @@ def on_disk_full(err: BaseException, work_dir: Path, *, step: int, phase: str, t
     removed = remove_partial(Path(work_dir) / "hf", committed)
     if removed:
         log.warning("removed the partial local checkpoint(s) %s (never uploaded)", removed)
-    what = {"loading": "the model download", "saving": "the final model"}.get(phase, "a checkpoint")
+    what = {"saving": "the final model"}.get(phase, "a checkpoint")
+    if phase == "loading" and need is None:  # nothing committed to restore: the download filled it
+        what = "the model download"
     if need is None and trainer is not None and what != "the model download":
         try:
             need = model_checkpoint_bytes(getattr(trainer, "model", None), getattr(trainer, "optimizer", None))

@@ -528,7 +528,8 @@ def run(att: Attempt) -> int:
         if dist.peer_lost(err):  # a vanished peer is a relaunch (exit 77), not FAILED.json
             raise PeerLost(f"rank {dist.rank}: another process of the job is gone ({type(err).__name__}: "
                            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
-        if not isinstance(err, StoreUnavailable) and disk.is_disk_full(err, att.work_dir):
+        if (disk.store_error_is_local(err, att.work_dir, store) if isinstance(err, StoreUnavailable)
+                else disk.is_disk_full(err, att.work_dir)):
             # this machine's disk, not the store: drop the partial save, say how big, exit 73 (cli.py)
             step = trainer.state.global_step if trainer is not None else int(monitor.fields.get("step") or 0)
             full = disk.on_disk_full(err, att.work_dir, step=step, phase=str(monitor.fields.get("phase")),
