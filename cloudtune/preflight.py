@@ -291,13 +291,6 @@ def check_forwarded(spec: Any, providers: Iterable[str], url: str, *, probe: boo
            f"export {n}=... or remove it from the spec" for n in missing_names(spec)]
     third = [p for p in providers if p in THIRD_PARTY]
     long_lived = os.environ.get("AWS_ACCESS_KEY_ID") and not os.environ.get("AWS_SESSION_TOKEN")
-    named = set(AWS_KEYS[:2]) <= set(spec.secrets)
-    if "vast" in third and url.startswith("s3://") and not named:
-        out.append("provider vast: Vast allows 256 characters per environment variable, too few for short-lived STS "
-                   "credentials, and your own AWS keys are not sent unless you name them; add secrets: "
-                   "[AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY] (best: keys of an IAM user limited to this bucket), "
-                   "or use another provider")
-        third = [p for p in third if p != "vast"]
     if probe and third and url.startswith("s3://") and long_lived and not set(AWS_KEYS[:2]) & set(spec.secrets) \
             and _has_module("boto3"):
         try:

@@ -167,11 +167,53 @@ def _text(body: Any) -> str:
     return "" if body is None else str(body)
 
 
+ENV_JOIN = "CLOUDTUNE_ENV_JOIN"  # "KEY:n KEY2:m": the variables split into KEY__P1..KEY__Pn (docker_env)
+# Run before the machine's command (runtype args): joins every split variable back, then execs the
+# command. POSIX sh, as every image has it; the names were checked against [A-Za-z_][A-Za-z0-9_]* and
+# `eval` expands each part's value once, as a parameter, never as code.
+JOIN_SCRIPT = (
+    'for kv in ${CLOUDTUNE_ENV_JOIN-}; do k=${kv%:*}; n=${kv#*:}; v=; i=1; '
+    'while [ "$i" -le "$n" ]; do eval "v=\"\\$v\\${${k}__P$i}\""; unset "${k}__P$i"; i=$((i+1)); done; '
+    'export "$k=$v"; done; unset CLOUDTUNE_ENV_JOIN; exec "$@"'
+)
+
+
+def split_long(env: dict[str, str]) -> dict[str, str]:
+    """Variables over Vast's 256 characters per `-e` entry become KEY__P1..KEY__Pn of at most 256 each.
+
+    Why: presigned URLs (~400-600 characters) and STS session tokens (350-1000+) are what a Vast machine
+    needs to reach the store without the user's own long-lived keys; the limit is per variable and the
+    total allows 32768, so the value travels in parts and JOIN_SCRIPT joins it before the command runs."""
+    out: dict[str, str] = {}
+    joined = []
+    for key, value in env.items():
+        value = str(value)
+        if len(f"{key}={value}") <= ENV_MAX_LENGTH:
+            out[key] = value
+            continue
+        room = ENV_MAX_LENGTH - len(f"{key}__P999=")
+        chunks = [value[i:i + room] for i in range(0, len(value), room)]
+        for n, chunk in enumerate(chunks, 1):
+            out[f"{key}__P{n}"] = chunk
+        joined.append(f"{key}:{len(chunks)}")
+    if joined:
+        out[ENV_JOIN] = " ".join(joined)
+        if len(f"{ENV_JOIN}={out[ENV_JOIN]}") > ENV_MAX_LENGTH:
+            raise InvalidRequestError(f"vast: too many long environment variables ({', '.join(joined)}) for "
+                                      f"Vast's {ENV_MAX_LENGTH} characters per variable", provider=PROVIDER)
+    return out
+
+
+def docker_env_names(env: dict[str, str]) -> set[str]:
+    return set(split_long({k: str(v) for k, v in env.items()}))
+
+
 def docker_env(env: dict[str, str]) -> str:
     """`env` as create_instance documents it: Docker flags, `-e KEY=VALUE`, double-quoted when needed.
 
-    Checked against the spec's limits before anything is rented: a variable over 256 characters,
-    or one Docker-flag parsing cannot carry (quotes, newlines), is a one-line InvalidRequestError."""
+    Checked against the spec's limits before anything is rented: a variable over 256 characters is
+    split in parts (split_long; the machine's command joins them), one Docker-flag parsing cannot carry
+    (quotes, newlines) is a one-line InvalidRequestError."""
     parts = []
     for key, value in env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
@@ -181,12 +223,8 @@ def docker_env(env: dict[str, str]) -> str:
             raise InvalidRequestError(
                 f"vast: environment variable {key} contains a quote or newline, which Vast's Docker-flag env "
                 "cannot carry; pass it another way (e.g. in the store)", provider=PROVIDER)
+    for key, value in split_long({k: str(v) for k, v in env.items()}).items():
         entry = f"{key}={value}"
-        if len(entry) > ENV_MAX_LENGTH:
-            raise InvalidRequestError(
-                f"vast: environment variable {key} is {len(entry)} characters; Vast allows {ENV_MAX_LENGTH} per "
-                "variable (create_instance x-input-validation); use credentials without a long session token "
-                "for the store, or a provider without this limit", provider=PROVIDER)
         parts.append(f'-e {key}="{value}"' if re.search(r"\s", value) else f"-e {entry}")
     text = " ".join(parts)
     if len(text) > ENV_MAX_TOTAL:
@@ -418,7 +456,9 @@ class VastProvider:
             "label": req.name,
             "env": docker_env(env),
             "runtype": "args",
-            "args": list(req.command),
+            # split variables are joined first (JOIN_SCRIPT); without any, the command runs as it is
+            "args": ["sh", "-c", JOIN_SCRIPT, "cloudtune-env", *req.command]
+            if ENV_JOIN in docker_env_names(env) else list(req.command),
             "cancel_unavail": True,
         }
         if req.spot:

@@ -26,9 +26,10 @@ from typing import Any
 from cloudtune.errors import UserError
 
 THIRD_PARTY = ("runpod", "vast", "lambda", "modal")
-# Vast passes env as Docker flags of at most 256 characters each: an STS session token (350-1000+) does
-# not fit, so a Vast machine gets store keys only when the user names them in secrets: (pre-flight says so).
-NO_STS = ("vast",)
+# Providers whose machines cannot carry an STS session token. Vast's 256 characters per variable once
+# put it here; its adapter now splits long values in parts that the machine joins (providers/vast.py
+# split_long), so every third-party provider gets scoped, short-lived keys.
+NO_STS: tuple[str, ...] = ()
 AWS_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 STS_MIN_S, STS_MAX_S = 900, 129600  # GetFederationToken's DurationSeconds bounds
