@@ -243,7 +243,15 @@ def save_tiny(dest: str | Path, seed: int = SEED) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
-        build_model(seed).save_pretrained(tmp)
+        # Not model.save_pretrained: once torch.distributed is initialized it writes on global rank 0
+        # only, and the rank that builds the cache under the lock (one per node) may be any rank; a
+        # folder without weights failed every rank. Same bytes as save_pretrained (checked).
+        from safetensors.torch import save_model
+
+        model = build_model(seed)
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         build_tokenizer().save_pretrained(tmp)
         (tmp / "cloudtune_tiny.json").write_text(_stamp(seed))
         try:

@@ -379,10 +379,6 @@ def run(att: Attempt) -> int:
     if store.exists(layout.done_key(job)):
         log.info("job %s is already done (DONE.json present); nothing to do", job)
         return contract.EXIT_DONE
-    # The model ref before the process group: once torch.distributed is initialized, transformers'
-    # save_pretrained writes on rank 0 only, and the rank that builds a tiny:<task> model under
-    # tiny.py's lock may be any rank (rank 1 first left a folder without weights: exit 2 on every rank).
-    path = resolve_model(spec.model)
     dist = Dist().init()  # world size 1 without a launcher: every call below is a no-op
     if dist.is_main and not store.exists(layout.spec_key(job)):
         store.put_bytes(layout.spec_key(job), spec.to_json().encode())
@@ -416,6 +412,7 @@ def run(att: Attempt) -> int:
         from transformers import AutoTokenizer, set_seed
 
         set_seed(spec.training.seed)
+        path = resolve_model(spec.model)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as err:
