@@ -3,8 +3,8 @@
 Why: `-n 2 --dist worksteal` hands each worker one half of the collection in order and lets an idle
 worker steal from the *end* of the other's queue. In alphabetical order a two-minute module near
 the end (a trainer run through a provider fake) starts last and runs alone while the other core
-idles. Sorted by recorded time, the slow modules start first on one worker while the other clears
-the many fast tests, and what gets stolen at the end is short.
+idles. Here the slow modules are spread over the workers' initial chunks, each chunk starting with
+its slowest, so both workers begin on heavy work and what gets stolen at the end is short.
 
 Modules stay whole and in their own order: a module-scoped fixture (one expensive run that several
 tests read) is set up once per worker that runs the module, and interleaving modules would tear it
@@ -19,6 +19,7 @@ summed over its tests, on the machine that ran it). The order only moves tests; 
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,18 +47,53 @@ def _recorded() -> dict[str, float]:
     return {k: float(v) for k, v in modules.items()} if isinstance(modules, dict) else {}
 
 
+HEAVY_S = 15.0  # modules at least this slow are spread over the workers; the rest fill the counts
+
+
+def _plan(groups: dict[str, int], seconds: dict[str, float], workers: int) -> list[str]:
+    """Module order for `workers` worksteal workers, which take the collection in consecutive chunks
+    (the first len//workers items, then a share of the rest, ...): the heavy modules are spread over
+    the chunks by longest-first greedy balancing, each chunk starts with its slowest, and the light
+    modules fill each chunk up to its item count, so every worker begins on heavy work and what an
+    idle worker steals from the end of another's queue is light."""
+    order = sorted(groups, key=lambda m: -seconds[m])  # sorted() is stable: ties keep collection order
+    if workers <= 1:
+        return order
+    total = sum(groups.values())
+    targets, left = [], total
+    for i in range(workers):  # the scheduler's own split of the initial collection
+        targets.append(left // (workers - i))
+        left -= targets[-1]
+    bins: list[list[str]] = [[] for _ in range(workers)]
+    busy = [0.0] * workers
+    light = []
+    for m in order:
+        if seconds[m] >= HEAVY_S:
+            i = min(range(workers), key=lambda b: busy[b])
+            bins[i].append(m)
+            busy[i] += seconds[m]
+        else:
+            light.append(m)
+    for m in light:
+        short = [b for b in range(workers) if sum(groups[x] for x in bins[b]) < targets[b]]
+        bins[short[0] if short else workers - 1].append(m)
+    return [m for b in bins for m in b]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
-    """Reorder whole modules by recorded seconds, slowest first (stable: ties keep collection order).
-    Deterministic, so every xdist worker collects the same order, as xdist requires."""
+    """Reorder whole modules by recorded seconds (`_plan`). Deterministic, so every xdist worker
+    collects the same order, as xdist requires; each worker knows the worker count from xdist's env."""
     recorded = _recorded()
     if not recorded:
         return
     groups: dict[str, list[pytest.Item]] = {}
     for item in items:
         groups.setdefault(_module(item.nodeid), []).append(item)
-    order = sorted(groups, key=lambda m: -recorded.get(m, UNKNOWN_S))  # sorted() is stable
+    seconds = {m: recorded.get(m, UNKNOWN_S) for m in groups}
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    order = _plan({m: len(v) for m, v in groups.items()}, seconds, workers)
     items[:] = [item for m in order for item in groups[m]]
 
 
