@@ -96,16 +96,18 @@ def test_staged_bootstrap_runs_in_a_fresh_venv_from_s3(aws_env, monkeypatch, whe
                  region_name="us-east-1").create_bucket(Bucket="boot-run")
     store = open_store("s3://boot-run/jobs", endpoint_url=aws_env)
     keys = bootstrap.stage(store, "j-boot", cache_dir=wheel_cache)
-    assert keys == ["j-boot/bootstrap/" + wheel.name, "j-boot/bootstrap/requirements.txt"]
+    assert keys == ["j-boot/bootstrap/" + wheel.name, "j-boot/bootstrap/requirements.txt", "j-boot/bootstrap/boot.sh"]
 
     spec = _spec("boot-run")
     job = Job({"id": "j-boot", "store_url": "s3://boot-run/jobs", "store_endpoint": aws_env,
                "est_hours": 0.1, "created_at": time.time()})
     req = build_request(job, spec, _option(), 1)
     assert req.image == bootstrap.PUBLIC_IMAGE and req.command[:2] == ["sh", "-c"]
-    text = req.command[2]
-    assert "set -e" in text and "cloudtune.trainer.entrypoint -- python -m cloudtune.trainer.launch" in text
-    assert SECRET not in " ".join(req.command) and "X-Amz" not in text  # the URL travels as a secret env var
+    text = req.command[2]  # the stub: fetch the staged boot script, run it
+    assert len(text) < 2048 and bootstrap.ENV_SCRIPT_URL in text and "pip install" not in text
+    staged = store.get_bytes(bootstrap.script_key("j-boot")).decode()
+    assert "set -e" in staged and "cloudtune.trainer.entrypoint -- python -m cloudtune.trainer.launch" in staged
+    assert SECRET not in " ".join(req.command) and "X-Amz" not in text + staged  # URLs travel as secret env vars
     assert SECRET not in "".join(req.env.values())
     url = req.secret_env[bootstrap.ENV_WHEEL_URL]
     from urllib.parse import parse_qs, urlparse
@@ -115,6 +117,7 @@ def test_staged_bootstrap_runs_in_a_fresh_venv_from_s3(aws_env, monkeypatch, whe
     left = int(q["X-Amz-Expires"]) if "X-Amz-Expires" in q else int(q["Expires"]) - time.time()
     assert 3 * 3600 - 60 < left <= 3 * 3600  # short-lived: a relaunch gets a fresh URL
     assert subprocess.run(["sh", "-n", "-c", text]).returncode == 0
+    assert subprocess.run(["sh", "-n", "-c", staged]).returncode == 0
 
     # a fresh venv that sees this machine's packages (as the image has its torch) but not cloudtune
     venv = tmp_path / "venv"
@@ -129,10 +132,12 @@ def test_staged_bootstrap_runs_in_a_fresh_venv_from_s3(aws_env, monkeypatch, whe
     check = ["python", "-c", "import cloudtune, cloudtune.trainer.cli, cloudtune.trainer.entrypoint; "
              "print('TRAINER-OK', cloudtune.__file__)"]
     script = bootstrap.script(pins, extras=(), then=check)  # the same script; extras need PyPI, not here
+    store.put_bytes(bootstrap.script_key("j-boot"), script.encode())  # what the stub fetches and runs
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "AWS_", "VIRTUAL_ENV"))}
     env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", PIP_CONFIG_FILE=os.devnull, CLOUDTUNE_BOOT_DIR=str(tmp_path / "boot"),
-               CLOUDTUNE_PIP_ARGS=f"--no-index --find-links {wheel.parent}", **{bootstrap.ENV_WHEEL_URL: url})
-    proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+               CLOUDTUNE_PIP_ARGS=f"--no-index --find-links {wheel.parent}", **{bootstrap.ENV_WHEEL_URL: url},
+               **{bootstrap.ENV_SCRIPT_URL: req.secret_env[bootstrap.ENV_SCRIPT_URL]})
+    proc = subprocess.run(req.command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TRAINER-OK " + site in proc.stdout  # imported from the venv the wheel went into
     assert (tmp_path / "boot" / wheel.name).read_bytes() == wheel.read_bytes()

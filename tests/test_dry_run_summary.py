@@ -53,4 +53,4 @@ def test_json_keeps_the_full_document_with_the_bootstrap_command(tmp_path):
     assert doc["plan"][0]["headroom_gib"] > 0
     assert SECRET not in p.stdout and "AKIADRYRUN" not in p.stdout
     text = json.dumps(doc["launch"])
-    assert "cloudtune.trainer.entrypoint" in text and "pytorch/pytorch" in text
+    assert "CLOUDTUNE_BOOTSTRAP_SCRIPT_URL" in text and "pytorch/pytorch" in text  # the stub fetches the boot script

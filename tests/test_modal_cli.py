@@ -37,7 +37,7 @@ def test_dry_run_shows_the_sandbox_definition_without_credentials_or_secrets(tmp
     assert 0 < sandbox["timeout"] <= 86400
     # the default image is a public PyTorch one: the sandbox bootstraps the staged wheel, then launches
     assert sandbox["args"][0] == "timeout" and sandbox["args"][-3:-1] == ["sh", "-c"]
-    assert sandbox["args"][-1].rstrip().endswith("python -m cloudtune.trainer.launch")
+    assert "CLOUDTUNE_BOOTSTRAP_SCRIPT_URL" in sandbox["args"][-1]  # the stub: fetch the staged boot script, run it
     assert "AWS_SECRET_ACCESS_KEY" in sandbox["secrets"][0] and "***" in sandbox["secrets"][0]
     assert "AWS_SECRET_ACCESS_KEY" not in sandbox["env"]
 

@@ -73,7 +73,9 @@ def test_runpod_run_survives_an_interruption(tmp_path, aws_env, monkeypatch):
         create = fake.calls("POST", r"^/v2/pods$")[0].json
         # the default public PyTorch image bootstraps the staged wheel, then runs the launcher (run/bootstrap.py)
         assert create["args"].startswith("sh -c ") and create["env"]["CLOUDTUNE_JOB_ID"] == job
-        assert "exec python -m cloudtune.trainer.entrypoint -- python -m cloudtune.trainer.launch" in create["args"]
+        assert "CLOUDTUNE_BOOTSTRAP_SCRIPT_URL" in create["args"]  # the stub; the staged boot.sh execs the launcher
+        assert "cloudtune bootstrap: cloudtune is already installed; starting the trainer" in \
+            fake.workloads.output(pods[0]["id"])  # the stub fetched the staged script and ran it
         assert create["cloud"] in ("SECURE", "COMMUNITY") and create["gpu"]["count"] == 1
 
         # Attempt 2 resumed from the store rather than starting over.

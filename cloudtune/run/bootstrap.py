@@ -41,6 +41,8 @@ PUBLIC_BASES = ("pytorch/pytorch:", "docker.io/pytorch/pytorch:", "nvcr.io/nvidi
 BOOTSTRAP_DIR = "bootstrap"
 REQUIREMENTS = "requirements.txt"
 ENV_WHEEL_URL = "CLOUDTUNE_BOOTSTRAP_WHEEL_URL"  # a presigned GET URL: travels as a secret env var
+ENV_SCRIPT_URL = "CLOUDTUNE_BOOTSTRAP_SCRIPT_URL"  # the boot script's presigned GET URL (secret env)
+BOOT_SCRIPT = "boot.sh"
 ENV_BOOT_DIR = "CLOUDTUNE_BOOT_DIR"  # where the wheel and pip's cache go (default /workspace/.cloudtune-boot)
 ENV_PIP_ARGS = "CLOUDTUNE_PIP_ARGS"  # extra pip arguments (tests: --no-index --find-links DIR)
 # A presigned URL is a bearer grant to read one object (the wheel); short, but longer than a slow
@@ -215,12 +217,31 @@ def pinned_requirements() -> list[str]:
 # ---------------------------------------------------------------- staging and the URL
 
 
+def script_key(job_id: str) -> str:
+    return f"{job_id}/{BOOTSTRAP_DIR}/{BOOT_SCRIPT}"
+
+
 def stage(store: Any, job_id: str, *, cache_dir: Path | None = None) -> list[str]:
-    """Upload the wheel and the pinned requirements to `<job>/bootstrap/`; returns the keys written."""
+    """Upload the wheel, the pinned requirements and the boot script to `<job>/bootstrap/`; returns the keys."""
     wheel = build_wheel(cache_dir)
+    pins = pinned_requirements()
     store.upload_file(wheel, wheel_key(job_id))
-    store.put_bytes(requirements_key(job_id), ("\n".join(pinned_requirements()) + "\n").encode())
-    return [wheel_key(job_id), requirements_key(job_id)]
+    store.put_bytes(requirements_key(job_id), ("\n".join(pins) + "\n").encode())
+    store.put_bytes(script_key(job_id), script(pins).encode())
+    return [wheel_key(job_id), requirements_key(job_id), script_key(job_id)]
+
+
+def staged_script(store: Any, job_id: str, requirements: list[str]) -> None:
+    """The boot script of these pins in the store (a job staged before boot.sh existed gets it now)."""
+    from cloudtune.store import StoreNotFound
+
+    want = script(requirements).encode()
+    try:
+        if store.get_bytes(script_key(job_id)) == want:
+            return
+    except StoreNotFound:
+        pass
+    store.put_bytes(script_key(job_id), want)
 
 
 def staged_requirements(store: Any, job_id: str) -> list[str]:
@@ -253,7 +274,9 @@ def attempt_env(store: Any, job_id: str, attempt: int, requirements: list[str], 
 
     key = WH.cache_key(requirements, _EXTRAS, image, machine_arch(gpu))
     env, secret = WH.attempt_env(store, key, job_id, attempt, URL_EXPIRY_S)
-    return env, {ENV_WHEEL_URL: presigned_url(store, wheel_key(job_id)), **secret}
+    staged_script(store, job_id, requirements)
+    return env, {ENV_WHEEL_URL: presigned_url(store, wheel_key(job_id)),
+                 ENV_SCRIPT_URL: presigned_url(store, script_key(job_id)), **secret}
 
 
 # ---------------------------------------------------------------- the script
@@ -267,7 +290,8 @@ for attempt in range(int(os.environ.get("CLOUDTUNE_BOOT_TRIES") or 6)):
             f.write(r.read())
         break
     except Exception as err:
-        print(f"cloudtune bootstrap: wheel download failed ({type(err).__name__}), retrying", file=sys.stderr)
+        print(f"cloudtune bootstrap: download of {os.path.basename(dest)} failed ({type(err).__name__}), retrying",
+              file=sys.stderr)
         time.sleep(2 ** attempt)
 else:
     sys.exit(1)
@@ -342,6 +366,29 @@ exec {shlex.join(then)}
 """
 
 
-def command(requirements: list[str]) -> list[str]:
-    """The LaunchRequest.command for a bootstrapped machine."""
-    return ["sh", "-c", script(requirements)]
+def stub() -> str:
+    """The machine's command: fetch the boot script from the store (its presigned URL is a secret env
+    var), then run it. Why two stages: the full script (~5 KB with 70+ pins) is over what some
+    providers take as a command (Vast: 4096 characters for args + onstart), and user-data or a
+    container's command line is the wrong place for a requirements list anyway. A failed download
+    exits 75 (the watchdog relaunches) after the provider's self-terminate hook, as the script does."""
+    return f"""set -e
+B="${{{ENV_BOOT_DIR}:-/workspace/.cloudtune-boot}}"
+mkdir -p "$B" 2>/dev/null || B=/tmp/.cloudtune-boot
+mkdir -p "$B"
+PY="$(command -v python3 || command -v python)"
+if ! "$PY" -c '{_FETCH_PY}' "${{{ENV_SCRIPT_URL}:-}}" "$B/{BOOT_SCRIPT}"; then
+  echo "cloudtune bootstrap: could not download the boot script (${ENV_SCRIPT_URL})" >&2
+  if [ -n "${{{C.ENV_SELF_TERMINATE}:-}}" ]; then sh -c "${C.ENV_SELF_TERMINATE}" >/dev/null 2>&1 || true; fi
+  exit {C.EXIT_PREEMPTED}
+fi
+unset {ENV_SCRIPT_URL}
+export {ENV_BOOT_DIR}="$B"
+exec sh "$B/{BOOT_SCRIPT}"
+"""
+
+
+def command() -> list[str]:
+    """The LaunchRequest.command for a bootstrapped machine: the stub; `script(pins)` is what it runs
+    (staged in the store by `stage` / `attempt_env`)."""
+    return ["sh", "-c", stub()]

@@ -420,8 +420,8 @@ def build_request(
     if bootstrap.needs_bootstrap(spec.resources.image, option.offer.provider):
         # a public PyTorch image: install the wheel `create_job` staged, then the same command (run/bootstrap.py)
         if dry_run:
-            pins = bootstrap.pinned_requirements()
             secret_env[bootstrap.ENV_WHEEL_URL] = "<presigned GET URL of the staged wheel>"
+            secret_env[bootstrap.ENV_SCRIPT_URL] = "<presigned GET URL of the staged boot script>"
         else:
             from cloudtune.store import open_store
 
@@ -431,7 +431,7 @@ def build_request(
                                                           option.offer.gpu)  # wheel + wheelhouse URLs
             env.update(boot_env)
             secret_env.update(boot_secret)
-        command = bootstrap.command(pins)
+        command = bootstrap.command()  # a stub that fetches the staged boot script (pins inside) and runs it
     return LaunchRequest(
         job_id=job.id,
         attempt=attempt,
