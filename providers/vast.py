@@ -63,6 +63,7 @@ ENV_MAX_LIFETIME = "CLOUDTUNE_MAX_LIFETIME_S"
 PAGE = 25  # the v1 instance list caps a page at 25 rows
 ENV_MAX_LENGTH = 256  # endpoints/create_instance.yaml x-input-validation env.max_length
 ENV_MAX_TOTAL = 32768  # ... env.max_total_length
+ARGS_MAX_LENGTH = 4096  # ... args.max_length: "Combined length of args, args_str and onstart"
 ENV_SPEC = "CLOUDTUNE_SPEC"
 ENV_SPEC_URL = "CLOUDTUNE_SPEC_URL"
 HOURS_PER_MONTH = 730.0  # storage_cost is $/GB/month
@@ -461,6 +462,11 @@ class VastProvider:
             if ENV_JOIN in docker_env_names(env) else list(req.command),
             "cancel_unavail": True,
         }
+        args_len = sum(len(a) for a in body["args"])
+        if args_len > ARGS_MAX_LENGTH:  # refused here, before anything is searched or rented
+            raise InvalidRequestError(f"vast: the machine's command is {args_len} characters; Vast allows "
+                                      f"{ARGS_MAX_LENGTH} for args + onstart (create_instance x-input-validation)",
+                                      provider=PROVIDER)
         if req.spot:
             body["price"] = self._bid(offer)
         return body

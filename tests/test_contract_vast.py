@@ -98,6 +98,14 @@ def test_over_long_variables_travel_in_parts_the_machine_joins(checked, tmp_path
     assert seen["HF_TOKEN"] == "hf_abc" and not [k for k in seen if "__P" in k or k == "CLOUDTUNE_ENV_JOIN"]
 
 
+def test_a_command_over_the_documented_args_limit_is_refused_before_renting(checked):
+    req = request()
+    req.command = ["sh", "-c", "echo " + "x" * 4100]
+    with pytest.raises(InvalidRequestError, match="4096 for args"):
+        provider(checked).launch(req)
+    assert checked.calls("PUT", "/api/v0/asks/") == [] and checked.instances == {}
+
+
 def test_short_variables_keep_the_command_as_it_is(checked):
     provider(checked).launch(request(HF_TOKEN="hf_abc"))
     body = checked.calls("PUT", "/api/v0/asks/")[-1].json
