@@ -49,6 +49,7 @@ from cloudtune.providers.base import (
     parse_machine_name,
 )
 from cloudtune.providers.http import REDACTED, HttpClient, RetryPolicy
+from cloudtune.catalog import tidy_region
 
 log = logging.getLogger("cloudtune.providers.vast")
 
@@ -379,7 +380,7 @@ class VastProvider:
             gpu=gpu,
             gpu_count=int(o.get("num_gpus") or 1),
             vram_gib_per_gpu=usable_gib(gpu, float(nominal)),
-            region=str(o.get("geolocation") or "unknown"),
+            region=tidy_region(str(o.get("geolocation") or "")),
             price_hr=round(float(o["dph_total"]), 4) if o.get("dph_total") is not None else None,
             spot_price_hr=round(spot, 4) if spot is not None else None,
             as_of=now,
