@@ -580,8 +580,28 @@ def gc_cmd(
             console.print(f"{s.provider} secret {s.name} in {s.region}: {s.why} -> {tail}", markup=False)
         if (result.orphans or result.orphan_secrets or (foreign and result.foreign)) and not yes:
             console.print(f"run `cloudtune gc{' --foreign' if foreign else ''} --yes` to terminate (and delete) them")
-    if yes and (not all(done.values()) or any(deleted is False for _, deleted, _ in secret_rows)):
-        raise typer.Exit(1)
+    failed = yes and (not all(done.values()) or any(deleted is False for _, deleted, _ in secret_rows))
+    _exit_past_hung_calls(1 if failed else 0)
+
+
+def _exit_past_hung_calls(code: int) -> None:
+    """End the process even when a provider call that missed its deadline is still pending.
+
+    gc leaves a hung provider's listing behind in a daemon thread (run/gc.py _bounded); at a normal
+    exit the SDKs' own shutdown then fails that call (Modal's event loop raises ClientClosed) and
+    prints its traceback after our report. The abandoned call was a read; everything gc decided is
+    written, so such a process ends at once."""
+    import logging
+    import os
+    import threading
+
+    if any(t.daemon and t.is_alive() for t in threading.enumerate() if t is not threading.current_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    if code:
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
