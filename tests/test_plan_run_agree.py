@@ -160,8 +160,10 @@ def test_run_dry_run_shows_the_plans_choice_and_the_skypilot_task_without_secret
     assert task["num_nodes"] == plan.nodes
     assert task["resources"]["accelerators"] == {"H100": 8} if plan.gpu == "H100-SXM" else True
     assert task["resources"]["use_spot"] is plan.spot
-    # the default image is a public PyTorch one: the machine fetches the staged wheel by a presigned URL (a secret)
+    # the default image is a public PyTorch one: the machine fetches the staged boot script and wheel by
+    # presigned URLs (secrets); the boot script ends in the launcher
     assert task["secrets"] == {"AWS_ACCESS_KEY_ID": "<redacted>", "AWS_SECRET_ACCESS_KEY": "<redacted>",
-                               "HF_TOKEN": "<redacted>", "CLOUDTUNE_BOOTSTRAP_WHEEL_URL": "<redacted>"}
-    assert "cloudtune.trainer.launch" in task["run"]
+                               "HF_TOKEN": "<redacted>", "CLOUDTUNE_BOOTSTRAP_WHEEL_URL": "<redacted>",
+                               "CLOUDTUNE_BOOTSTRAP_SCRIPT_URL": "<redacted>"}
+    assert "CLOUDTUNE_BOOTSTRAP_SCRIPT_URL" in task["run"]
     assert launch["cluster_name"] == "cloudtune-<job-id>-1" or launch["cluster_name"].startswith("cloudtune-")

@@ -356,6 +356,8 @@ def status_cmd(
                 except (OSError, sqlite3.Error, UserError) as err:  # a full or read-only home: say so, exit 0
                     did = f"could not restart its watchdog ({type(err).__name__}: {err})"
             a.action = f"{did}; {a.action}" if a.action else did  # (a.action: the store could not be read)
+            if json_out:  # the table shows it; with --json a person still reads what status did, on stderr
+                console.print(f"job {j.id} was unattended: {did}", markup=False, highlight=False)
         attended[j.id] = a
     jobs = [db.get_job(j.id) for j in jobs]
     rows = []
