@@ -29,7 +29,55 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("CLOUDTUNE_SPOT_POLL_S", "0.2")  # a trainer sees a fake's spot notice in 0.2 s, not 5
-    return home
+    yield home
+    _reap_leftovers(tmp_path)
+
+
+# Module names whose processes a test may start (the CLI, watchdogs, local machines, trainers).
+_OURS = ("-m cloudtune", "cloudtune.trainer", "cloudtune.run.watchdog", "cloudtune.providers.local")
+
+
+def _reap_leftovers(tmp_path) -> None:
+    """Kill what a test left running under its tmp_path: its watchdogs, local machines and trainers.
+
+    Why: a test that fails before its `stop` (an assert mid-run) leaves a 20,000-step trainer and its
+    watchdog training on the 2 cores for as long as the suite runs; every later test then runs slower
+    and may time out. A passing test leaves nothing (assert_nothing_left); if something is reaped
+    after a pass, a warning names it."""
+    import warnings
+
+    import psutil
+
+    mark, me = str(tmp_path), os.getpid()
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.pid == me or not any(o in cmd for o in _OURS):
+                continue
+            if mark in cmd or p.environ().get("CLOUDTUNE_HOME", "").startswith(mark):
+                found.append(p)
+        except psutil.Error:
+            continue
+    doomed = {q.pid: q for p in found for q in [p, *_children(p)]}
+    for q in doomed.values():
+        try:
+            q.kill()
+        except psutil.Error:
+            pass
+    if doomed:
+        warnings.warn(f"reaped {len(doomed)} process(es) left under {tmp_path.name}: "
+                      f"{sorted(' '.join((q.info.get('cmdline') or [])[1:3]) for q in found)[:4]}",
+                      pytest.PytestWarning, stacklevel=1)
+
+
+def _children(p):
+    import psutil
+
+    try:
+        return p.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def _free_port() -> int:
