@@ -327,6 +327,7 @@ class VastProvider:
         bid_markup: float = 1.05,
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
+        sleep: Any = None,  # how the client waits out 429s (time.sleep); a test records the waits instead
     ) -> None:
         self._api_key = load_api_key(api_key)
         self.api_url = (api_url or base_url or os.environ.get(ENV_API_URL) or DEFAULT_API_URL).rstrip("/")
@@ -339,7 +340,7 @@ class VastProvider:
         self._rows: dict[str, dict[str, Any]] = {}  # raw asks seen by the last searches (min_bid, duration)
         self.http = HttpClient(
             PROVIDER, self.api_url, self._api_key, auth_hint=AUTH_HINT, timeout_s=timeout_s,
-            retry=retry, classify=_classify,
+            retry=retry, classify=_classify, **({"sleep": sleep} if sleep is not None else {}),
         )
 
     def __repr__(self) -> str:

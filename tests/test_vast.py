@@ -185,9 +185,12 @@ def test_auth_capacity_funds_ratelimit(fake):
     with pytest.raises(QuotaError, match="credit"):
         p.launch(request(offer))
     fake.credit = 100
+    waits: list[float] = []  # the waits the client would sleep, recorded instead of slept (60 s of them)
+    p = provider(fake, sleep=waits.append)
     fake.inject("POST", "/api/v0/bundles/", status=429, times=2, content_type="text/plain",
                 body="API requests too frequent endpoint threshold=2.0")
     assert p.offers()  # backed off (no Retry-After) and got through
+    assert waits and all(w >= 15 for w in waits[:2])  # search's documented wait, not a short backoff
     fake.inject("POST", "/api/v0/bundles/", status=429, times=9, content_type="text/plain",
                 body="API requests too frequent endpoint threshold=2.0")
     with pytest.raises(RateLimitedError):
