@@ -145,23 +145,15 @@ def _download_once(s3: Any, key: str, dest: Path, url: str) -> None:
 
 def read_records(ref: str, *, store: dict[str, Any] | None = None) -> tuple[list[Record], str]:
     """All records of a local file or s3:// object, each with its location. Returns (records, shown name)."""
+    from cloudtune.trainer.data_head import local_files
+
+    files, shown, is_dir = local_files(str(_fetch_s3(ref, store)) if ref.startswith("s3://") else ref)
     if ref.startswith("s3://"):
-        path, shown = _fetch_s3(ref, store), ref
-    elif ref.startswith("file://"):
-        path, shown = Path(ref[len("file://"):]), ref[len("file://"):]
-    else:
-        path, shown = Path(ref).expanduser(), ref
-    if not path.exists():
-        raise DataError(f"data file {shown!r} not found; give a .jsonl/.json/.parquet path, s3:// URL or hub id")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
-        if not files:
-            raise DataError(f"data folder {shown!r} has no .jsonl/.json/.parquet files")
-        out: list[Record] = []
-        for f in files:
-            out.extend(_read_file(f, str(f)))
-        return out, shown
-    return _read_file(path, shown), shown
+        shown = ref  # the downloaded copy is read, the URL is what the user wrote
+    out: list[Record] = []
+    for f in files:
+        out.extend(_read_file(f, str(f) if is_dir else shown))
+    return out, shown
 
 
 def _read_file(path: Path, shown: str) -> list[Record]:

@@ -171,6 +171,13 @@ def _sources(ref: str, store: dict[str, Any] | None) -> tuple[list[_Source], str
     """(files, shown name, is a folder) of a data reference, sizes known, nothing read yet."""
     if ref.startswith("s3://"):
         return _s3_sources(ref, store)
+    files, shown, is_dir = local_files(ref)
+    return [_LocalSource(f, str(f) if is_dir else shown) for f in files], shown, is_dir
+
+
+def local_files(ref: str) -> tuple[list[Path], str, bool]:
+    """(data files, shown name, is a folder) of a local path or file:// URL; one line if there are none.
+    Shared by the head read here and the trainer's full read (data.read_records)."""
     if ref.startswith("file://"):
         path, shown = Path(ref[len("file://"):]), ref[len("file://"):]
     else:
@@ -181,8 +188,8 @@ def _sources(ref: str, store: dict[str, Any] | None) -> tuple[list[_Source], str
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
         if not files:
             raise DataError(f"data folder {shown!r} has no .jsonl/.json/.parquet files")
-        return [_LocalSource(f, str(f)) for f in files], shown, True
-    return [_LocalSource(path, shown)], shown, False
+        return files, shown, True
+    return [path], shown, False
 
 
 def _s3_sources(url: str, store: dict[str, Any] | None) -> tuple[list[_Source], str, bool]:
