@@ -14,13 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
@@ -28,72 +25,13 @@ from cloudtune.errors import DataError
 from cloudtune.spec import parse_spec
 from cloudtune.trainer.data import load_for_training, validate_data
 from cloudtune.trainer.data_head import HEAD_BYTES, read_head
+from tests.fakes.s3_proxy import S3Proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 # ~1 KiB records: 8 MiB of head is ~8k of them; model "8b" has no tokenizer here, so no render check
 RECORD = {"instruction": "Reverse the string. " + "x" * 900, "input": "abc", "output": "cba"}
 LINE = (json.dumps(RECORD) + "\n").encode()
-_HOP = {"host", "content-length", "connection", "transfer-encoding"}
-
-
-class CountingProxy:
-    """Forwards every request to moto byte for byte (headers both ways) and counts response body bytes."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.rstrip("/")
-        self.lock = threading.Lock()
-        self.requests: list[tuple[str, str, str, int]] = []  # (method, path, Range, body bytes)
-        self._http = httpx.Client(timeout=60)
-
-    @property
-    def body_bytes(self) -> int:
-        return sum(r[3] for r in self.requests)
-
-    def reset(self) -> None:
-        with self.lock:
-            self.requests.clear()
-
-    def __enter__(self) -> CountingProxy:
-        proxy = self
-
-        class _H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
-                up = proxy._http.request(self.command, proxy.upstream + self.path, content=body, headers=headers)
-                payload = b"" if self.command == "HEAD" else up.content
-                with proxy.lock:
-                    proxy.requests.append((self.command, self.path.split("?", 1)[0],
-                                           self.headers.get("Range", ""), len(payload)))
-                self.send_response(up.status_code)
-                for k, v in up.headers.items():
-                    if k.lower() not in _HOP | {"content-encoding"}:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", up.headers.get("content-length", "0") if self.command == "HEAD"
-                                 else str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _H)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-        host, port = self._httpd.server_address[:2]
-        self.url = f"http://{host}:{port}"
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._http.close()
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +49,7 @@ def big(moto_server):
     n = 50 * MiB // len(LINE)
     s3.put_object(Bucket=bucket, Key="sets/big.jsonl", Body=LINE * n + b'{"instruction": broken\n')
     s3.put_object(Bucket=bucket, Key="sets/early.jsonl", Body=LINE * 999 + b"{broken\n" + LINE * (20 * MiB // len(LINE)))
-    with CountingProxy(moto_server) as proxy:
+    with S3Proxy(moto_server) as proxy:
         yield {"bucket": bucket, "proxy": proxy, "lines": n + 1, "size": n * len(LINE) + 23, "s3": s3}
     for k, v in old.items():
         if v is None:

@@ -24,7 +24,7 @@ from cloudtune.errors import UserError
 from cloudtune.run.orchestrator import Draft, Option, build_request, create_job
 from cloudtune.run.state import StateDB
 from cloudtune.spec import parse_spec
-from tests.fakes.s3_proxy import S3DenyProxy
+from tests.fakes.s3_proxy import S3Proxy
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "data" / "reverse.jsonl"
@@ -133,7 +133,7 @@ def test_a_local_job_ships_its_local_paths_and_uploads_nothing(tmp_path, aws_env
 def test_a_failed_upload_leaves_nothing_behind(tmp_path, aws_env):
     endpoint, name = aws_env, bucket(aws_env)
     f = inputs(tmp_path)
-    with S3DenyProxy(endpoint) as proxy:
+    with S3Proxy(endpoint) as proxy:
         proxy.deny(r"/inputs/validation/b\.jsonl$")  # train and a.jsonl go up, then a 403
         d = draft(f"s3://{name}/jobs", proxy.url, data={"train": str(f["train"]), "validation": str(f["val"])})
         db = StateDB()

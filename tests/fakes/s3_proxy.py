@@ -1,4 +1,5 @@
-"""A loopback HTTP proxy in front of moto_server that refuses chosen S3 writes, as a scoped IAM policy does.
+"""A loopback HTTP proxy in front of moto_server that refuses chosen S3 writes, as a scoped IAM policy does,
+and records every request with the body bytes it answered (what a pre-flight read really transferred).
 
 moto accepts every PUT. Real buckets often do not: a policy that allows `s3:PutObject` only under
 some prefixes answers the rest with HTTP 403 and S3's `<Error><Code>AccessDenied</Code>` XML. This
@@ -22,11 +23,12 @@ ACCESS_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDe
 _HOP = {"host", "content-length", "connection", "transfer-encoding"}
 
 
-class S3DenyProxy:
+class S3Proxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.deny_put: list[re.Pattern[str]] = []
         self.denied: list[str] = []  # paths answered with 403
+        self.requests: list[tuple[str, str, str, int]] = []  # (method, path, Range, response body bytes)
         self.lock = threading.Lock()
         self._http = httpx.Client(timeout=30)
         self._httpd: ThreadingHTTPServer | None = None
@@ -37,12 +39,20 @@ class S3DenyProxy:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
+    @property
+    def body_bytes(self) -> int:
+        return sum(r[3] for r in self.requests)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
     def deny(self, path_regex: str) -> None:
         """Answer every PUT whose path matches with 403 AccessDenied."""
         with self.lock:
             self.deny_put.append(re.compile(path_regex))
 
-    def __enter__(self) -> S3DenyProxy:
+    def __enter__(self) -> S3Proxy:
         proxy = self
 
         class _H(BaseHTTPRequestHandler):
@@ -60,15 +70,21 @@ class S3DenyProxy:
                     if denied:
                         proxy.denied.append(path)
                 if denied:
-                    status, ctype, payload = 403, "application/xml", ACCESS_DENIED
+                    status, payload = 403, ACCESS_DENIED
+                    out_headers = {"Content-Type": "application/xml", "Content-Length": str(len(payload))}
                 else:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                     up = proxy._http.request(self.command, proxy.upstream + self.path, content=body, headers=headers)
-                    status, ctype, payload = up.status_code, up.headers.get("content-type", "application/xml"), \
-                        up.content
+                    status, payload = up.status_code, b"" if self.command == "HEAD" else up.content
+                    # every header back (ETag, Content-Range, Last-Modified: a ranged read needs them)
+                    out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP | {"content-encoding"}}
+                    out_headers["Content-Length"] = (up.headers.get("content-length", "0") if self.command == "HEAD"
+                                                     else str(len(payload)))
+                with proxy.lock:
+                    proxy.requests.append((self.command, path, self.headers.get("Range", ""), len(payload)))
                 self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(payload)))
+                for k, v in out_headers.items():
+                    self.send_header(k, v)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
