@@ -280,3 +280,43 @@ def test_local_two_nodes_preempt_one_and_resume_to_done(ddp_runs, scenario):
     else:
         assert "another process of the job is gone" in log1
     assert_nothing_left(job_id)
+
+
+def test_a_fresh_work_dir_empties_only_a_folder_the_trainer_made(tmp_path):
+    """The attempt's work dir is emptied at start; a folder of the user's (files, no marker) is refused
+    in one line and keeps every file."""
+    from cloudtune.trainer.distributed import WORK_MARK, fresh_work_dir
+
+    mine = tmp_path / "work"
+    fresh_work_dir(mine)
+    (mine / "checkpoint-10").mkdir()
+    (mine / "checkpoint-10" / "adapter.safetensors").write_bytes(b"x")
+    (mine / "link").symlink_to(tmp_path)  # a link is removed, never followed
+    fresh_work_dir(mine)
+    assert sorted(p.name for p in mine.iterdir()) == [WORK_MARK] and tmp_path.exists()
+
+    theirs = tmp_path / "project"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a cloudtune work dir"):
+        fresh_work_dir(theirs)
+    assert (theirs / "notes.txt").read_text() == "keep me"
+
+
+def test_a_mount_point_work_dir_is_emptied_not_removed(tmp_path):
+    """rmtree of a mount point itself fails with EBUSY: the contents go, the folder stays."""
+    from cloudtune.trainer.distributed import WORK_MARK, fresh_work_dir
+    from tests._kernel_fs import Mounts, can_mount
+
+    ok, why = can_mount()
+    if not ok:
+        pytest.skip(f"cannot mount a tmpfs here: {why}")
+    m = Mounts()
+    try:
+        point = m.tmpfs(tmp_path / "mnt", "1m")
+        fresh_work_dir(point)
+        (point / "resume").mkdir()
+        fresh_work_dir(point)
+        assert [p.name for p in point.iterdir()] == [WORK_MARK]
+    finally:
+        m.cleanup()

@@ -42,6 +42,32 @@ _REASONS = {_STOP_CONTROL: "control", _STOP_SIGNAL: "signal", _STOP_SPOT: "spot"
 _CODES = {v: k for k, v in _REASONS.items()}
 
 
+WORK_MARK = ".cloudtune-work"
+
+
+def fresh_work_dir(work_dir: Path) -> None:
+    """Empty `work_dir` for this attempt, deleting only what a trainer put there.
+
+    Why not rmtree the folder: `--work-dir` may name a mount point (removing the folder itself fails
+    with EBUSY) or a folder of the user's; one that holds files but no marker of ours is refused in
+    one line (exit 2), never emptied."""
+    from cloudtune.errors import UserError
+
+    work_dir = Path(work_dir)
+    if work_dir.exists():
+        entries = list(work_dir.iterdir())
+        if entries and not (work_dir / WORK_MARK).exists():
+            raise UserError(f"--work-dir {work_dir} holds {len(entries)} entries and is not a cloudtune work dir "
+                            f"(no {WORK_MARK}); give an empty or new folder")
+        for p in entries:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / WORK_MARK).write_text("cloudtune trainer scratch: emptied when an attempt starts\n")
+
+
 class PeerLost(RuntimeError):
     """Another rank (or node) disappeared mid-collective: relaunch and resume, do not fail the job."""
 
@@ -164,9 +190,7 @@ class Dist:
         Rank 0 picks the step (newest that verifies, with fallback); one process per machine downloads
         it into that machine's work_dir, which the machine's other ranks share (HF's output_dir)."""
         if self.is_local_main:
-            if work_dir.exists():
-                shutil.rmtree(work_dir)
-            work_dir.mkdir(parents=True)
+            fresh_work_dir(work_dir)
         restored = ckpts.restore(work_dir / "resume") if self.is_main else None
         if not self.enabled:
             return restored
