@@ -69,13 +69,12 @@ def test_the_sdk_calls_the_real_client_makes_match_the_installed_sdk():
 
 def test_the_controller_app_is_a_real_scheduled_modal_function():
     dep = M.Deployment(store_url="s3://my-bucket/cloudtune", store_endpoint=None)
-    app = M.build_app(dep)
+    app, fn = M.define_app(dep)
     assert isinstance(app, modal.App) and app.name == "cloudtune-controller"
-    fn = app.registered_functions["tick"]
     assert isinstance(fn, modal.Function)
     # The schedule and secret are passed to the real decorator (it validates types); the Secret is a
     # reference by name: its values never sit in the definition.
-    assert SECRET not in repr(app.registered_functions)
+    assert SECRET not in repr(fn) and SECRET not in repr(app)
 
 
 def test_deploy_puts_only_the_named_secrets_in_the_platform_store_and_deploys():

@@ -59,6 +59,12 @@ def _providers_dir() -> tuple[Path, Path]:
 
 def build_app(dep: Deployment) -> Any:
     """The modal.App of the controller, built with the real SDK (no network)."""
+    return define_app(dep)[0]
+
+
+def define_app(dep: Deployment) -> tuple[Any, Any]:
+    """(the modal.App, its scheduled `tick` modal.Function): the function handle comes from the
+    decorator itself (App.registered_functions is deprecated, to go in modal 1.7)."""
     import modal
 
     pkg, providers = _providers_dir()
@@ -80,7 +86,7 @@ def build_app(dep: Deployment) -> Any:
         reports = control(open_store(store_url, endpoint_url=endpoint), holder=holder, seconds=TICK_SECONDS)
         return [r.to_dict() for r in reports]
 
-    app.function(
+    fn = app.function(
         image=image,
         schedule=modal.Period(minutes=1),
         secrets=[modal.Secret.from_name(dep.secret_name)],
@@ -90,7 +96,7 @@ def build_app(dep: Deployment) -> Any:
         serialized=True,
         name="tick",
     )(tick)
-    return app
+    return app, fn
 
 
 class ControllerClient(Protocol):
