@@ -233,8 +233,12 @@ def clean_attempt_dirs(job_root: Path, ckpts: Any, *, before: int | None, done: 
         m = _ATTEMPT_DIR.fullmatch(d.name)
         if not d.is_dir() or not m or (before is not None and int(m.group(1)) >= before):
             continue
-        unsafe = [c.name for c in _local_checkpoints(d)
-                  if not _verified(ckpts, int(_CHECKPOINT_DIR.search(c.name).group(1)), c, newest)]
+        try:
+            unsafe = [c.name for c in _local_checkpoints(d)
+                      if not _verified(ckpts, int(_CHECKPOINT_DIR.search(c.name).group(1)), c, newest)]
+        except OSError as err:  # a file went away while we read it (the old attempt's last process exiting)
+            log.warning("keeping old work dir %s for now: it changed while being checked (%s)", d, err)
+            continue
         if (d / "final").is_dir() and not done:
             unsafe.append("final/ (no DONE.json in the store)")
         if unsafe:

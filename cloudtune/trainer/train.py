@@ -398,7 +398,10 @@ def run(att: Attempt) -> int:
         # 2. restore the newest committed checkpoint that verifies
         ckpts = CheckpointStore(store, job, keep=spec.checkpoint.keep)
         if dist.is_local_main:  # earlier attempts' dirs on this disk, once the store holds all they hold
-            disk.clean_old_attempts(att.work_dir, ckpts, att.attempt)
+            try:
+                disk.clean_old_attempts(att.work_dir, ckpts, att.attempt)
+            except Exception as err:  # noqa: BLE001 - a cleanup never fails the job it makes room for
+                log.warning("old work dirs not cleaned: %s: %s", type(err).__name__, err)
         restored = dist.restore(ckpts, att.work_dir)
         if restored:
             # written by another world size? same global batch, or a one-line refusal (distributed.py)
