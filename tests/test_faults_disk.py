@@ -226,8 +226,10 @@ def test_old_attempts_work_dirs_go_only_when_the_store_holds_what_they_hold(tmp_
     (a5 / "final").mkdir()  # a final/ whose upload was not finished (no DONE.json): stays
     current = attempt("attempt-6")
     attempt("attempt-6-node1")  # the current attempt's other node: stays
+    attempt("attempt-2-node1", "hf/checkpoint-20")  # node 1's old dir: node 1 cleans it, not node 0
 
     assert clean_old_attempts(current, ckpts, 6) == ["attempt-1", "attempt-2"]
+    assert clean_old_attempts(root / "attempt-6-node1", ckpts, 6) == ["attempt-2-node1"]
     assert sorted(p.name for p in root.iterdir()) == ["attempt-3", "attempt-4", "attempt-5", "attempt-6",
                                                       "attempt-6-node1"]
     assert clean_old_attempts(tmp_path / "elsewhere", ckpts, 7) == []  # a --work-dir outside the layout

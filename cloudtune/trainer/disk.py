@@ -208,13 +208,17 @@ def _verified(ckpts: Any, step: int, folder: Path, newest: int | None) -> bool:
 def clean_old_attempts(work_dir: Path, ckpts: Any, attempt: int) -> list[str]:
     """At an attempt's start: its predecessors' dirs beside it (the default layout
     `$CLOUDTUNE_HOME/work/<job>/attempt-<n>` only: a --work-dir elsewhere has no siblings of ours)."""
-    if not _ATTEMPT_DIR.fullmatch(Path(work_dir).name):
+    m = _ATTEMPT_DIR.fullmatch(Path(work_dir).name)
+    if not m:
         return []
-    return clean_attempt_dirs(Path(work_dir).parent, ckpts, before=attempt)
+    # each node cleans its own dirs only (`attempt-<n>` on node 0, `attempt-<n>-node<k>` on node k): nodes
+    # that share one disk (the local provider, a shared /workspace) would otherwise delete under each other
+    node = Path(work_dir).name[len(f"attempt-{m.group(1)}"):]
+    return clean_attempt_dirs(Path(work_dir).parent, ckpts, before=attempt, node=node)
 
 
 def clean_attempt_dirs(job_root: Path, ckpts: Any, *, before: int | None, done: bool = False,
-                       remove_root: bool = False) -> list[str]:
+                       remove_root: bool = False, node: str | None = None) -> list[str]:
     """Delete the work dirs under `job_root` (`attempt-<n>`, `attempt-<n>-node<k>`) of attempts before
     `before` (None: every attempt; the current attempt's dirs, on every node, always stay) whose every checkpoint is in the store (verified, or superseded by a newer committed one) and
     whose final/ was uploaded (`done`: DONE.json is in the store). Anything else stays, with a log
@@ -233,6 +237,8 @@ def clean_attempt_dirs(job_root: Path, ckpts: Any, *, before: int | None, done: 
         m = _ATTEMPT_DIR.fullmatch(d.name)
         if not d.is_dir() or not m or (before is not None and int(m.group(1)) >= before):
             continue
+        if node is not None and d.name[len(f"attempt-{m.group(1)}"):] != node:
+            continue  # another node's dir: that node cleans it
         try:
             unsafe = [c.name for c in _local_checkpoints(d)
                       if not _verified(ckpts, int(_CHECKPOINT_DIR.search(c.name).group(1)), c, newest)]
