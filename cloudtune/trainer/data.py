@@ -190,14 +190,18 @@ def _read_jsonl(path: Path, shown: str) -> list[Record]:
     out = []
     with path.open(encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is not data
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{shown}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-            out.append(_as_record(obj, f"{shown}:{lineno}"))
+            if line.strip():
+                out.append(record_from_line(line, f"{shown}:{lineno}"))
     return out
+
+
+def record_from_line(line: str, where: str) -> Record:
+    """One JSONL line as a Record, or the one-line error naming file:line (the full read and the head share it)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    return _as_record(obj, where)
 
 
 def _as_record(obj: Any, where: str) -> Record:

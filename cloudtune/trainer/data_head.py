@@ -288,7 +288,7 @@ def _line_text(raw: bytes, where: str, first: bool) -> str:
 
 
 def _jsonl_head(src: _Source, data: bytes, complete: bool) -> Head:
-    from cloudtune.trainer.data import _as_record
+    from cloudtune.trainer.data import record_from_line
 
     if not complete:
         cut = data.rfind(b"\n")
@@ -302,13 +302,8 @@ def _jsonl_head(src: _Source, data: bytes, complete: bool) -> Head:
             continue
         where = f"{src.name}:{lineno}"
         line = _line_text(raw, where, lineno == 1)
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        out.append(_as_record(obj, where))
+        if line.strip():
+            out.append(record_from_line(line, where))
     return Head(shown=src.name, records=out, size_bytes=src.size, read_bytes=len(data), complete=complete)
 
 
