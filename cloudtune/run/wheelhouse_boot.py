@@ -53,18 +53,26 @@ def _tries():
 
 def get(url, dest):
     """Download `url` to `dest` (via dest.part, so a cut transfer never looks complete)."""
+    def once():
+        with urllib.request.urlopen(url, timeout=60) as r, open(dest + ".part", "wb") as f:
+            shutil.copyfileobj(r, f, CHUNK)
+        os.replace(dest + ".part", dest)
+
+    _retrying("download", (403, 404), once)
+
+
+def _retrying(what, fatal_codes, once):
+    """Run `once` up to _tries() times with exponential backoff; an HTTP answer in `fatal_codes` (the
+    URL itself is wrong or expired) is not retried."""
     for attempt in range(_tries()):
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(dest + ".part", "wb") as f:
-                shutil.copyfileobj(r, f, CHUNK)
-            os.replace(dest + ".part", dest)
-            return
+            return once()
         except Exception as err:
-            if getattr(err, "code", None) in (403, 404):
+            if getattr(err, "code", None) in fatal_codes:
                 raise
-            say(f"download failed ({type(err).__name__}), retrying")
+            say(f"{what} failed ({type(err).__name__}), retrying")
             time.sleep(2 ** attempt)
-    raise OSError(f"download failed {_tries()} times")
+    raise OSError(f"{what} failed {_tries()} times")
 
 
 def put(url, path):
@@ -76,19 +84,14 @@ def put(url, path):
         os.replace(dest + ".part", dest)
         return
     size = os.path.getsize(path)
-    for attempt in range(_tries()):
-        try:
-            with open(path, "rb") as f:
-                req = urllib.request.Request(url, data=f, method="PUT", headers={"Content-Length": str(size),
-                                                                               "Content-Type": "application/octet-stream"})
-                urllib.request.urlopen(req, timeout=600).close()
-            return
-        except Exception as err:
-            if getattr(err, "code", None) in (400, 403):
-                raise
-            say(f"upload failed ({type(err).__name__}), retrying")
-            time.sleep(2 ** attempt)
-    raise OSError(f"upload failed {_tries()} times")
+
+    def once():
+        with open(path, "rb") as f:
+            req = urllib.request.Request(url, data=f, method="PUT", headers={"Content-Length": str(size),
+                                                                           "Content-Type": "application/octet-stream"})
+            urllib.request.urlopen(req, timeout=600).close()
+
+    _retrying("upload", (400, 403), once)
 
 
 def fetch(wh):
