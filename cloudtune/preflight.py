@@ -319,22 +319,11 @@ def preflight(spec: Any, providers: list[str], options: Iterable[Any] = (), *, p
     return problems
 
 
-def require_ready(spec: Any, providers: list[str], options: Iterable[Any] = ()) -> None:
-    """Raise PreflightFailed (exit 2, one line per problem) unless every check passes."""
-    problems = preflight(spec, providers, options)
-    if problems:
-        raise PreflightFailed(problems)
-
-
-def report_checks(console: Any, spec: Any, providers: list[str], options: Iterable[Any] = (),
-                  extra: Iterable[str] = ()) -> list[str]:
-    """For `run --dry-run`: print the checks' verdict (without the store probe) and return the problems.
-    `extra`: problems found before the checks (the data could not be read), listed with them."""
-    problems = preflight(spec, providers, options, probe_store=False) + list(extra)
+def print_checks(console: Any, problems: list[str]) -> None:
+    """For `run --dry-run`: the checks' verdict (the dry run skips the store probe)."""
     if problems:
         console.print(f"check: {len(problems)} problem(s) a real run would refuse:", markup=False)
         for p in problems:
             console.print(f"  - {p}", markup=False)
     else:
         console.print("check: ready (the store is probed by `cloudtune check` and `cloudtune run`)", markup=False)
-    return problems

@@ -230,7 +230,7 @@ def run_cmd(
 
         check_handover(controller, spec.store.url or default_store_url())
     from cloudtune.errors import UserError
-    from cloudtune.preflight import PreflightFailed, bootable, preflight, report_checks, require_ready
+    from cloudtune.preflight import PreflightFailed, bootable, preflight, print_checks
 
     data, data_problem, data_error = None, None, None
     try:
@@ -245,18 +245,18 @@ def run_cmd(
             console.print(f"data: {note}", markup=False, highlight=False, soft_wrap=True)
     draft = plan_job(spec, names)
     draft.options = bootable(spec.resources.image, draft.options) or draft.options  # no ARM host for an amd64 image
-    if data_error is not None:  # all problems at once, not the data's alone (#14: errors one at a time)
-        others = preflight(spec, names, draft.options, probe_store=not dry_run)
-        if not others:
-            raise data_error  # the only problem: its own one line
-        if not dry_run:
-            raise PreflightFailed(others + [data_problem])
-    if not dry_run:
-        require_ready(spec, names, draft.options)  # every problem at once, before any job row or upload (exit 2)
+    # every problem at once, before any job row or upload (exit 2); a dry run works without
+    # credentials and does not probe the store (`cloudtune check` does)
+    problems = preflight(spec, names, draft.options, probe_store=not dry_run)
+    if data_error is not None and not problems:
+        raise data_error  # the only problem: its own one line
+    problems += [data_problem] if data_problem else []
+    if problems and not dry_run:
+        raise PreflightFailed(problems)
     check_budget(draft)
     check_remote(draft)
-    if dry_run:  # shows the checks (a dry run works without credentials); `cloudtune check` also probes the store
-        report_checks(_console(stderr=True), spec, names, draft.options, extra=[data_problem] if data_problem else [])
+    if dry_run:
+        print_checks(_console(stderr=True), problems)
         _dry_run(console, draft, json_out, data)
         if data_problem:  # the plan and the launch are shown, but a dry run that could not read the data is no pass
             raise typer.Exit(2)
