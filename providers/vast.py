@@ -49,6 +49,7 @@ from cloudtune.providers.base import (
     parse_machine_name,
 )
 from cloudtune.providers.http import REDACTED, HttpClient, RetryPolicy
+
 from cloudtune.catalog import tidy_region
 
 log = logging.getLogger("cloudtune.providers.vast")
@@ -204,10 +205,6 @@ def split_long(env: dict[str, str]) -> dict[str, str]:
             raise InvalidRequestError(f"vast: too many long environment variables ({', '.join(joined)}) for "
                                       f"Vast's {ENV_MAX_LENGTH} characters per variable", provider=PROVIDER)
     return out
-
-
-def docker_env_names(env: dict[str, str]) -> set[str]:
-    return set(split_long({k: str(v) for k, v in env.items()}))
 
 
 def docker_env(env: dict[str, str]) -> str:
@@ -452,16 +449,17 @@ class VastProvider:
         env[ENV_SELF_TERMINATE] = self.self_terminate().command[-1]
         if req.max_lifetime_s:
             env[ENV_MAX_LIFETIME] = str(int(req.max_lifetime_s))
+        env_text = docker_env(env)
         body: dict[str, Any] = {
             "client_id": "me",  # what vast-cli sends; the schema allows extra fields
             "image": req.image,
             "disk": int(req.disk_gb),
             "label": req.name,
-            "env": docker_env(env),
+            "env": env_text,
             "runtype": "args",
             # split variables are joined first (JOIN_SCRIPT); without any, the command runs as it is
             "args": ["sh", "-c", JOIN_SCRIPT, "cloudtune-env", *req.command]
-            if ENV_JOIN in docker_env_names(env) else list(req.command),
+            if f"-e {ENV_JOIN}=" in env_text else list(req.command),
             "cancel_unavail": True,
         }
         args_len = sum(len(a) for a in body["args"])
