@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests._kernel_fs import mounts  # noqa: F401 - the real tmpfs fixture of the fault tests
 from tests._order import pytest_addoption, pytest_collection_modifyitems, pytest_configure  # noqa: F401
 
 # One OpenMP/BLAS thread in this process and every process the tests start (CLI, watchdog, local

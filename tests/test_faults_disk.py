@@ -22,11 +22,10 @@ import pytest
 from cloudtune.store import open_store
 from cloudtune.trainer import contract
 from cloudtune.trainer.checkpoint import CheckpointStore
-from tests._kernel_fs import mounts  # noqa: F401 - the fixture
 from tests._run_util import ROOT, cli_env, quickstart_spec
 
 
-def test_a_full_work_disk_during_a_checkpoint_save_stops_resumable(tmp_path, _isolated_home, mounts):  # noqa: F811 - the fixture imported above
+def test_a_full_work_disk_during_a_checkpoint_save_stops_resumable(tmp_path, _isolated_home, mounts):
     """One real trainer: its work dir is a tmpfs that holds one checkpoint (~0.85 MB) but not two. The
     save of step 20 fills it: exit 73, one line with the sizes and the disk_gb that holds it; the
     partial checkpoint-20 is gone (locally and from the store); checkpoint 10 stays the resume point."""
@@ -274,7 +273,7 @@ def test_a_disk_too_small_for_model_and_two_checkpoints_is_refused_before_rentin
         "latin-1")  # a dry run writes no job
 
 
-def test_a_restore_onto_a_full_work_disk_is_the_machines_disk_not_the_store(tmp_path, mounts):  # noqa: F811 - the fixture imported above
+def test_a_restore_onto_a_full_work_disk_is_the_machines_disk_not_the_store(tmp_path, mounts):
     """The store's retry wrapper reads a download's ENOSPC as the store's (StoreUnavailable, exit 74: wait
     for the store, relaunch with no restart spent: onto the same small disk, a loop). A restore onto a
     full work disk is the machine's disk (exit 73); a full store, or one on the work dir's own disk

@@ -20,7 +20,7 @@ from cloudtune.run.lease import Lease
 from cloudtune.store import open_store
 from cloudtune.store.retry import StoreUnavailable
 from tests._faults_util import end, sleeper_job, wait_beat
-from tests._kernel_fs import fill, mounts  # noqa: F401 - the fixture
+from tests._kernel_fs import fill
 from tests._run_util import ROOT, cli, cli_env
 
 
